@@ -1,0 +1,79 @@
+"""Warm, bounded, observable pools of long-lived agents, for Celery workers and beyond.
+
+The core (:class:`Signal`, :class:`Action`, :class:`Agent`, :class:`AgentPool`) needs no
+Celery app; :class:`WarmPool` puts pools inside Celery workers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .action import Action, ActionContext, NoParams
+from .agent import Agent, AgentState, resource
+from .errors import (
+    ActionFailed,
+    CallTimeout,
+    CheckoutTimeout,
+    ConfigurationError,
+    InvalidSignal,
+    NotCheckedOut,
+    PoolClosed,
+    PoolError,
+    PoolExhausted,
+    PoolStartError,
+    SignalError,
+    UnknownPool,
+    UnknownSignal,
+    WarmPoolError,
+)
+from .pool import AgentPool
+from .reply import AgentReply
+from .signal import Signal
+from .spec import PoolOptions, PoolSpec
+from .status import PoolCounters, PoolStatus
+
+if TYPE_CHECKING:
+    from .extension import WarmPool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "ActionContext",
+    "ActionFailed",
+    "Agent",
+    "AgentPool",
+    "AgentReply",
+    "AgentState",
+    "CallTimeout",
+    "CheckoutTimeout",
+    "ConfigurationError",
+    "InvalidSignal",
+    "NoParams",
+    "NotCheckedOut",
+    "PoolClosed",
+    "PoolCounters",
+    "PoolError",
+    "PoolExhausted",
+    "PoolOptions",
+    "PoolSpec",
+    "PoolStartError",
+    "PoolStatus",
+    "Signal",
+    "SignalError",
+    "UnknownPool",
+    "UnknownSignal",
+    "WarmPool",
+    "WarmPoolError",
+    "resource",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The Celery side is imported on first use, so the core stays importable without
+    # loading a Celery app.
+    if name == "WarmPool":
+        from .extension import WarmPool
+
+        return WarmPool
+    raise AttributeError(f"module 'celery_warmpool' has no attribute {name!r}")

@@ -1,0 +1,282 @@
+"""Agents: long-lived, stateful workers that handle signals with actions."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import telemetry
+from .action import Action, ActionContext
+from .errors import ActionFailed, ConfigurationError, UnknownSignal
+from .reply import AgentReply
+from .signal import Signal
+
+__all__ = ["Agent", "AgentState", "resource"]
+
+
+class AgentState(BaseModel):
+    """A convenient base for agent state: resource fields may hold any object."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+
+def resource(default: Any = None) -> Any:
+    """Declare a state field that holds a resource (a client, a model).
+
+    Resource fields are kept across :meth:`Agent.reset` and left out of replies and of
+    everything else that goes over the wire.
+    """
+    return Field(default=default, exclude=True)
+
+
+StateT = TypeVar("StateT", bound=BaseModel)
+
+
+class Agent(Generic[StateT]):
+    """A long-lived worker holding state and expensive resources.
+
+    Subclass it with a ``State`` model and ``signal_routes``::
+
+        class Counter(Agent[CounterState]):
+            signal_routes = {"counter.increment": Increment}
+
+    ``State`` is taken from the generic parameter unless set explicitly. Routes map a
+    signal type, or a pattern where ``*`` matches one dot-separated segment and ``**``
+    any number of them, to an :class:`Action` class or instance; exact types win over
+    patterns, and more specific patterns over looser ones.
+
+    Hooks: :meth:`setup` warms the agent up (load the model, open the client),
+    :meth:`teardown` releases what it holds, :meth:`reset` restores the initial state,
+    :meth:`check_health` tells whether the agent can still serve.
+    """
+
+    State: ClassVar[type[BaseModel]] = AgentState
+    signal_routes: ClassVar[Mapping[str, type[Action] | Action]] = {}
+    _exact_routes: ClassVar[dict[str, Action]] = {}
+    _pattern_routes: ClassVar[list[tuple[tuple[str, ...], str, Action]]] = []
+    _resource_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "State" not in cls.__dict__:
+            cls.State = _state_from_generic(cls) or cls.State
+        if not (isinstance(cls.State, type) and issubclass(cls.State, BaseModel)):
+            raise ConfigurationError(
+                f"{cls.__qualname__}.State must be a pydantic BaseModel subclass", field="State")
+        cls._resource_fields = frozenset(
+            name for name, info in cls.State.model_fields.items() if info.exclude is True)
+        cls._exact_routes, cls._pattern_routes = _compile_routes(cls)
+
+    def __init__(self, initial_state: Mapping[str, Any] | BaseModel | None = None, *,
+                 agent_id: str | None = None, options: Mapping[str, Any] | None = None) -> None:
+        """Build an agent (cheaply: warm-up belongs in :meth:`setup`).
+
+        ``initial_state`` and ``options`` are deep-copied: no two agents share them.
+
+        Raises:
+            ConfigurationError: ``initial_state`` does not validate against ``State``.
+        """
+        self.id: str = agent_id or f"{type(self).__name__.lower()}-{uuid.uuid4().hex[:12]}"
+        self.options: dict[str, Any] = copy.deepcopy(dict(options or {}))
+        if isinstance(initial_state, BaseModel):
+            initial_state = initial_state.model_dump()
+        self._initial_state: dict[str, Any] = copy.deepcopy(dict(initial_state or {}))
+        try:
+            self.state: StateT = self.State.model_validate(
+                copy.deepcopy(self._initial_state))  # type: ignore[assignment]
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"initial state of {type(self).__name__} is invalid: {exc}",
+                field="initial_state") from exc
+        self.pool_name: str | None = None
+        self.node: str | None = None
+        # Set to the exception that broke this agent; its pool closes and replaces it.
+        self.broken: BaseException | None = None
+        self.discard_on: tuple[type[BaseException], ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} pool={self.pool_name}>"
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Warm up: load models, open clients. Called once, before the agent serves."""
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup` acquired. Called once, when the agent is closed."""
+
+    def reset(self) -> None:
+        """Restore the initial state, keeping resource fields (per-request isolation)."""
+        fresh = self.State.model_validate(copy.deepcopy(self._initial_state))
+        for name in self._resource_fields:
+            setattr(fresh, name, getattr(self.state, name))
+        self.state = fresh  # type: ignore[assignment]
+
+    def check_health(self) -> bool:
+        """Whether the agent can still serve; a pool replaces an agent that says no."""
+        return True
+
+    # -- handling signals --------------------------------------------------------------
+
+    def route(self, signal_type: str) -> Action:
+        """The action that handles ``signal_type``.
+
+        Raises:
+            UnknownSignal: no route matches; the message lists the routes.
+        """
+        action = self._exact_routes.get(signal_type)
+        if action is not None:
+            return action
+        segments = tuple(signal_type.split("."))
+        for pattern, _, candidate in self._pattern_routes:
+            if _matches(pattern, segments):
+                return candidate
+        routes = ", ".join(sorted(self.signal_routes)) or "none"
+        raise UnknownSignal(
+            f"{type(self).__name__} has no route for signal type {signal_type!r} "
+            f"(routes: {routes})", signal_type)
+
+    def handle(self, signal: Signal | Mapping[str, Any] | str) -> AgentReply:
+        """Validate ``signal``, run its action and merge the result into state.
+
+        State changes only if the action succeeds and the merged state validates; on any
+        error it is exactly as before.
+
+        Raises:
+            InvalidSignal: the signal or its parameters are invalid.
+            UnknownSignal: no route matches the signal's type.
+            ActionFailed: the action raised, or its updates do not validate.
+        """
+        started = time.perf_counter()
+        event = Signal.parse(signal)
+        action = self.route(event.type)
+        params = action.validate_params(event.data, event.type)
+        if telemetry.call_start.receivers:
+            telemetry.call_start.send(self, agent=self, event=event, action=action.name)
+        try:
+            updates = action.run(params, ActionContext(self, self._working_state(), event))
+            new_state, result = self._merged(updates, action, event)
+        except ActionFailed as exc:
+            self._failed(event, action, exc, started)
+            raise
+        except Exception as exc:
+            self._failed(event, action, exc, started)
+            raise ActionFailed(
+                f"action {action.name!r} failed on signal {event.type!r}: "
+                f"{type(exc).__name__}: {exc}", event.type, action.name,
+                f"{type(exc).__name__}: {exc}") from exc
+        self.state = new_state
+        reply = AgentReply(
+            pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
+            signal_id=event.id, signal_type=event.type, action=action.name, result=result,
+            state=self.public_state(), duration=time.perf_counter() - started)
+        if telemetry.call_stop.receivers:
+            telemetry.call_stop.send(self, agent=self, event=event, action=action.name,
+                                     reply=reply, duration=reply.duration)
+        return reply
+
+    def public_state(self) -> dict[str, Any]:
+        """The state as JSON-compatible data, resource fields left out."""
+        return self.state.model_dump(mode="json")
+
+    def _working_state(self) -> BaseModel:
+        # A private copy of plain fields, so an action that changes state in place cannot
+        # change the agent's state when it then fails; resources are shared, not copied.
+        shared = {name: getattr(self.state, name) for name in self._resource_fields}
+        private = copy.deepcopy(
+            {name: value for name, value in self.state.__dict__.items() if name not in shared})
+        return self.state.model_construct(**private, **shared)
+
+    def _merged(self, updates: Any, action: Action,
+                event: Signal) -> tuple[StateT, dict[str, Any]]:
+        if updates is None:
+            updates = {}
+        if not isinstance(updates, Mapping):
+            raise ActionFailed(
+                f"action {action.name!r} returned {type(updates).__name__}, "
+                "expected a dict of state updates", event.type, action.name,
+                f"returned {type(updates).__name__}")
+        unknown = sorted(set(updates) - set(self.State.model_fields))
+        if unknown:
+            raise ActionFailed(
+                f"action {action.name!r} returned updates for unknown state fields "
+                f"{unknown} of {self.State.__name__}", event.type, action.name,
+                f"unknown state fields: {unknown}")
+        merged = {name: getattr(self.state, name) for name in self.State.model_fields}
+        merged.update(updates)
+        try:
+            new_state = self.State.model_validate(merged)
+        except ValidationError as exc:
+            raise ActionFailed(
+                f"action {action.name!r} produced an invalid state: {exc}", event.type,
+                action.name, str(exc)) from exc
+        result = new_state.model_dump(mode="json", include=set(updates))
+        return new_state, result  # type: ignore[return-value]
+
+    def _failed(self, event: Signal, action: Action, exc: BaseException, started: float) -> None:
+        cause = exc.__cause__ if isinstance(exc, ActionFailed) and exc.__cause__ else exc
+        if self.discard_on and isinstance(cause, self.discard_on):
+            self.broken = cause
+        if telemetry.call_exception.receivers:
+            telemetry.call_exception.send(
+                self, agent=self, event=event, action=action.name, exception=exc,
+                duration=time.perf_counter() - started)
+
+
+def _state_from_generic(cls: type) -> type[BaseModel] | None:
+    for base in getattr(cls, "__orig_bases__", ()):
+        origin = get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, Agent):
+            for argument in get_args(base):
+                if isinstance(argument, type) and issubclass(argument, BaseModel):
+                    return argument
+    return None
+
+
+def _compile_routes(
+    cls: type[Agent[Any]],
+) -> tuple[dict[str, Action], list[tuple[tuple[str, ...], str, Action]]]:
+    exact: dict[str, Action] = {}
+    patterns: list[tuple[tuple[int, int, int], tuple[str, ...], str, Action]] = []
+    for route, target in cls.signal_routes.items():
+        action = _action_instance(cls, route, target)
+        segments = tuple(route.split("."))
+        if "*" not in segments and "**" not in segments:
+            exact[route] = action
+            continue
+        # Fewer wildcards first, then longer patterns: the most specific route wins.
+        specificity = (segments.count("**"), segments.count("*"), -len(segments))
+        patterns.append((specificity, segments, route, action))
+    patterns.sort(key=lambda item: item[0])
+    return exact, [(segments, route, action) for _, segments, route, action in patterns]
+
+
+def _matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    """Whether dot-separated ``segments`` match ``pattern`` (``*`` one, ``**`` any)."""
+    if not pattern:
+        return not segments
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_matches(rest, segments[skip:]) for skip in range(len(segments) + 1))
+    if not segments:
+        return False
+    return (head == "*" or head == segments[0]) and _matches(rest, segments[1:])
+
+
+def _action_instance(cls: type, route: str, target: Any) -> Action:
+    action = target() if isinstance(target, type) and issubclass(target, Action) else target
+    if not isinstance(action, Action):
+        raise ConfigurationError(
+            f"{cls.__qualname__}.signal_routes[{route!r}] must be an Action class or "
+            f"instance, got {target!r}", field="signal_routes")
+    if type(action).run is Action.run:
+        raise ConfigurationError(
+            f"{type(action).__qualname__} (routed from {route!r}) does not implement "
+            "run(params, context)", field="signal_routes")
+    return action

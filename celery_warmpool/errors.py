@@ -1,0 +1,125 @@
+"""The exceptions of celery_warmpool, rooted in :class:`WarmPoolError`.
+
+Every error carries what a caller needs to act on it (the pool's name, how long a
+caller waited, the cause) as attributes, and keeps them in ``args`` too: Celery
+rebuilds an exception on the caller's side as ``cls(*exc.args)``, so anything not
+in ``args`` would be lost on its way back from a worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WarmPoolError(Exception):
+    """Base class of every error raised by celery_warmpool."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+# -- pool errors -------------------------------------------------------------------------
+
+
+class PoolError(WarmPoolError):
+    """An error about a pool as a whole."""
+
+    def __init__(self, message: str, pool: str | None = None, *extra: Any) -> None:
+        super().__init__(message, pool, *extra)
+        self.pool = pool
+
+
+class PoolExhausted(PoolError):
+    """Every agent is checked out, no overflow room is left, and the caller would not wait."""
+
+    def __init__(self, message: str, pool: str | None = None, size: int = 0,
+                 max_overflow: int = 0) -> None:
+        super().__init__(message, pool, size, max_overflow)
+        self.size = size
+        self.max_overflow = max_overflow
+
+
+class CheckoutTimeout(PoolError, TimeoutError):
+    """No agent became free within the caller's checkout timeout."""
+
+    def __init__(self, message: str, pool: str | None = None, waited: float = 0.0,
+                 size: int = 0, max_overflow: int = 0) -> None:
+        super().__init__(message, pool, waited, size, max_overflow)
+        # TimeoutError (an OSError) keeps only two args unless told otherwise.
+        self.args = (message, pool, waited, size, max_overflow)
+        self.waited = waited
+        self.size = size
+        self.max_overflow = max_overflow
+
+
+class PoolClosed(PoolError):
+    """The pool was closed: it hands out no more agents."""
+
+
+class PoolStartError(PoolError):
+    """The pool could not build its agents: the cause is in ``cause`` and ``__cause__``."""
+
+    def __init__(self, message: str, pool: str | None = None, cause: str | None = None) -> None:
+        super().__init__(message, pool, cause)
+        self.cause = cause
+
+
+class UnknownPool(PoolError):
+    """No pool of that name is configured, or no worker hosts it."""
+
+
+class NotCheckedOut(PoolError):
+    """An agent was checked in that the pool did not hand out, or was already checked in."""
+
+
+class ConfigurationError(WarmPoolError):
+    """A pool's configuration is invalid: the message names the pool and the field."""
+
+    def __init__(self, message: str, pool: str | None = None, field: str | None = None) -> None:
+        super().__init__(message, pool, field)
+        self.pool = pool
+        self.field = field
+
+
+# -- call errors -------------------------------------------------------------------------
+
+
+class SignalError(WarmPoolError):
+    """An error about one signal handled by an agent."""
+
+    def __init__(self, message: str, signal_type: str | None = None, *extra: Any) -> None:
+        super().__init__(message, signal_type, *extra)
+        self.signal_type = signal_type
+
+
+class InvalidSignal(SignalError):
+    """A signal, or the parameters it carries, failed validation; ``errors`` lists why."""
+
+    def __init__(self, message: str, signal_type: str | None = None,
+                 errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message, signal_type, errors or [])
+        self.errors = errors or []
+
+
+class UnknownSignal(SignalError):
+    """No route of the agent matches the signal's type."""
+
+
+class ActionFailed(SignalError):
+    """The action raised, or returned updates the agent's state rejects; state is unchanged."""
+
+    def __init__(self, message: str, signal_type: str | None = None, action: str | None = None,
+                 cause: str | None = None) -> None:
+        super().__init__(message, signal_type, action, cause)
+        self.action = action
+        self.cause = cause
+
+
+class CallTimeout(SignalError, TimeoutError):
+    """The work outlasted its ``call_timeout``; the agent that overran is replaced."""
+
+    def __init__(self, message: str, signal_type: str | None = None,
+                 timeout: float = 0.0) -> None:
+        super().__init__(message, signal_type, timeout)
+        self.args = (message, signal_type, timeout)
+        self.timeout = timeout

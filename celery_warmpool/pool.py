@@ -1,0 +1,650 @@
+"""AgentPool: a thread-safe, in-process pool of warm agents. No Celery needed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Generic, Self, TypeVar
+
+from . import telemetry
+from .agent import Agent
+from .errors import (
+    CheckoutTimeout,
+    NotCheckedOut,
+    PoolClosed,
+    PoolExhausted,
+    PoolStartError,
+)
+from .reply import AgentReply
+from .signal import Signal
+from .spec import PoolSpec, validate_options
+from .status import PoolCounters, PoolState, PoolStatus
+
+__all__ = ["AgentPool"]
+
+logger = logging.getLogger(__name__)
+
+AgentT = TypeVar("AgentT", bound=Agent[Any])
+
+#: How often ``start()`` retries one agent's failing ``setup()`` before giving up on it.
+START_ATTEMPTS = 3
+#: Back-off between setup attempts: first delay and cap, in seconds (doubling between).
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 30.0
+
+_COUNTERS = tuple(PoolCounters.model_fields)
+
+
+class _Slot:
+    """One live agent and the pool's bookkeeping about it."""
+
+    __slots__ = ("agent", "created", "out", "overflow", "returned", "uses")
+
+    def __init__(self, agent: Any, overflow: bool, now: float) -> None:
+        self.agent = agent
+        self.overflow = overflow
+        self.created = now
+        self.returned = now
+        self.uses = 0
+        self.out = False
+
+
+class _Waiter:
+    """A caller queued for an agent; served first come, first served."""
+
+    __slots__ = ("error", "ready", "slot")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.slot: _Slot | None = None
+        self.error: BaseException | None = None
+
+
+class AgentPool(Generic[AgentT]):
+    """A pool of warm agents, safe to share between threads (and greenlets).
+
+    ``factory`` builds one agent (cheaply); the pool calls its ``setup()`` before the
+    agent serves and ``teardown()`` when it is closed. Options are those of
+    :class:`~celery_warmpool.spec.PoolOptions`::
+
+        pool = AgentPool(lambda: SearchAgent(), name="search", size=4, max_overflow=2)
+        pool.start()
+        with pool.agent(timeout=1.0) as agent:
+            agent.handle(Signal.new("search.run", {"query": "pools"}))
+
+    Errors are attributes of the class too, so callers catch what they meant:
+    ``AgentPool.Exhausted``, ``AgentPool.Timeout``, ``AgentPool.Closed``.
+    """
+
+    Exhausted = PoolExhausted
+    Timeout = CheckoutTimeout
+    Closed = PoolClosed
+    StartError = PoolStartError
+    NotCheckedOut = NotCheckedOut
+
+    def __init__(self, factory: Callable[[], AgentT], *, name: str = "pool",
+                 node: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 **options: Any) -> None:
+        """Configure the pool; nothing is built until :meth:`start`.
+
+        Raises:
+            ConfigurationError: an option is unknown or invalid (names pool and field).
+        """
+        self.options = validate_options(name, options)
+        self.name = name
+        self.node = node
+        self.size = self.options.size
+        self.max_overflow = self.options.max_overflow
+        self._factory = factory
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._idle: deque[_Slot] = deque()
+        self._take = self._idle.pop if self.options.strategy == "lifo" else self._idle.popleft
+        self._slots: dict[int, _Slot] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._checked_out = 0
+        self._overflow = 0
+        self._building_overflow = 0
+        self._replacing = 0
+        self._start_failures = 0
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._last_error: str | None = None
+        self._started = False
+        self._closed = False
+        # Precomputed so the hot path tests one attribute, not four options.
+        self._vetting = (self.options.max_age is not None
+                         or self.options.health_check_interval is not None)
+        self._recycling = self.options.max_uses is not None or self.options.max_age is not None
+        self._stamping = (self.options.health_check_interval is not None
+                          or self.options.overflow_ttl > 0)
+
+    @classmethod
+    def from_spec(cls, spec: PoolSpec, *, node: str | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> AgentPool[Agent[Any]]:
+        """A pool built from a :class:`PoolSpec` (its agent class, state and options)."""
+        agent_class, initial, worker_opts = spec.agent, spec.initial_state, spec.worker_opts
+
+        def factory() -> Agent[Any]:
+            return agent_class(initial, options=worker_opts)
+
+        options = spec.options.model_dump()
+        return AgentPool(factory, name=spec.name, node=node, clock=clock, **options)
+
+    def __repr__(self) -> str:
+        return (f"<AgentPool {self.name!r} size={self.size} max_overflow={self.max_overflow} "
+                f"out={self._checked_out} idle={len(self._idle)}>")
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Build ``size`` warm agents; return once all are warm.
+
+        Agents are built in parallel. One whose ``setup()`` fails is retried with back-off;
+        if some agents are warm when the others have failed ``START_ATTEMPTS`` times, the
+        pool serves and keeps rebuilding the rest in the background.
+
+        Raises:
+            PoolStartError: no agent could be built, or none was warm within
+                ``start_timeout`` seconds; the cause is attached.
+        """
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed", self.name)
+            if self._started:
+                return self
+            self._started = True
+            self._replacing = self.size
+        for index in range(self.size):
+            self._spawn(self._rebuild, None, "start", name=f"warmpool-{self.name}-start-{index}")
+        if self.options.overflow_ttl > 0:
+            self._spawn(self._dismiss_loop, name=f"warmpool-{self.name}-overflow")
+        deadline = time.monotonic() + self.options.start_timeout
+        with self._changed:
+            while len(self._slots) < self.size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._start_failures >= self.size * START_ATTEMPTS:
+                    break
+                self._changed.wait(remaining)
+            warm, failed = len(self._slots), self._start_failures
+            cause = self._last_error
+        if warm == 0:
+            self.close()
+            why = (f"every agent failed setup {START_ATTEMPTS} times" if failed else
+                   f"no agent was warm within start_timeout={self.options.start_timeout}s")
+            raise PoolStartError(f"pool {self.name!r} could not start: {why}; last error: "
+                                 f"{cause or 'none'}", self.name, cause)
+        if warm < self.size:
+            logger.warning(
+                "pool %r serving with %d of %d agents warm; rebuilding the rest in the "
+                "background (last error: %s)", self.name, warm, self.size, cause)
+        return self
+
+    def close(self) -> None:
+        """Tear every agent down (each ``teardown()`` runs once). Safe to call twice.
+
+        Idle agents are closed now; checked-out ones when they are checked in. Waiting
+        callers get :class:`PoolClosed`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            idle = list(self._idle)
+            self._idle.clear()
+            for slot in idle:
+                self._forget_locked(slot)
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = PoolClosed(f"pool {self.name!r} was closed", self.name)
+                waiter.ready.set()
+            self._changed.notify_all()
+        for slot in idle:
+            self._teardown(slot.agent)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    # -- checkout and checkin ----------------------------------------------------------
+
+    def checkout(self, block: bool = True, timeout: float | None = None) -> AgentT:
+        """Take an agent out of the pool; give it back with :meth:`checkin`.
+
+        Arguments:
+            block: wait for an agent when none is free and no overflow room is left.
+            timeout: the most seconds to wait (``None``: as long as it takes).
+
+        Raises:
+            PoolExhausted: ``block`` is false and no agent is free.
+            CheckoutTimeout: no agent came free within ``timeout``.
+            PoolClosed: the pool was closed.
+        """
+        overflow_allowed = True
+        waited_since: float | None = None
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed", self.name)
+                if self._idle:
+                    slot: _Slot | None = self._take()
+                    self._lend_locked(slot)  # type: ignore[arg-type]
+                    waiter = None
+                elif (overflow_allowed
+                      and self._overflow + self._building_overflow < self.max_overflow):
+                    self._building_overflow += 1
+                    slot = waiter = None
+                elif not block:
+                    self._counts["exhausted"] += 1
+                    error = PoolExhausted(
+                        f"pool {self.name!r} is exhausted: all {self.size} agents and "
+                        f"{self.max_overflow} overflow agents are checked out",
+                        self.name, self.size, self.max_overflow)
+                    slot = waiter = None
+                else:
+                    if waited_since is None:
+                        self._counts["exhausted"] += 1
+                        waited_since = time.monotonic()
+                    waiter = _Waiter()
+                    self._waiters.append(waiter)
+                    slot = None
+            if slot is not None:
+                wait = 0.0 if waited_since is None else time.monotonic() - waited_since
+            elif waiter is not None:
+                if telemetry.pool_exhausted.receivers:
+                    telemetry.pool_exhausted.send(self, waited=0.0, blocking=True)
+                slot = self._wait(waiter, waited_since, timeout)  # type: ignore[arg-type]
+                wait = time.monotonic() - waited_since  # type: ignore[operator]
+            elif not block:
+                if telemetry.pool_exhausted.receivers:
+                    telemetry.pool_exhausted.send(self, waited=0.0, blocking=False)
+                raise error
+            else:
+                slot = self._lend_new_overflow()
+                if slot is None:
+                    overflow_allowed = False  # setup failed: wait for an agent instead
+                    continue
+                wait = 0.0 if waited_since is None else time.monotonic() - waited_since
+            if self._vetting and not self._vet(slot):
+                continue
+            if telemetry.agent_checkout.receivers:
+                telemetry.agent_checkout.send(self, agent=slot.agent, wait=wait,
+                                              overflow=slot.overflow)
+            return slot.agent  # type: ignore[no-any-return]
+
+    def checkin(self, agent: AgentT) -> None:
+        """Give back an agent that :meth:`checkout` handed out.
+
+        A broken agent (see ``discard_on``), or one past ``max_uses`` or ``max_age``, is
+        closed and replaced in the background; an overflow agent is dismissed (at once, or
+        after ``overflow_ttl`` idle seconds); otherwise the agent goes to the next waiter or
+        back to the idle agents.
+
+        Raises:
+            NotCheckedOut: the agent is not checked out from this pool (already checked
+                in, or never handed out by it); nothing is changed.
+        """
+        with self._lock:
+            slot = self._slots.get(id(agent))
+            if slot is None or slot.agent is not agent or not slot.out:
+                raise NotCheckedOut(
+                    f"pool {self.name!r}: {agent!r} is not checked out from this pool "
+                    "(already checked in, or never handed out by it)", self.name)
+            if self.options.reset_on_checkin:
+                # Take it out of circulation while reset() runs outside the lock, so that
+                # a second checkin of the same agent fails rather than resets it twice.
+                slot.out = False
+                self._slots.pop(id(agent))
+            else:
+                disposal = self._return_locked(slot)
+        if self.options.reset_on_checkin:
+            try:
+                agent.reset()
+            except Exception as exc:
+                logger.exception("pool %r: reset() of %r failed; replacing it", self.name, agent)
+                agent.broken = exc
+            with self._lock:
+                self._slots[id(agent)] = slot
+                slot.out = True
+                disposal = self._return_locked(slot)
+        if telemetry.agent_checkin.receivers:
+            telemetry.agent_checkin.send(self, agent=agent, held=None)
+        if disposal is not None:
+            self._dispose(slot, disposal)
+
+    @contextmanager
+    def agent(self, block: bool = True, timeout: float | None = None) -> Iterator[AgentT]:
+        """Check an agent out for the ``with`` block; it is always checked in.
+
+        An exception in the block that matches ``discard_on`` marks the agent broken, so
+        it is replaced rather than handed out again.
+        """
+        agent = self.checkout(block=block, timeout=timeout)
+        try:
+            yield agent
+        except BaseException as exc:
+            if self._is_discardable(exc):
+                agent.broken = exc
+            raise
+        finally:
+            self.checkin(agent)
+
+    def call(self, signal: Signal | Mapping[str, Any], *,
+             timeout: float | None = None) -> AgentReply:
+        """Handle one signal on a checked-out agent (see :meth:`Agent.handle`)."""
+        with self.agent(timeout=timeout) as agent:
+            return self._count_call(agent, signal)
+
+    def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
+                    timeout: float | None = None) -> list[AgentReply]:
+        """Handle ``signals`` in order on one agent, all or nothing.
+
+        If any signal fails, the agent's state is put back as it was before the first one
+        and the error is raised.
+        """
+        with self.agent(timeout=timeout) as agent:
+            before = agent.state
+            try:
+                return [self._count_call(agent, signal) for signal in signals]
+            except BaseException:
+                agent.state = before
+                raise
+
+    def status(self) -> PoolStatus:
+        """The pool's numbers now, consistent with each other."""
+        with self._lock:
+            available = len(self._idle)
+            state: PoolState
+            if available:
+                state = "ready"
+            elif self._overflow + self._building_overflow < self.max_overflow:
+                state = "overflow"
+            else:
+                state = "full"
+            return PoolStatus(
+                pool=self.name, state=state, size=self.size, max_overflow=self.max_overflow,
+                available=available, overflow=self._overflow, checked_out=self._checked_out,
+                waiting=len(self._waiters), replacing=self._replacing,
+                counters=PoolCounters(**self._counts), last_error=self._last_error,
+                node=self.node, updated_at=time.time())
+
+    def dismiss_idle_overflow(self) -> int:
+        """Close overflow agents idle for ``overflow_ttl`` seconds; return how many.
+
+        A background thread calls this while the pool runs; tests may call it directly.
+        """
+        ttl = self.options.overflow_ttl
+        with self._lock:
+            now = self._clock()
+            expired = [slot for slot in self._idle
+                       if slot.overflow and now - slot.returned >= ttl]
+            for slot in expired:
+                self._idle.remove(slot)
+                self._forget_locked(slot)
+                self._counts["dismissed"] += 1
+        for slot in expired:
+            self._teardown(slot.agent)
+            if telemetry.agent_dismissed.receivers:
+                telemetry.agent_dismissed.send(self, agent=slot.agent, idle=now - slot.returned)
+        return len(expired)
+
+    # -- internals: lending and returning ----------------------------------------------
+
+    def _lend_locked(self, slot: _Slot) -> None:
+        slot.out = True
+        slot.uses += 1
+        self._checked_out += 1
+        self._counts["checkouts"] += 1
+
+    def _lend_new_overflow(self) -> _Slot | None:
+        """Build an overflow agent for the caller, or ``None`` if its setup failed."""
+        try:
+            slot = self._build(overflow=True)
+        except Exception:
+            with self._lock:
+                self._building_overflow -= 1
+            return None
+        with self._lock:
+            self._building_overflow -= 1
+            if not self._closed:
+                self._slots[id(slot.agent)] = slot
+                self._overflow += 1
+                self._counts["overflow_created"] += 1
+                self._lend_locked(slot)
+                return slot
+        self._teardown(slot.agent)
+        raise PoolClosed(f"pool {self.name!r} was closed", self.name)
+
+    def _wait(self, waiter: _Waiter, since: float, timeout: float | None) -> _Slot:
+        remaining = None if timeout is None else max(0.0, since + timeout - time.monotonic())
+        if not waiter.ready.wait(remaining):
+            with self._lock:
+                # An agent may have been handed over between the wait ending and the lock:
+                # then the caller takes it, so no hand-off is ever lost.
+                if waiter.slot is None and waiter.error is None:
+                    self._waiters.remove(waiter)
+                    self._counts["timeouts"] += 1
+                    waited = time.monotonic() - since
+                    raise CheckoutTimeout(
+                        f"pool {self.name!r}: no agent free after waiting {waited:.3f}s "
+                        f"(timeout {timeout}s; size {self.size}, max_overflow "
+                        f"{self.max_overflow}, all checked out)",
+                        self.name, waited, self.size, self.max_overflow)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.slot  # type: ignore[return-value]
+
+    def _return_locked(self, slot: _Slot) -> str | None:
+        """Put a returned slot back; say what must be done with it outside the lock."""
+        slot.out = False
+        self._checked_out -= 1
+        self._counts["checkins"] += 1
+        reason = self._retire_reason(slot)
+        if reason is not None:
+            self._forget_locked(slot)
+            if self._closed:
+                return "closed"
+            if slot.overflow:
+                self._counts["dismissed"] += 1
+                return reason
+            self._replacing += 1
+            self._counts["replacements"] += 1
+            return reason
+        if self._waiters:
+            self._hand_over_locked(slot)
+            return None
+        if slot.overflow and self.options.overflow_ttl <= 0:
+            self._forget_locked(slot)
+            self._counts["dismissed"] += 1
+            return "dismissed"
+        if self._stamping:
+            slot.returned = self._clock()
+        self._idle.append(slot)
+        return None
+
+    def _retire_reason(self, slot: _Slot) -> str | None:
+        if self._closed:
+            return "closed"
+        if slot.agent.broken is not None:
+            return f"broken: {type(slot.agent.broken).__name__}: {slot.agent.broken}"
+        if self._recycling:
+            max_uses, max_age = self.options.max_uses, self.options.max_age
+            if max_uses is not None and slot.uses >= max_uses:
+                return f"max_uses={max_uses} reached"
+            if max_age is not None and self._clock() - slot.created >= max_age:
+                return f"max_age={max_age}s reached"
+        return None
+
+    def _hand_over_locked(self, slot: _Slot) -> None:
+        waiter = self._waiters.popleft()
+        self._lend_locked(slot)
+        waiter.slot = slot
+        waiter.ready.set()
+
+    def _place_locked(self, slot: _Slot) -> None:
+        """Add a freshly built base agent: to the first waiter, or to the idle agents."""
+        self._slots[id(slot.agent)] = slot
+        if self._waiters:
+            self._hand_over_locked(slot)
+        else:
+            self._idle.append(slot)
+        self._changed.notify_all()
+
+    def _forget_locked(self, slot: _Slot) -> None:
+        del self._slots[id(slot.agent)]
+        if slot.overflow:
+            self._overflow -= 1
+
+    def _vet(self, slot: _Slot) -> bool:
+        """Check a just-lent agent's age and health; retire it and say no if it fails."""
+        now = self._clock()
+        max_age = self.options.max_age
+        interval = self.options.health_check_interval
+        reason = None
+        if max_age is not None and now - slot.created >= max_age:
+            reason = f"max_age={max_age}s reached"
+        elif interval is not None and now - slot.returned >= interval:
+            try:
+                healthy = bool(slot.agent.check_health())
+            except Exception as exc:
+                logger.warning("pool %r: check_health() of %r raised %r", self.name,
+                               slot.agent, exc)
+                healthy = False
+            if not healthy:
+                reason = "failed health check"
+        if reason is None:
+            return True
+        with self._lock:
+            slot.out = False
+            self._checked_out -= 1
+            self._counts["checkouts"] -= 1
+            self._forget_locked(slot)
+            if slot.overflow:
+                disposal = "dismissed"
+                self._counts["dismissed"] += 1
+            else:
+                disposal = reason
+                self._replacing += 1
+                self._counts["replacements"] += 1
+        self._dispose(slot, disposal)
+        return False
+
+    def _dispose(self, slot: _Slot, disposal: str) -> None:
+        """Close a slot that left the pool; rebuild it in the background if it was a base one."""
+        if slot.overflow or disposal == "closed":
+            self._teardown(slot.agent)
+            if disposal != "closed" and telemetry.agent_dismissed.receivers:
+                telemetry.agent_dismissed.send(self, agent=slot.agent, idle=0.0)
+            return
+        logger.info("pool %r: replacing %r after %d uses (%s)", self.name, slot.agent,
+                    slot.uses, disposal)
+        if telemetry.agent_replaced.receivers:
+            telemetry.agent_replaced.send(self, agent=slot.agent, reason=disposal)
+        self._spawn(self._rebuild, slot, disposal, name=f"warmpool-{self.name}-replace")
+
+    def _is_discardable(self, exc: BaseException) -> bool:
+        discard_on = self.options.discard_on
+        if not discard_on:
+            return False
+        return isinstance(exc, discard_on) or isinstance(exc.__cause__, discard_on)
+
+    def _count_call(self, agent: AgentT, signal: Signal | Mapping[str, Any]) -> AgentReply:
+        try:
+            reply = agent.handle(signal)
+        except Exception:
+            with self._lock:
+                self._counts["calls"] += 1
+                self._counts["call_failures"] += 1
+            raise
+        with self._lock:
+            self._counts["calls"] += 1
+        return reply
+
+    def record_call(self, failed: bool) -> None:
+        """Count one call handled by an agent of this pool (for callers outside it)."""
+        with self._lock:
+            self._counts["calls"] += 1
+            if failed:
+                self._counts["call_failures"] += 1
+
+    # -- internals: building and closing agents ----------------------------------------
+
+    def _build(self, overflow: bool) -> _Slot:
+        started = time.perf_counter()
+        agent = self._factory()
+        agent.pool_name = self.name
+        agent.node = self.node
+        agent.discard_on = self.options.discard_on
+        try:
+            agent.setup()
+        except BaseException as exc:
+            with self._lock:
+                self._counts["failures"] += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("pool %r: setup() of %r failed: %r", self.name, agent, exc)
+            # setup() may have opened something before it failed.
+            self._teardown(agent)
+            raise
+        duration = time.perf_counter() - started
+        if telemetry.agent_started.receivers:
+            telemetry.agent_started.send(self, agent=agent, overflow=overflow, duration=duration)
+        return _Slot(agent, overflow, self._clock())
+
+    def _rebuild(self, old: _Slot | None, reason: str) -> None:
+        """Build one base agent, retrying with back-off until it works or the pool closes."""
+        if old is not None:
+            self._teardown(old.agent)
+        delay = BACKOFF_FIRST
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                slot = self._build(overflow=False)
+            except Exception as exc:
+                with self._changed:
+                    if reason == "start":
+                        self._start_failures += 1
+                    self._changed.notify_all()
+                if telemetry.agent_setup_failed.receivers:
+                    telemetry.agent_setup_failed.send(
+                        self, exception=exc, attempt=attempt, retry_in=delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, BACKOFF_CAP)
+                continue
+            with self._lock:
+                self._replacing -= 1
+                if not self._closed:
+                    self._place_locked(slot)
+                    return
+            self._teardown(slot.agent)
+            return
+        with self._lock:
+            self._replacing -= 1
+
+    def _dismiss_loop(self) -> None:
+        interval = max(0.05, min(self.options.overflow_ttl / 2, 1.0))
+        while not self._stop.wait(interval):
+            self.dismiss_idle_overflow()
+
+    def _teardown(self, agent: Agent[Any]) -> None:
+        try:
+            agent.teardown()
+        except Exception:
+            logger.exception("pool %r: teardown() of %r failed", self.name, agent)
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()

@@ -1,0 +1,227 @@
+"""PoolSpec: one pool's configuration, validated before anything is built."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+__all__ = ["PoolOptions", "PoolSpec", "import_object"]
+
+Strategy = Literal["lifo", "fifo"]
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class PoolOptions(BaseModel):
+    """How a pool behaves. Invalid values are an error, never silently defaulted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    size: int = Field(default=5, ge=1, description="agents built and warm before serving")
+    max_overflow: int = Field(default=0, ge=0, description="extra temporary agents")
+    strategy: Strategy = Field(default="lifo", description="lifo or fifo checkout order")
+    overflow_ttl: float = Field(
+        default=0.0, ge=0, description="idle seconds an overflow agent lingers")
+    max_uses: int | None = Field(default=None, ge=1, description="recycle after N checkouts")
+    max_age: float | None = Field(default=None, gt=0, description="recycle after T seconds")
+    health_check_interval: float | None = Field(
+        default=None, ge=0, description="check_health() before handing out an agent idle this long")
+    reset_on_checkin: bool = Field(default=False, description="call reset() on checkin")
+    discard_on: tuple[type[BaseException], ...] = Field(
+        default=(), description="exception types that mean an agent is broken")
+    start_timeout: float = Field(default=60.0, gt=0, description="seconds start() may take")
+
+    @field_validator("discard_on", mode="before")
+    @classmethod
+    def _exception_types(cls, value: Any) -> tuple[type[BaseException], ...]:
+        if value is None:
+            return ()
+        items = value if isinstance(value, list | tuple | set | frozenset) else (value,)
+        types: list[type[BaseException]] = []
+        for item in items:
+            resolved = import_object(item) if isinstance(item, str) else item
+            if not (isinstance(resolved, type) and issubclass(resolved, BaseException)):
+                raise ValueError(f"{item!r} is not an exception class")
+            types.append(resolved)
+        return tuple(types)
+
+
+class PoolSpec(PoolOptions):
+    """One named pool: its agent class, start options and :class:`PoolOptions`.
+
+    ``PoolSpec("fast_search", SearchAgent, size=8, max_overflow=4)``. ``agent`` may be a
+    class or a ``"module:Class"`` string. ``initial_state`` and ``worker_opts`` are given to
+    every agent as its own deep copy. ``queue`` defaults to ``warmpool.<name>``.
+
+    Raises:
+        ConfigurationError: an option is unknown or invalid; the message names the pool
+            and the field.
+    """
+
+    name: str
+    agent: type[Agent[Any]]
+    initial_state: dict[str, Any] | None = None
+    worker_opts: dict[str, Any] | None = None
+    queue: str | None = None
+
+    def __init__(self, name: str | None = None, agent: Any = None, /, **options: Any) -> None:
+        if name is not None:
+            options["name"] = name
+        if agent is not None:
+            options["agent"] = agent
+        pool = options.get("name")
+        try:
+            super().__init__(**options)
+        except ValidationError as exc:
+            raise _configuration_error(exc, pool if isinstance(pool, str) else None) from exc
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("a pool name starts with a letter and holds letters, digits and _")
+        return value
+
+    @field_validator("agent", mode="before")
+    @classmethod
+    def _agent_class(cls, value: Any) -> Any:
+        from .agent import Agent
+
+        resolved = import_object(value) if isinstance(value, str) else value
+        if not (isinstance(resolved, type) and issubclass(resolved, Agent)):
+            raise ValueError(f"{value!r} is not a celery_warmpool.Agent subclass")
+        return resolved
+
+    @model_validator(mode="after")
+    def _default_queue(self) -> Self:
+        if self.queue is None:
+            object.__setattr__(self, "queue", f"warmpool.{self.name}")
+        return self
+
+    @property
+    def options(self) -> PoolOptions:
+        """The pool behaviour part of this spec."""
+        return PoolOptions(**{name: getattr(self, name) for name in PoolOptions.model_fields})
+
+    @classmethod
+    def parse(cls, value: PoolSpec | Mapping[str, Any] | tuple[Any, ...]) -> PoolSpec:
+        """Read a spec given as a ``PoolSpec``, a mapping, or ``(name, agent, {options})``."""
+        if isinstance(value, PoolSpec):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**dict(value))
+        if isinstance(value, tuple) and len(value) in (2, 3):
+            options = dict(value[2]) if len(value) == 3 else {}
+            return cls(value[0], value[1], **options)
+        raise ConfigurationError(
+            f"cannot read a pool spec from {value!r}: give a PoolSpec, a mapping, or "
+            "(name, agent, {options})", field="pools")
+
+    def with_environment(self, environ: Mapping[str, str] | None = None) -> PoolSpec:
+        """This spec with ``WARMPOOL_<NAME>_<OPTION>`` environment overrides applied.
+
+        ``WARMPOOL_FAST_SEARCH_SIZE=16`` sets ``size`` of pool ``fast_search``.
+        """
+        prefix = f"WARMPOOL_{self.name.upper()}_"
+        source = os.environ if environ is None else environ
+        given = {key[len(prefix):].lower(): value for key, value in source.items()
+                 if key.upper().startswith(prefix)}
+        known = {key: value for key, value in given.items()
+                 if key in _EnvironmentOverrides.model_fields}
+        if not known:
+            return self
+        overrides = _overrides_class(prefix)
+        try:
+            # Read the process environment through pydantic-settings itself; an explicit
+            # mapping (tests, dry runs) is validated by the same model.
+            found = overrides() if environ is None else overrides.model_validate(known)
+        except ValidationError as exc:
+            raise _configuration_error(exc, self.name, prefix=prefix) from exc
+        changed = found.model_dump(exclude_unset=True)
+        if not changed:
+            return self
+        merged = {name: getattr(self, name) for name in type(self).model_fields}
+        merged.update(changed)
+        return PoolSpec(**merged)
+
+
+class _EnvironmentOverrides(BaseSettings):
+    """The options an environment variable may override."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    size: int | None = Field(default=None, ge=1)
+    max_overflow: int | None = Field(default=None, ge=0)
+    strategy: Strategy | None = None
+    overflow_ttl: float | None = Field(default=None, ge=0)
+    max_uses: int | None = Field(default=None, ge=1)
+    max_age: float | None = Field(default=None, gt=0)
+    health_check_interval: float | None = Field(default=None, ge=0)
+    reset_on_checkin: bool | None = None
+    start_timeout: float | None = Field(default=None, gt=0)
+    queue: str | None = None
+
+
+def _overrides_class(prefix: str) -> type[_EnvironmentOverrides]:
+    # Another pool's variables share the prefix ("fast" and "fast_search"): ignore them.
+    config = SettingsConfigDict(extra="ignore", env_prefix=prefix, env_ignore_empty=True)
+    return type("PoolEnvironment", (_EnvironmentOverrides,), {"model_config": config})
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module:Name"`` (or ``"package.module.Name"``).
+
+    Raises:
+        ImportError: the module or the name cannot be found; the message says which.
+    """
+    module_name, _, attribute = path.partition(":")
+    if not attribute:
+        module_name, _, attribute = path.rpartition(".")
+    if not module_name or not attribute:
+        raise ImportError(f"{path!r} is not an import path like 'package.module:Name'")
+    module = importlib.import_module(module_name)
+    try:
+        target = module
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    return target
+
+
+def _configuration_error(exc: ValidationError, pool: str | None, *,
+                         prefix: str = "") -> ConfigurationError:
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    where = f"pool {pool!r}" if pool else "pool spec"
+    shown = f"{prefix}{field.upper()}" if prefix and field else field
+    message = f"{where}: invalid {shown}: {first['msg']}"
+    if len(exc.errors()) > 1:
+        others = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors()[1:])
+        message += f" (also invalid: {others})"
+    return ConfigurationError(message, pool, field)
+
+
+def validate_options(pool: str, options: Mapping[str, Any]) -> PoolOptions:
+    """Validate pool options, raising :class:`ConfigurationError` naming pool and field."""
+    try:
+        return PoolOptions(**dict(options))
+    except ValidationError as exc:
+        raise _configuration_error(exc, pool) from exc

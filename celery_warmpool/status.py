@@ -1,0 +1,103 @@
+"""PoolStatus: what a pool is doing, for one process or summed over many."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["PoolCounters", "PoolState", "PoolStatus"]
+
+PoolState = Literal["ready", "overflow", "full"]
+
+
+class PoolCounters(BaseModel):
+    """Running totals since the pool started."""
+
+    model_config = ConfigDict(frozen=True)
+
+    checkouts: int = 0
+    checkins: int = 0
+    timeouts: int = 0
+    exhausted: int = 0
+    overflow_created: int = 0
+    dismissed: int = 0
+    replacements: int = 0
+    failures: int = 0
+    calls: int = 0
+    call_failures: int = 0
+
+    def __add__(self, other: PoolCounters) -> PoolCounters:
+        return PoolCounters(**{
+            name: getattr(self, name) + getattr(other, name) for name in type(self).model_fields
+        })
+
+
+class PoolStatus(BaseModel):
+    """A pool's numbers at one moment.
+
+    ``state`` is ``ready`` when an agent is idle, ``overflow`` when none is idle but the
+    next checkout may build an overflow agent, ``full`` when the next checkout waits.
+    ``available + checked_out`` is the number of agents alive; ``replacing`` counts base
+    agents being rebuilt in the background. ``size`` and ``max_overflow`` are per process;
+    an aggregate sums them over its processes, listed in ``processes``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    pool: str
+    state: PoolState
+    size: int
+    max_overflow: int
+    available: int
+    overflow: int
+    checked_out: int
+    waiting: int
+    replacing: int = 0
+    counters: PoolCounters = Field(default_factory=PoolCounters)
+    last_error: str | None = None
+    node: str | None = None
+    pid: int | None = None
+    process_index: int | None = None
+    updated_at: float | None = None
+    processes: list[PoolStatus] = Field(default_factory=list)
+
+    @property
+    def alive(self) -> int:
+        """Agents alive now: idle plus checked out."""
+        return self.available + self.checked_out
+
+    @property
+    def nodes(self) -> dict[str, PoolStatus]:
+        """The per-node sums of an aggregate, by node name."""
+        by_node: dict[str, list[PoolStatus]] = {}
+        for process in self.processes or [self]:
+            by_node.setdefault(process.node or "", []).append(process)
+        return {node: PoolStatus.combine(self.pool, parts, node=node or None)
+                for node, parts in by_node.items()}
+
+    @classmethod
+    def combine(cls, pool: str, parts: Iterable[PoolStatus], *,
+                node: str | None = None) -> PoolStatus:
+        """Sum per-process statuses of one pool into one, keeping them in ``processes``."""
+        leaves = [leaf for part in parts for leaf in (part.processes or [part])]
+        counters = PoolCounters()
+        for leaf in leaves:
+            counters = counters + leaf.counters
+        total = {name: sum(getattr(leaf, name) for leaf in leaves) for name in (
+            "size", "max_overflow", "available", "overflow", "checked_out", "waiting",
+            "replacing")}
+        errors = [leaf.last_error for leaf in leaves if leaf.last_error]
+        return cls(
+            pool=pool, state=_combined_state(leaves), counters=counters,
+            last_error=errors[-1] if errors else None, node=node, processes=leaves, **total)
+
+
+def _combined_state(leaves: list[PoolStatus]) -> PoolState:
+    states = {leaf.state for leaf in leaves}
+    if "ready" in states:
+        return "ready"
+    if "overflow" in states:
+        return "overflow"
+    return "full"
