@@ -13,6 +13,7 @@ from typing import Any, Generic, Self, TypeVar
 from . import telemetry
 from .agent import Agent
 from .errors import (
+    CallTimeout,
     CheckoutTimeout,
     NotCheckedOut,
     PoolClosed,
@@ -20,6 +21,7 @@ from .errors import (
     PoolStartError,
 )
 from .reply import AgentReply
+from .runner import TimeboxedRunner
 from .signal import Signal
 from .spec import PoolSpec, validate_options
 from .status import PoolCounters, PoolState, PoolStatus
@@ -29,6 +31,7 @@ __all__ = ["AgentPool"]
 logger = logging.getLogger(__name__)
 
 AgentT = TypeVar("AgentT", bound=Agent[Any])
+R = TypeVar("R")
 
 #: How often ``start()`` retries one agent's failing ``setup()`` before giving up on it.
 START_ATTEMPTS = 3
@@ -53,15 +56,29 @@ class _Slot:
         self.out = False
 
 
-class _Waiter:
-    """A caller queued for an agent; served first come, first served."""
+class _Lease:
+    """Whether a lent agent was abandoned to an overrunning call (and so not checked in)."""
 
-    __slots__ = ("error", "ready", "slot")
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
+class _Waiter:
+    """A caller queued for an agent; served first come, first served.
+
+    It is woken with an agent (``slot``), an error, or leave to build an overflow agent
+    (``build``: room freed while it waited, already reserved for it).
+    """
+
+    __slots__ = ("build", "error", "ready", "slot")
 
     def __init__(self) -> None:
         self.ready = threading.Event()
         self.slot: _Slot | None = None
         self.error: BaseException | None = None
+        self.build = False
 
 
 class AgentPool(Generic[AgentT]):
@@ -112,9 +129,12 @@ class AgentPool(Generic[AgentT]):
         self._overflow = 0
         self._building_overflow = 0
         self._replacing = 0
-        self._start_failures = 0
+        # Start builders that failed START_ATTEMPTS times; start() stops waiting for them.
+        self._start_gave_up = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._last_error: str | None = None
+        self._runner = TimeboxedRunner(name)
+        self._last_exception: BaseException | None = None
         self._started = False
         self._closed = False
         # Precomputed so the hot path tests one attribute, not four options.
@@ -172,19 +192,25 @@ class AgentPool(Generic[AgentT]):
             self._spawn(self._dismiss_loop, name=f"warmpool-{self.name}-overflow")
         deadline = time.monotonic() + self.options.start_timeout
         with self._changed:
-            while len(self._slots) < self.size:
+            # Wait until every builder is warm or has given up, not for the total number of
+            # failures: one agent failing for good must not hold start() to its timeout.
+            while len(self._slots) + self._start_gave_up < self.size and not self._closed:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._start_failures >= self.size * START_ATTEMPTS:
+                if remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            warm, failed = len(self._slots), self._start_failures
-            cause = self._last_error
+            warm, gave_up, closed = len(self._slots), self._start_gave_up, self._closed
+            cause, exception = self._last_error, self._last_exception
         if warm == 0:
             self.close()
-            why = (f"every agent failed setup {START_ATTEMPTS} times" if failed else
-                   f"no agent was warm within start_timeout={self.options.start_timeout}s")
+            if closed:
+                why = "it was closed while starting"
+            elif gave_up == self.size:
+                why = f"every agent failed setup {START_ATTEMPTS} times"
+            else:
+                why = f"no agent was warm within start_timeout={self.options.start_timeout}s"
             raise PoolStartError(f"pool {self.name!r} could not start: {why}; last error: "
-                                 f"{cause or 'none'}", self.name, cause)
+                                 f"{cause or 'none'}", self.name, cause) from exception
         if warm < self.size:
             logger.warning(
                 "pool %r serving with %d of %d agents warm; rebuilding the rest in the "
@@ -268,6 +294,11 @@ class AgentPool(Generic[AgentT]):
                 if telemetry.pool_exhausted.receivers:
                     telemetry.pool_exhausted.send(self, waited=0.0, blocking=True)
                 slot = self._wait(waiter, waited_since, timeout)  # type: ignore[arg-type]
+                if slot is None:
+                    slot = self._lend_new_overflow()
+                    if slot is None:
+                        overflow_allowed = False
+                        continue
                 wait = time.monotonic() - waited_since  # type: ignore[operator]
             elif not block:
                 if telemetry.pool_exhausted.receivers:
@@ -334,35 +365,76 @@ class AgentPool(Generic[AgentT]):
         it is replaced rather than handed out again.
         """
         agent = self.checkout(block=block, timeout=timeout)
-        try:
+        with self._lent(agent):
             yield agent
+
+    @contextmanager
+    def _lent(self, agent: AgentT, keep_on_abandon: bool = False) -> Iterator[_Lease]:
+        lease = _Lease()
+        try:
+            yield lease
         except BaseException as exc:
             if self._is_discardable(exc):
                 agent.broken = exc
             raise
         finally:
-            self.checkin(agent)
+            if not lease.abandoned:
+                self.checkin(agent)
 
-    def call(self, signal: Signal | Mapping[str, Any], *,
-             timeout: float | None = None) -> AgentReply:
-        """Handle one signal on a checked-out agent (see :meth:`Agent.handle`)."""
-        with self.agent(timeout=timeout) as agent:
-            return self._count_call(agent, signal)
+    def call(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
+             call_timeout: float | None = None) -> AgentReply:
+        """Handle one signal on a checked-out agent (see :meth:`Agent.handle`).
+
+        Arguments:
+            timeout: the most seconds to wait for an agent.
+            call_timeout: the most seconds the work may take; an agent that overruns is
+                abandoned to finish in the background, then closed, and replaced.
+
+        Raises:
+            CheckoutTimeout, CallTimeout, and what :meth:`Agent.handle` raises.
+        """
+        event = Signal.parse(signal)
+        return self._run(lambda agent: self._count_call(agent, event), event.type,
+                         timeout, call_timeout)
 
     def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
-                    timeout: float | None = None) -> list[AgentReply]:
+                    timeout: float | None = None,
+                    call_timeout: float | None = None) -> list[AgentReply]:
         """Handle ``signals`` in order on one agent, all or nothing.
 
-        If any signal fails, the agent's state is put back as it was before the first one
-        and the error is raised.
+        Every signal is validated before any runs. If one fails, the agent's state is put
+        back as it was before the first and the error is raised. ``call_timeout`` bounds
+        the whole transaction.
         """
-        with self.agent(timeout=timeout) as agent:
+        events = [Signal.parse(signal) for signal in signals]
+
+        def work(agent: AgentT) -> list[AgentReply]:
             before = agent.state
             try:
-                return [self._count_call(agent, signal) for signal in signals]
+                return [self._count_call(agent, event) for event in events]
             except BaseException:
                 agent.state = before
                 raise
+
+        label = ",".join(event.type for event in events)
+        return self._run(work, label, timeout, call_timeout)
+
+    def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
+             call_timeout: float | None) -> R:
+        agent = self.checkout(timeout=timeout)
+        if call_timeout is None:
+            with self._lent(agent):
+                return work(agent)
+        with self._lent(agent, keep_on_abandon=True) as lent:
+            finished, result = self._runner.run(
+                lambda: work(agent), call_timeout, on_abandon=lambda: self._teardown(agent))
+            if not finished:
+                lent.abandoned = True
+                self._abandon(agent, f"call_timeout={call_timeout}s exceeded")
+                raise CallTimeout(
+                    f"pool {self.name!r}: {label} took longer than call_timeout="
+                    f"{call_timeout}s; agent {agent.id} is being replaced", label, call_timeout)
+        return result  # type: ignore[return-value]
 
     def status(self) -> PoolStatus:
         """The pool's numbers now, consistent with each other."""
@@ -429,13 +501,14 @@ class AgentPool(Generic[AgentT]):
         self._teardown(slot.agent)
         raise PoolClosed(f"pool {self.name!r} was closed", self.name)
 
-    def _wait(self, waiter: _Waiter, since: float, timeout: float | None) -> _Slot:
+    def _wait(self, waiter: _Waiter, since: float, timeout: float | None) -> _Slot | None:
+        """Wait for a hand-over; ``None`` means: build an overflow agent (room reserved)."""
         remaining = None if timeout is None else max(0.0, since + timeout - time.monotonic())
         if not waiter.ready.wait(remaining):
             with self._lock:
-                # An agent may have been handed over between the wait ending and the lock:
-                # then the caller takes it, so no hand-off is ever lost.
-                if waiter.slot is None and waiter.error is None:
+                # An agent (or overflow room) may have been handed over between the wait
+                # ending and the lock: then the caller takes it, so no hand-off is lost.
+                if waiter.slot is None and waiter.error is None and not waiter.build:
                     self._waiters.remove(waiter)
                     self._counts["timeouts"] += 1
                     waited = time.monotonic() - since
@@ -446,7 +519,7 @@ class AgentPool(Generic[AgentT]):
                         self.name, waited, self.size, self.max_overflow)
         if waiter.error is not None:
             raise waiter.error
-        return waiter.slot  # type: ignore[return-value]
+        return waiter.slot
 
     def _return_locked(self, slot: _Slot) -> str | None:
         """Put a returned slot back; say what must be done with it outside the lock."""
@@ -508,6 +581,13 @@ class AgentPool(Generic[AgentT]):
         del self._slots[id(slot.agent)]
         if slot.overflow:
             self._overflow -= 1
+            if self._waiters and not self._closed:
+                # Room for an overflow agent is free again: without this the first waiter
+                # would wait for a checkin (maybe forever) while the pool could serve it.
+                self._building_overflow += 1
+                waiter = self._waiters.popleft()
+                waiter.build = True
+                waiter.ready.set()
 
     def _vet(self, slot: _Slot) -> bool:
         """Check a just-lent agent's age and health; retire it and say no if it fails."""
@@ -556,6 +636,29 @@ class AgentPool(Generic[AgentT]):
             telemetry.agent_replaced.send(self, agent=slot.agent, reason=disposal)
         self._spawn(self._rebuild, slot, disposal, name=f"warmpool-{self.name}-replace")
 
+    def _abandon(self, agent: AgentT, reason: str) -> None:
+        """Drop a checked-out agent still busy with overrunning work; rebuild its place.
+
+        Its ``teardown()`` runs when the work ends (the runner calls it), not here.
+        """
+        with self._lock:
+            slot = self._slots.get(id(agent))
+            if slot is None or not slot.out:
+                return
+            slot.out = False
+            self._checked_out -= 1
+            self._forget_locked(slot)
+            if slot.overflow or self._closed:
+                self._counts["dismissed"] += int(slot.overflow)
+                return
+            self._replacing += 1
+            self._counts["replacements"] += 1
+        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
+                       agent, reason)
+        if telemetry.agent_replaced.receivers:
+            telemetry.agent_replaced.send(self, agent=agent, reason=reason)
+        self._spawn(self._rebuild, None, reason, name=f"warmpool-{self.name}-replace")
+
     def _is_discardable(self, exc: BaseException) -> bool:
         discard_on = self.options.discard_on
         if not discard_on:
@@ -585,19 +688,23 @@ class AgentPool(Generic[AgentT]):
 
     def _build(self, overflow: bool) -> _Slot:
         started = time.perf_counter()
-        agent = self._factory()
-        agent.pool_name = self.name
-        agent.node = self.node
-        agent.discard_on = self.options.discard_on
+        agent: AgentT | None = None
         try:
+            agent = self._factory()
+            agent.pool_name = self.name
+            agent.node = self.node
+            agent.discard_on = self.options.discard_on
             agent.setup()
         except BaseException as exc:
             with self._lock:
                 self._counts["failures"] += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("pool %r: setup() of %r failed: %r", self.name, agent, exc)
-            # setup() may have opened something before it failed.
-            self._teardown(agent)
+                self._last_exception = exc
+            logger.warning("pool %r: building %r failed: %r", self.name,
+                           agent if agent is not None else self._factory, exc)
+            if agent is not None:
+                # setup() may have opened something before it failed.
+                self._teardown(agent)
             raise
         duration = time.perf_counter() - started
         if telemetry.agent_started.receivers:
@@ -616,8 +723,8 @@ class AgentPool(Generic[AgentT]):
                 slot = self._build(overflow=False)
             except Exception as exc:
                 with self._changed:
-                    if reason == "start":
-                        self._start_failures += 1
+                    if reason == "start" and attempt == START_ATTEMPTS:
+                        self._start_gave_up += 1
                     self._changed.notify_all()
                 if telemetry.agent_setup_failed.receivers:
                     telemetry.agent_setup_failed.send(
