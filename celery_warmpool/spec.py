@@ -6,7 +6,7 @@ import importlib
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -18,10 +18,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .agent import Agent
 from .errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from .agent import Agent
 
 __all__ = ["PoolOptions", "PoolSpec", "import_object"]
 
@@ -76,10 +74,10 @@ class PoolSpec(PoolOptions):
     """
 
     name: str
-    agent: type[Agent[Any]]
+    agent: type[Agent]  # type: ignore[type-arg]
     initial_state: dict[str, Any] | None = None
     worker_opts: dict[str, Any] | None = None
-    queue: str | None = None
+    queue: str = ""
 
     def __init__(self, name: str | None = None, agent: Any = None, /, **options: Any) -> None:
         if name is not None:
@@ -102,8 +100,6 @@ class PoolSpec(PoolOptions):
     @field_validator("agent", mode="before")
     @classmethod
     def _agent_class(cls, value: Any) -> Any:
-        from .agent import Agent
-
         resolved = import_object(value) if isinstance(value, str) else value
         if not (isinstance(resolved, type) and issubclass(resolved, Agent)):
             raise ValueError(f"{value!r} is not a celery_warmpool.Agent subclass")
@@ -111,7 +107,7 @@ class PoolSpec(PoolOptions):
 
     @model_validator(mode="after")
     def _default_queue(self) -> Self:
-        if self.queue is None:
+        if not self.queue:
             object.__setattr__(self, "queue", f"warmpool.{self.name}")
         return self
 

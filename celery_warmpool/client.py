@@ -1,0 +1,112 @@
+"""The caller's side: send signals to a pool's agents and read pool status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from .errors import CheckoutTimeout, UnknownPool
+from .reply import AgentReply
+from .signal import Signal
+from .status import PoolStatus
+
+if TYPE_CHECKING:
+    from .extension import WarmPool
+
+__all__ = ["PoolClient"]
+
+#: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply to travel back.
+REPLY_GRACE = 2.0
+
+SignalLike = Signal | Mapping[str, Any] | str
+
+
+class PoolClient:
+    """Call, cast and transact with pools over the broker; read their status."""
+
+    def __init__(self, warm: WarmPool) -> None:
+        self.warm = warm
+
+    def call(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+             call_timeout: float | None = 5.0) -> AgentReply:
+        """Handle ``signal`` on an agent of ``pool`` and return its reply.
+
+        Arguments:
+            timeout: seconds the call may wait to start (for a worker and a free agent);
+                past it the caller gets :class:`CheckoutTimeout` and it never runs.
+            call_timeout: seconds the work may take; past it the caller gets
+                :class:`CallTimeout` and the agent that overran is replaced.
+
+        Raises:
+            UnknownPool, InvalidSignal, UnknownSignal, ActionFailed, CheckoutTimeout,
+            CallTimeout: as their names say; never a reply hiding an error.
+        """
+        return self._send(pool, [Signal.parse(signal)], timeout, call_timeout, False)[0]
+
+    def transaction(self, pool: str, signals: Iterable[SignalLike], timeout: float = 5.0,
+                    call_timeout: float | None = 5.0) -> list[AgentReply]:
+        """Handle ``signals`` in order on one agent, all or nothing (see :meth:`call`)."""
+        events = [Signal.parse(signal) for signal in signals]
+        if not events:
+            return []
+        return self._send(pool, events, timeout, call_timeout, True)
+
+    def cast(self, pool: str, signal: SignalLike, timeout: float | None = None,
+             call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
+        """Send ``signal`` without waiting; the agent is held until the work ends.
+
+        Returns the :class:`AsyncResult`, as ``.delay()`` does. With ``timeout`` the work
+        is dropped if it cannot start within that many seconds.
+        """
+        event = Signal.parse(signal)
+        spec = self.warm.spec(pool)
+        deadline = None if timeout is None else time.time() + timeout
+        return self.warm.handle_task.apply_async(
+            (pool, [event.to_wire()], deadline, call_timeout, False), queue=spec.queue)
+
+    def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
+        """``pool``'s status summed over every node that hosts it, per node inside.
+
+        Raises:
+            UnknownPool: the pool is not configured, or no worker answered for it.
+        """
+        self.warm.spec(pool)
+        parts = self.collect(pool, timeout=timeout).get(pool, [])
+        if not parts:
+            raise UnknownPool(f"no worker hosting pool {pool!r} answered within {timeout}s",
+                              pool)
+        return PoolStatus.combine(pool, parts)
+
+    def collect(self, pool: str | None = None,
+                timeout: float = 1.0) -> dict[str, list[PoolStatus]]:
+        """Every node's status of ``pool`` (or of all pools), by pool name."""
+        replies = self.warm.app.control.broadcast(
+            "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout)
+        found: dict[str, list[PoolStatus]] = {}
+        for reply in replies or []:
+            for report in reply.values():
+                for name, data in (report or {}).items():
+                    found.setdefault(name, []).append(PoolStatus.model_validate(data))
+        return found
+
+    def _send(self, pool: str, events: list[Signal], timeout: float,
+              call_timeout: float | None, transaction: bool) -> list[AgentReply]:
+        spec = self.warm.spec(pool)
+        deadline = time.time() + timeout
+        result = self.warm.handle_task.apply_async(
+            (pool, [event.to_wire() for event in events], deadline, call_timeout,
+             transaction), queue=spec.queue)
+        window = timeout + (call_timeout or 0.0) + REPLY_GRACE
+        try:
+            replies = result.get(timeout=window, interval=0.02, disable_sync_subtasks=False)
+        except CeleryTimeout:
+            # The message carries its deadline: a worker that takes it now drops it.
+            raise CheckoutTimeout(
+                f"pool {pool!r}: no reply within {window:.1f}s; no worker started the call "
+                f"within timeout={timeout}s, and it will not run", pool, window, spec.size,
+                spec.max_overflow) from None
+        return [AgentReply.model_validate(reply) for reply in replies]

@@ -1,0 +1,138 @@
+"""PoolHost: the warm pools of one process, built from their specs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .agent import Agent
+from .errors import PoolStartError, UnknownPool
+from .pool import BACKOFF_CAP, AgentPool
+from .spec import PoolSpec
+from .status import PoolCounters, PoolStatus
+
+__all__ = ["PoolHost"]
+
+logger = logging.getLogger(__name__)
+
+
+class PoolHost:
+    """The pools one process serves: started together, looked up by name, closed together.
+
+    A pool whose agents cannot be built is not dropped silently: ``get()`` raises its
+    :class:`PoolStartError`, its status carries the error, and the host keeps trying to
+    start it in the background with back-off.
+    """
+
+    def __init__(self, specs: Iterable[PoolSpec], *, node: str | None = None,
+                 process_index: int | None = None) -> None:
+        self.specs = {spec.name: spec for spec in specs}
+        self.node = node
+        self.process_index = process_index
+        self.pid = os.getpid()
+        self.pools: dict[str, AgentPool[Agent[Any]]] = {}
+        self.failures: dict[str, PoolStartError] = {}
+        self.started_at: float | None = None
+        self.warm_seconds: float | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def warm(self) -> bool:
+        """Whether every pool started (its base agents were built)."""
+        return self.started_at is not None and not self.failures
+
+    def start(self) -> None:
+        """Start every pool, in parallel; return when each is warm or has failed."""
+        self.started_at = time.monotonic()
+        self.pid = os.getpid()
+        specs = list(self.specs.values())
+        if specs:
+            with ThreadPoolExecutor(max_workers=len(specs),
+                                    thread_name_prefix="warmpool-host") as executor:
+                list(executor.map(self._start_one, specs))
+        self.warm_seconds = time.monotonic() - self.started_at
+        for name, error in self.failures.items():
+            logger.error("warm pool %r failed to start in process %d: %s", name, self.pid, error)
+            threading.Thread(target=self._retry, args=(self.specs[name],), daemon=True,
+                             name=f"warmpool-{name}-restart").start()
+
+    def _start_one(self, spec: PoolSpec) -> None:
+        pool = AgentPool.from_spec(spec, node=self.node)
+        try:
+            pool.start()
+        except PoolStartError as exc:
+            with self._lock:
+                self.failures[spec.name] = exc
+            return
+        with self._lock:
+            self.pools[spec.name] = pool
+        logger.info("warm pool %r ready in process %d: %d agents", spec.name, self.pid,
+                    pool.size)
+
+    def _retry(self, spec: PoolSpec) -> None:
+        delay = 1.0
+        while not self._stop.wait(delay):
+            self._start_one(spec)
+            with self._lock:
+                if spec.name in self.pools:
+                    del self.failures[spec.name]
+                    logger.info("warm pool %r started after earlier failures", spec.name)
+                    return
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    def get(self, name: str) -> AgentPool[Agent[Any]]:
+        """The pool called ``name`` in this process.
+
+        Raises:
+            UnknownPool: this process hosts no pool of that name.
+            PoolStartError: the pool is configured here but could not start.
+        """
+        pool = self.pools.get(name)
+        if pool is not None:
+            return pool
+        failure = self.failures.get(name)
+        if failure is not None:
+            raise failure
+        hosted = ", ".join(sorted(self.specs)) or "none"
+        raise UnknownPool(
+            f"pool {name!r} is not hosted by this worker process (hosted: {hosted})", name)
+
+    def statuses(self) -> dict[str, PoolStatus]:
+        """Each pool's status, this process's identity filled in."""
+        found: dict[str, PoolStatus] = {}
+        for name, spec in self.specs.items():
+            pool = self.pools.get(name)
+            if pool is not None:
+                status = pool.status()
+            else:
+                failure = self.failures.get(name)
+                status = PoolStatus(
+                    pool=name, state="full", size=spec.size, max_overflow=spec.max_overflow,
+                    available=0, overflow=0, checked_out=0, waiting=0,
+                    replacing=spec.size, counters=PoolCounters(),
+                    last_error=str(failure) if failure else "starting")
+            found[name] = status.model_copy(update={
+                "node": self.node, "pid": self.pid, "process_index": self.process_index})
+        return found
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's pools as JSON-compatible data, for the status board."""
+        return {
+            "node": self.node, "process_index": self.process_index, "warm": self.warm,
+            "started": self.warm_seconds is not None,
+            "errors": {name: str(error) for name, error in self.failures.items()},
+            "pools": {name: status.model_dump(mode="json")
+                      for name, status in self.statuses().items()},
+        }
+
+    def close(self) -> None:
+        """Close every pool (each agent torn down once). Safe to call twice."""
+        self._stop.set()
+        for pool in list(self.pools.values()):
+            pool.close()

@@ -1,0 +1,93 @@
+"""The tasks that run on warm agents: the signal handler, and pool-aware user tasks."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+
+from .errors import CheckoutTimeout, ConfigurationError, WarmPoolError
+
+if TYPE_CHECKING:
+    from .extension import WarmPool
+
+__all__ = ["HANDLE_TASK", "pool_task", "register_handle_task"]
+
+#: The name of the task that carries signals to a pool (routed to the pool's queue).
+HANDLE_TASK = "celery_warmpool.handle"
+
+
+def register_handle_task(warm: WarmPool) -> Task:  # type: ignore[type-arg]
+    """Register, on ``warm``'s app, the task that runs signals on a pool's agents."""
+
+    def handle(pool: str, signals: list[dict[str, Any]], deadline: float | None = None,
+               call_timeout: float | None = None, transaction: bool = False,
+               ) -> list[dict[str, Any]]:
+        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data."""
+        agent_pool = warm.local_pool(pool)
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.time()
+            if timeout <= 0:
+                # The caller has stopped waiting: the work must not run late.
+                raise CheckoutTimeout(
+                    f"pool {pool!r}: the call waited {-timeout + 0.0:.3f}s past its "
+                    "checkout timeout before a worker took it; it was not run",
+                    pool, -timeout, agent_pool.size, agent_pool.max_overflow)
+        if transaction:
+            replies = agent_pool.transaction(signals, timeout=timeout, call_timeout=call_timeout)
+        else:
+            replies = [agent_pool.call(signals[0], timeout=timeout, call_timeout=call_timeout)]
+        return [reply.model_dump(mode="json") for reply in replies]
+
+    task: Task = warm.app.task(  # type: ignore[type-arg]
+        name=HANDLE_TASK, acks_late=True, throws=(WarmPoolError,), shared=False,
+    )(handle)
+    return task
+
+
+def pool_task(warm: WarmPool, pool: str, function: Callable[..., Any],
+              options: dict[str, Any]) -> Task:  # type: ignore[type-arg]
+    """Make ``function(agent, *args, **kwargs)`` a Celery task run on an agent of ``pool``.
+
+    Callers pass only ``*args, **kwargs``; the agent is checked out before the function
+    runs and checked in after, whatever happens (return, exception, retry, time limit).
+    With ``bind=True`` the function gets the task first: ``function(task, agent, ...)``.
+    ``checkout_timeout`` (seconds, default: wait) bounds the wait for an agent.
+    """
+    spec = warm.spec(pool)
+    bind = bool(options.pop("bind", False))
+    checkout_timeout = options.pop("checkout_timeout", None)
+    options.setdefault("queue", spec.queue)
+    options.setdefault("acks_late", True)
+
+    @functools.wraps(function)
+    def run(task: Task, *args: Any, **kwargs: Any) -> Any:  # type: ignore[type-arg]
+        with warm.local_pool(pool).agent(timeout=checkout_timeout) as agent:
+            if bind:
+                return function(task, agent, *args, **kwargs)
+            return function(agent, *args, **kwargs)
+
+    run.__signature__ = _without_agent(function, bind)  # type: ignore[attr-defined]
+    registered: Task = warm.app.task(bind=True, **options)(run)  # type: ignore[type-arg,no-untyped-call]
+    return registered
+
+
+def _without_agent(function: Callable[..., Any], bind: bool) -> inspect.Signature:
+    # Celery checks call arguments against the task's signature: hide the agent
+    # parameter, which the worker supplies, and add the bound task parameter.
+    signature = inspect.signature(function)
+    parameters = list(signature.parameters.values())
+    agent_at = 1 if bind else 0
+    if len(parameters) <= agent_at or parameters[agent_at].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise ConfigurationError(
+            f"{function.__qualname__} must take the agent as its "
+            f"{'second' if bind else 'first'} positional parameter", field="task")
+    rest = parameters[agent_at + 1:]
+    task_parameter = inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return signature.replace(parameters=[task_parameter, *rest])
