@@ -263,6 +263,7 @@ class AgentPool(Generic[AgentT]):
         overflow_allowed = True
         waited_since: float | None = None
         while True:
+            error: PoolExhausted | None = None
             with self._lock:
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed", self.name)
@@ -300,7 +301,7 @@ class AgentPool(Generic[AgentT]):
                         overflow_allowed = False
                         continue
                 wait = time.monotonic() - waited_since  # type: ignore[operator]
-            elif not block:
+            elif error is not None:
                 if telemetry.pool_exhausted.receivers:
                     telemetry.pool_exhausted.send(self, waited=0.0, blocking=False)
                 raise error
