@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -115,23 +115,31 @@ class CounterAgent(Agent[CounterState]):
 class Tracker:
     """Records what the pool does to the agents it builds, and steers their hooks.
 
-    ``fail_setups``: how many ``setup()`` calls fail before they start to succeed.
-    ``gate``: once ``ungated`` setups have run, later ones wait for ``gate`` to be set.
-    ``unhealthy``: ids of agents whose ``check_health()`` says no.
+    Setups are numbered from 0 in the order they run. ``fail_first``: setups numbered
+    below it fail; ``fail_from``: setups numbered from it on fail. ``ungated``: setups
+    numbered from it on set ``gated`` and wait for ``gate``. ``unhealthy``: ids of agents
+    whose ``check_health()`` says no.
     """
 
-    def __init__(self, fail_setups: int = 0, ungated: int | None = None) -> None:
+    def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.built: list[TrackedAgent] = []
         self.setups: list[str] = []
         self.teardowns: list[str] = []
         self.resets: list[str] = []
         self.health_checks: list[str] = []
         self.unhealthy: set[str] = set()
-        self.fail_setups = fail_setups
-        self.ungated = ungated
+        self.fail_first = 0
+        self.fail_from: int | None = None
+        self.ungated: int | None = None
         self.gate = threading.Event()
         self.gated = threading.Event()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate`` holds (checked whenever an agent is torn down)."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
 
     def factory(self) -> TrackedAgent:
         with self.lock:
@@ -144,10 +152,7 @@ class Tracker:
         with self.lock:
             number = len(self.setups)
             self.setups.append(agent.id)
-            failing = self.fail_setups > 0
-            if failing:
-                self.fail_setups -= 1
-        if failing:
+        if number < self.fail_first or (self.fail_from is not None and number >= self.fail_from):
             raise Boom(f"setup of {agent.id} failed")
         if self.ungated is not None and number >= self.ungated:
             self.gated.set()
@@ -162,8 +167,9 @@ class TrackedAgent(CounterAgent):
         self.tracker.setup(self)
 
     def teardown(self) -> None:
-        with self.tracker.lock:
+        with self.tracker.changed:
             self.tracker.teardowns.append(self.id)
+            self.tracker.changed.notify_all()
 
     def reset(self) -> None:
         with self.tracker.lock:
@@ -177,9 +183,9 @@ class TrackedAgent(CounterAgent):
 
 
 def tracked_pool(tracker: Tracker, **options: Any) -> AgentPool[TrackedAgent]:
-    """A started pool of tracked agents (``start_timeout`` short unless given)."""
+    """A pool of tracked agents, not started (``start_timeout`` short unless given)."""
     options.setdefault("start_timeout", 10.0)
-    return AgentPool(tracker.factory, name="test", **options).start()
+    return AgentPool(tracker.factory, name="test", **options)
 
 
 def status_numbers(pool: AgentPool[Any]) -> dict[str, Any]:
@@ -188,25 +194,31 @@ def status_numbers(pool: AgentPool[Any]) -> dict[str, Any]:
 
 
 class Received:
-    """The keyword arguments of every send of one telemetry signal."""
+    """The keyword arguments of every send of one telemetry signal, and who sent them."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.event = threading.Event()
-        self._lock = threading.Lock()
+        self.threads: list[str] = []
+        self._changed = threading.Condition()
 
     def __call__(self, **kwargs: Any) -> None:
-        with self._lock:
+        with self._changed:
             self.calls.append(kwargs)
-        self.event.set()
+            self.threads.append(threading.current_thread().name)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until the signal was sent ``count`` times in all."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.calls) >= count, timeout)
 
 
 @contextmanager
-def receiving(signal: TelemetrySignal) -> Iterator[Received]:
-    """Collect what ``signal`` sends inside the block; disconnect after it."""
+def receiving(signal: TelemetrySignal, sender: Any = None) -> Iterator[Received]:
+    """Collect what ``signal`` sends (from ``sender`` only, if given) inside the block."""
     received = Received()
-    signal.connect(received, weak=False)
+    signal.connect(received, sender=sender, weak=False)
     try:
         yield received
     finally:
-        signal.disconnect(received)
+        signal.disconnect(received, sender=sender)

@@ -6,7 +6,6 @@ import os
 from typing import Any, ClassVar
 
 import pytest
-from core_agents import Boom, Client, CounterAgent, CounterState
 from pydantic import BaseModel
 
 from celery_warmpool import (
@@ -20,6 +19,8 @@ from celery_warmpool import (
     Signal,
     UnknownSignal,
 )
+
+from .core_agents import Boom, Client, CounterAgent, CounterState
 
 
 class Named(Action):
