@@ -54,7 +54,7 @@ class PoolOptions(BaseModel):
         items = value if isinstance(value, list | tuple | set | frozenset) else (value,)
         types: list[type[BaseException]] = []
         for item in items:
-            resolved = import_object(item) if isinstance(item, str) else item
+            resolved = _imported(item) if isinstance(item, str) else item
             if not (isinstance(resolved, type) and issubclass(resolved, BaseException)):
                 raise ValueError(f"{item!r} is not an exception class")
             types.append(resolved)
@@ -100,7 +100,7 @@ class PoolSpec(PoolOptions):
     @field_validator("agent", mode="before")
     @classmethod
     def _agent_class(cls, value: Any) -> Any:
-        resolved = import_object(value) if isinstance(value, str) else value
+        resolved = _imported(value) if isinstance(value, str) else value
         if not (isinstance(resolved, type) and issubclass(resolved, Agent)):
             raise ValueError(f"{value!r} is not a celery_warmpool.Agent subclass")
         return resolved
@@ -200,6 +200,15 @@ def import_object(path: str) -> Any:
     except AttributeError:
         raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
     return target
+
+
+def _imported(path: str) -> Any:
+    # A ValueError, so that pydantic reports it as the field's error and the spec's
+    # ConfigurationError names the pool and the field, as for any other bad value.
+    try:
+        return import_object(path)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {path!r}: {exc}") from exc
 
 
 def _configuration_error(exc: ValidationError, pool: str | None, *,
