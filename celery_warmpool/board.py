@@ -25,6 +25,8 @@ __all__ = ["StatusBoard"]
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("=QI")  # sequence number, payload length
+#: The shortest time between two writes of one slot, in seconds.
+QUICKEST = 0.02
 
 
 class StatusBoard:
@@ -91,18 +93,25 @@ class StatusBoard:
             _HEADER.pack_into(self._memory, offset, 0, 0)
 
     def publish_forever(self, index: int, snapshot: Callable[[], dict[str, Any]],
-                        stop: threading.Event, interval: float = 0.25) -> threading.Thread:
-        """Start a daemon thread writing ``snapshot()`` to slot ``index`` every ``interval``."""
+                        stop: threading.Event, changed: threading.Event | None = None,
+                        interval: float = 0.25) -> threading.Thread:
+        """Start a daemon thread writing ``snapshot()`` to slot ``index``.
+
+        It writes every ``interval`` seconds (a heartbeat: silent slots are taken as gone),
+        and promptly, at most every ``QUICKEST`` seconds, when ``changed`` is set.
+        """
+        changed = changed or threading.Event()
 
         def loop() -> None:
-            while True:
+            while not stop.is_set():
                 try:
                     self.write(index, {**snapshot(), "updated_at": time.time(),
                                        "pid": os.getpid()})
                 except Exception:
                     logger.exception("could not publish pool status of process %d", index)
-                if stop.wait(interval):
-                    return
+                changed.wait(interval)
+                changed.clear()
+                stop.wait(QUICKEST)
 
         thread = threading.Thread(target=loop, name=f"warmpool-status-{index}", daemon=True)
         thread.start()

@@ -11,7 +11,7 @@ from typing import Any
 import click
 from celery import Celery, Task
 
-from . import control, prefork
+from . import control, prefork, telemetry
 from .agent import Agent
 from .board import StatusBoard
 from .bootstep import WarmPoolStep
@@ -33,6 +33,17 @@ logger = logging.getLogger(__name__)
 STALE_AFTER = 2.0
 
 assert control  # imported for its inspect command registration
+
+#: Telemetry that changes a pool's numbers: a prefork child republishes its status on it.
+CHANGES = (telemetry.agent_checkout, telemetry.agent_checkin, telemetry.agent_replaced,
+           telemetry.agent_started, telemetry.agent_dismissed, telemetry.pool_exhausted)
+
+
+def _notify(changed: threading.Event) -> Callable[..., None]:
+    def receiver(sender: Any = None, **kwargs: Any) -> None:
+        changed.set()
+
+    return receiver
 
 
 class WarmPool:
@@ -205,11 +216,27 @@ class WarmPool:
             host = self.host
         if self.board is not None:
             self._publisher_stop = threading.Event()
-            self.board.publish_forever(index, host.snapshot, self._publisher_stop)
+            changed = threading.Event()
+            for event in CHANGES:
+                event.connect(_notify(changed), weak=False)
+            self.board.publish_forever(index, host.snapshot, self._publisher_stop, changed)
         host.start()
+        self._warm_up_connections()
         if host.failures:
             logger.error("warm pools: process %d could not build %s; calls to them fail "
                          "with PoolStartError until they start", host.pid, sorted(host.failures))
+
+    def _warm_up_connections(self) -> None:
+        # The first reply a process stores would otherwise open the result backend's
+        # connection: do it now, so the first call after "ready" is as fast as the rest.
+        try:
+            client = getattr(self.app.backend, "client", None)
+            ping = getattr(client, "ping", None)
+            if callable(ping):
+                ping()
+        except Exception:
+            logger.warning("warm pools: could not pre-connect the result backend",
+                           exc_info=True)
 
     def stop_process(self) -> None:
         """Close this process's pools (every agent torn down once)."""

@@ -62,8 +62,11 @@ def pool_task(warm: WarmPool, pool: str, function: Callable[..., Any],
     spec = warm.spec(pool)
     bind = bool(options.pop("bind", False))
     checkout_timeout = options.pop("checkout_timeout", None)
-    options.setdefault("queue", spec.queue)
+    # The pool's queue is the default destination; task_routes and queue= still win.
+    base = options.pop("base", None) or warm.app.Task
+    options["base"] = type("PoolTask", (_PoolQueue, base), {"warmpool_queue": spec.queue})
     options.setdefault("acks_late", True)
+    options.setdefault("shared", False)
 
     @functools.wraps(function)
     def run(task: Task, *args: Any, **kwargs: Any) -> Any:  # type: ignore[type-arg]
@@ -75,6 +78,24 @@ def pool_task(warm: WarmPool, pool: str, function: Callable[..., Any],
     run.__signature__ = _without_agent(function, bind)  # type: ignore[attr-defined]
     registered: Task = warm.app.task(bind=True, **options)(run)  # type: ignore[type-arg,no-untyped-call]
     return registered
+
+
+class _PoolQueue(Task):  # type: ignore[type-arg]
+    """Sends the task to its pool's queue unless routed elsewhere."""
+
+    warmpool_queue: str = ""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                    producer: Any = None, link: Any = None, link_error: Any = None,
+                    shadow: str | None = None, **options: Any) -> Any:
+        if "queue" not in options and not self._routed(args, kwargs, options):
+            options["queue"] = self.warmpool_queue
+        return super().apply_async(args, kwargs, task_id, producer, link, link_error,
+                                   shadow, **options)
+
+    def _routed(self, args: Any, kwargs: Any, options: dict[str, Any]) -> bool:
+        routes = getattr(self.app.amqp.router, "routes", ())
+        return any(route(self.name, args, kwargs, options, task=self) for route in routes)
 
 
 def _without_agent(function: Callable[..., Any], bind: bool) -> inspect.Signature:

@@ -1,0 +1,80 @@
+"""Shared fixtures: real brokers, real workers running ``tests.integration_app``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_warmpool.testing import WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_BROKER = "redis://127.0.0.1:6379/2"
+REDIS_BACKEND = "redis://127.0.0.1:6379/3"
+RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _rabbitmq_up() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def clean_redis() -> Iterator[None]:
+    """Empty the broker and result databases the integration tests use."""
+    for url in (REDIS_BROKER, REDIS_BACKEND):
+        redis.Redis.from_url(url).flushdb()
+    yield
+
+
+@pytest.fixture
+def start_worker(clean_redis: None) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``tests.integration_app`` workers with given pools; stop them afterwards."""
+    workers: list[WorkerProcess] = []
+
+    def start(specs: list[dict[str, Any]] | None = None, *, pool: str = "prefork",
+              concurrency: int = 2, broker: str = REDIS_BROKER,
+              env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+              wait: bool = True, timeout: float = 90.0) -> WorkerProcess:
+        environment = {"WARMPOOL_TEST_SPECS": json.dumps(specs) if specs else "null",
+                       "PYTHONPATH": str(ROOT), **(env or {})}
+        worker = WorkerProcess("tests.integration_app", pool=pool, concurrency=concurrency,
+                               broker=broker, backend=REDIS_BACKEND, env=environment,
+                               args=args, cwd=ROOT)
+        workers.append(worker)
+        if wait:
+            worker.start(timeout=timeout)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def client() -> Callable[..., Any]:
+    """Build the caller's side of ``tests.integration_app`` for given pools."""
+    from tests.integration_app import make_app
+
+    def build(specs: list[dict[str, Any]] | None = None, broker: str = REDIS_BROKER) -> Any:
+        return make_app(broker, REDIS_BACKEND, specs)
+
+    return build
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _rabbitmq_up() or os.environ.get("CI"):
+        return
+    skip = pytest.mark.skip(reason="RabbitMQ is not listening on 127.0.0.1:5672")
+    for item in items:
+        if "rabbitmq" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,135 @@
+"""The Celery app the integration tests run in real workers.
+
+Pools come from ``WARMPOOL_TEST_SPECS`` (JSON list of pool specs, agents as
+``"module:Class"`` strings, read through ``app.conf.warmpool_pools``); broker and backend
+from ``WARMPOOL_BROKER_URL`` / ``WARMPOOL_RESULT_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel
+
+from celery_warmpool import Action, ActionContext, Agent, AgentState, WarmPool, resource
+
+
+class CounterState(AgentState):
+    count: int = 0
+    setups: int = 0
+    warmed_at: float = 0.0
+    connection: Any = resource()
+
+
+class Increment(Action):
+    name = "increment"
+
+    class Params(BaseModel):
+        by: int = 1
+
+    def run(self, params: Any, context: ActionContext) -> dict[str, Any]:
+        return {"count": context.state.count + params.by}
+
+
+class Fail(Action):
+    name = "fail"
+
+    def run(self, params: Any, context: ActionContext) -> dict[str, Any]:
+        context.state.count = -1000  # an in-place change must not stick
+        raise ValueError("the action was asked to fail")
+
+
+class Work(Action):
+    """Sleep ``seconds``; report when it ran and where."""
+
+    name = "work"
+
+    class Params(BaseModel):
+        seconds: float = 0.0
+
+    def run(self, params: Any, context: ActionContext) -> dict[str, Any]:
+        started = time.time()
+        time.sleep(params.seconds)
+        return {"count": context.state.count + 1, "last_start": started,
+                "last_end": time.time()}
+
+
+class WorkState(CounterState):
+    last_start: float = 0.0
+    last_end: float = 0.0
+
+
+class CounterAgent(Agent[WorkState]):
+    """Counts; warms up for ``WARMPOOL_TEST_SETUP_SECONDS`` (default 0)."""
+
+    signal_routes = {
+        "counter.increment": Increment,
+        "counter.fail": Fail,
+        "counter.work": Work,
+    }
+
+    def setup(self) -> None:
+        time.sleep(float(os.environ.get("WARMPOOL_TEST_SETUP_SECONDS", "0")))
+        self.state.connection = object()
+        self.state.warmed_at = time.time()
+        self.state.setups += 1
+
+
+class BrokenAgent(CounterAgent):
+    """Never warms up."""
+
+    def setup(self) -> None:
+        raise ConnectionError("model server unreachable")
+
+
+DEFAULT_SPECS: list[dict[str, Any]] = [
+    {"name": "counter", "agent": "tests.integration_app:CounterAgent", "size": 1},
+]
+
+
+def make_app(broker: str, backend: str,
+             specs: list[dict[str, Any]] | None = None) -> tuple[Celery, WarmPool]:
+    """The app and its warm pools; tests build the same app as callers."""
+    app = Celery("integration_app", broker=broker, backend=backend, set_as_current=False)
+    app.conf.warmpool_pools = specs or DEFAULT_SPECS
+    app.conf.broker_connection_retry_on_startup = True
+    app.conf.result_expires = 600
+    warm = WarmPool(app)
+
+    @warm.task(pool="counter", name="tests.peek")
+    def peek(agent: CounterAgent, add: int = 0) -> dict[str, Any]:
+        """A pool-aware task: returns the agent's id and count plus ``add``."""
+        return {"agent": agent.id, "count": agent.state.count + add, "pid": os.getpid()}
+
+    @warm.task(pool="counter", name="tests.explode")
+    def explode(agent: CounterAgent) -> None:
+        raise KeyError("boom")
+
+    @warm.task(pool="counter", name="tests.nap", soft_time_limit=0.5)
+    def nap(agent: CounterAgent, seconds: float) -> str:
+        try:
+            time.sleep(seconds)
+        except SoftTimeLimitExceeded:
+            return "soft limit"
+        return "slept"
+
+    @warm.task(pool="counter", name="tests.flaky", bind=True, max_retries=2,
+               default_retry_delay=0.05)
+    def flaky(task: Any, agent: CounterAgent) -> int:
+        if task.request.retries < 2:
+            raise task.retry()
+        return int(task.request.retries)
+
+    return app, warm
+
+
+app, warm = make_app(
+    os.environ.get("WARMPOOL_BROKER_URL", "redis://127.0.0.1:6379/0"),
+    os.environ.get("WARMPOOL_RESULT_BACKEND", "redis://127.0.0.1:6379/1"),
+    json.loads(os.environ.get("WARMPOOL_TEST_SPECS", "null")),
+)
