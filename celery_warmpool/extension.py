@@ -325,8 +325,13 @@ class WarmPool:
         """A compact summary per pool for the worker's stats (Flower, ``inspect stats``)."""
         summary: dict[str, Any] = {}
         for name, data in self.node_report().items():
-            processes = data.pop("processes", [])
-            data["processes"] = len(processes)
+            # Flower prints each stats value as one line of text: keep only the numbers,
+            # leaving out what the key or the worker already says (pool name, node).
+            for redundant in ("pool", "node", "pid", "process_index", "updated_at"):
+                data.pop(redundant, None)
+            if data.get("last_error") is None:
+                data.pop("last_error", None)
+            data["processes"] = len(data.pop("processes", []))
             data["execution_pool"] = self.execution
             summary[name] = data
         return summary
