@@ -17,6 +17,7 @@ from .errors import (
     CheckoutTimeout,
     NotCheckedOut,
     PoolClosed,
+    PoolError,
     PoolExhausted,
     PoolStartError,
 )
@@ -259,6 +260,7 @@ class AgentPool(Generic[AgentT]):
             PoolExhausted: ``block`` is false and no agent is free.
             CheckoutTimeout: no agent came free within ``timeout``.
             PoolClosed: the pool was closed.
+            PoolError: the pool was never started.
         """
         overflow_allowed = True
         waited_since: float | None = None
@@ -271,6 +273,10 @@ class AgentPool(Generic[AgentT]):
                     slot: _Slot | None = self._take()
                     self._lend_locked(slot)  # type: ignore[arg-type]
                     waiter = None
+                elif not self._started:
+                    # Nothing would ever come: fail now rather than wait forever.
+                    raise PoolError(f"pool {self.name!r} is not started: call start() first",
+                                    self.name)
                 elif (overflow_allowed
                       and self._overflow + self._building_overflow < self.max_overflow):
                     self._building_overflow += 1
