@@ -21,6 +21,7 @@ from celery_warmpool import (
     CheckoutTimeout,
     NotCheckedOut,
     PoolClosed,
+    PoolError,
     PoolExhausted,
     PoolSpec,
     PoolStartError,
@@ -142,6 +143,17 @@ def test_pool_that_failed_to_start_is_closed(make_pool: Callable[..., Pool],
     assert pool.closed
     with pytest.raises(PoolClosed):
         pool.checkout()
+
+
+def test_checkout_before_start_fails_instead_of_waiting_forever(
+        make_pool: Callable[..., Pool], tracker: Tracker) -> None:
+    pool = make_pool(start=False, size=1, max_overflow=1)
+
+    with pytest.raises(PoolError) as caught:
+        pool.checkout(timeout=None)
+
+    assert str(caught.value) == "pool 'test' is not started: call start() first"
+    assert tracker.built == []
 
 
 def test_transient_setup_failure_is_retried_and_pool_starts(
