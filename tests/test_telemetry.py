@@ -1,0 +1,212 @@
+"""Telemetry: every signal fires with the documented keyword arguments."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from celery_warmpool import ActionFailed, AgentPool, CheckoutTimeout, Signal, telemetry
+from celery_warmpool.telemetry import TelemetrySignal
+
+from .core_agents import Boom, TrackedAgent, Tracker, receiving, tracked_pool
+
+ALL_SIGNALS = [getattr(telemetry, name) for name in telemetry.__all__
+               if isinstance(getattr(telemetry, name), TelemetrySignal)
+               and name != "TelemetrySignal"]
+
+Pool = AgentPool[TrackedAgent]
+
+
+@pytest.fixture
+def tracker() -> Iterator[Tracker]:
+    tracker = Tracker()
+    yield tracker
+    tracker.gate.set()
+
+
+@pytest.fixture
+def pool(tracker: Tracker) -> Iterator[Pool]:
+    pool = tracked_pool(tracker, size=1, max_overflow=1, discard_on=(Boom,)).start()
+    yield pool
+    pool.close()
+
+
+def keys(call: dict[str, Any]) -> set[str]:
+    return set(call)
+
+
+def test_no_signal_takes_an_argument_named_signal() -> None:
+    # Celery's dispatcher passes its own ``signal=``: one of ours would break receivers.
+    assert len(ALL_SIGNALS) == 10
+    for signal in ALL_SIGNALS:
+        assert "signal" not in signal.providing_args, signal.name
+        assert "sender" not in signal.providing_args, signal.name
+
+
+def test_agent_started_at_start(tracker: Tracker) -> None:
+    pool = tracked_pool(tracker, size=2)
+
+    with receiving(telemetry.agent_started, sender=pool) as started:
+        pool.start()
+    pool.close()
+
+    assert len(started.calls) == 2
+    for call in started.calls:
+        assert keys(call) == {"signal", "sender", "agent", "overflow", "duration"}
+        assert call["signal"] is telemetry.agent_started
+        assert call["sender"] is pool
+        assert call["overflow"] is False
+        assert call["duration"] >= 0
+    assert {call["agent"] for call in started.calls} == set(tracker.built)
+
+
+def test_agent_setup_failed_says_attempt_and_back_off(tracker: Tracker) -> None:
+    tracker.fail_first = 1
+    pool = tracked_pool(tracker, size=1)
+
+    with receiving(telemetry.agent_setup_failed, sender=pool) as failed:
+        pool.start()
+    pool.close()
+
+    [call] = failed.calls
+    assert keys(call) == {"signal", "sender", "exception", "attempt", "retry_in"}
+    assert isinstance(call["exception"], Boom)
+    assert (call["attempt"], call["retry_in"]) == (1, 0.1)
+
+
+def test_checkout_and_checkin(pool: Pool) -> None:
+    with receiving(telemetry.agent_checkout, sender=pool) as out, \
+            receiving(telemetry.agent_checkin, sender=pool) as back:
+        agent = pool.checkout()
+        extra = pool.checkout()
+        pool.checkin(agent)
+        pool.checkin(extra)
+
+    assert [keys(call) for call in out.calls] == [
+        {"signal", "sender", "agent", "wait", "overflow"}] * 2
+    assert [(call["agent"], call["wait"], call["overflow"]) for call in out.calls] == [
+        (agent, 0.0, False), (extra, 0.0, True)]
+    assert [keys(call) for call in back.calls] == [{"signal", "sender", "agent", "held"}] * 2
+    assert [(call["agent"], call["held"]) for call in back.calls] == [
+        (agent, None), (extra, None)]
+
+
+def test_checkout_after_waiting_reports_the_wait(pool: Pool) -> None:
+    held = [pool.checkout(), pool.checkout()]
+    got: list[TrackedAgent] = []
+
+    with receiving(telemetry.pool_exhausted, sender=pool) as exhausted, \
+            receiving(telemetry.agent_checkout, sender=pool) as out:
+        waiter = threading.Thread(target=lambda: got.append(pool.checkout(timeout=10)))
+        waiter.start()
+        assert exhausted.wait_for(1)
+        pool.checkin(held[0])
+        waiter.join(10)
+
+    assert got == [held[0]]
+    [call] = out.calls
+    assert call["agent"] is held[0]
+    assert call["wait"] > 0
+    assert [(call["waited"], call["blocking"]) for call in exhausted.calls] == [(0.0, True)]
+
+
+def test_pool_exhausted_on_non_blocking_checkout(pool: Pool) -> None:
+    pool.checkout()
+    pool.checkout()
+
+    with receiving(telemetry.pool_exhausted, sender=pool) as exhausted:
+        with pytest.raises(pool.Exhausted):
+            pool.checkout(block=False)
+        with pytest.raises(CheckoutTimeout):
+            pool.checkout(timeout=0)
+
+    assert [keys(call) for call in exhausted.calls] == [
+        {"signal", "sender", "waited", "blocking"}] * 2
+    assert [(call["waited"], call["blocking"]) for call in exhausted.calls] == [
+        (0.0, False), (0.0, True)]
+
+
+def test_call_start_and_stop(pool: Pool) -> None:
+    signal = Signal.new("counter.increment", {"by": 2})
+
+    with receiving(telemetry.call_start) as started, \
+            receiving(telemetry.call_stop) as stopped:
+        reply = pool.call(signal)
+
+    [start] = started.calls
+    assert keys(start) == {"signal", "sender", "agent", "event", "action"}
+    assert start["sender"] is start["agent"]
+    assert start["agent"].id == reply.agent_id
+    assert (start["event"], start["action"]) == (signal, "increment")
+    [stop] = stopped.calls
+    assert keys(stop) == {"signal", "sender", "agent", "event", "action", "reply", "duration"}
+    assert (stop["event"], stop["action"], stop["reply"]) == (signal, "increment", reply)
+    assert stop["duration"] == reply.duration
+
+
+def test_call_exception(pool: Pool) -> None:
+    signal = Signal.new("counter.fail")
+
+    with receiving(telemetry.call_exception) as failed, \
+            receiving(telemetry.call_stop) as stopped, \
+            pytest.raises(ActionFailed) as caught:
+        pool.call(signal)
+
+    assert stopped.calls == []
+    [call] = failed.calls
+    assert keys(call) == {"signal", "sender", "agent", "event", "action", "exception",
+                          "duration"}
+    assert (call["event"], call["action"]) == (signal, "fail")
+    assert isinstance(call["exception"], Boom)
+    assert caught.value.__cause__ is call["exception"]
+    assert call["duration"] >= 0
+
+
+def test_agent_replaced(pool: Pool, tracker: Tracker) -> None:
+    with receiving(telemetry.agent_replaced, sender=pool) as replaced, \
+            receiving(telemetry.agent_started, sender=pool) as started:
+        with pytest.raises(Boom), pool.agent() as agent:
+            raise Boom("the client is gone")
+        assert started.wait_for(1)
+
+    [call] = replaced.calls
+    assert keys(call) == {"signal", "sender", "agent", "reason"}
+    assert (call["agent"], call["reason"]) == (agent, "broken: Boom: the client is gone")
+    assert started.calls[0]["agent"] is tracker.built[1]
+
+
+def test_agent_dismissed(pool: Pool) -> None:
+    pool.checkout()
+    extra = pool.checkout()
+
+    with receiving(telemetry.agent_dismissed, sender=pool) as dismissed:
+        pool.checkin(extra)
+
+    [call] = dismissed.calls
+    assert keys(call) == {"signal", "sender", "agent", "idle"}
+    assert (call["agent"], call["idle"]) == (extra, 0.0)
+
+
+def test_receiver_that_raises_does_not_break_the_pool(pool: Pool) -> None:
+    def broken_receiver(**kwargs: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    telemetry.agent_checkout.connect(broken_receiver, weak=False)
+    try:
+        agent = pool.checkout()
+        pool.checkin(agent)
+    finally:
+        telemetry.agent_checkout.disconnect(broken_receiver)
+
+    assert pool.status().counters.checkouts == 1
+    assert pool.status().available == 1
+
+
+def test_receivers_are_disconnected_after_the_block() -> None:
+    with receiving(telemetry.agent_checkout):
+        assert telemetry.agent_checkout.receivers
+
+    assert not telemetry.agent_checkout.receivers
