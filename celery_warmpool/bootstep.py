@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
+from . import metrics
 from .execution import node_capacity
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
         if warm.execution == "prefork" and worker.app.conf.worker_proc_alive_timeout < wanted:
             # Celery reads this when the execution pool starts, which is after __init__.
             worker.app.conf.worker_proc_alive_timeout = wanted
+        # Before the fork, so that prefork children record timings too.
+        self.metrics = metrics.exporter_for(warm)
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
@@ -65,6 +68,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
         else:
             warm.start_process(index=0)
         self._bound_prefetch(worker, warm)
+        if self.metrics is not None:
+            self.metrics.start()
         logger.info("warm pools ready on %s in %.2fs: %s", warm.node,
                     time.monotonic() - started, ", ".join(sorted(warm.process_specs)) or "none")
 
@@ -86,6 +91,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
             consumer.initial_prefetch_count = bound
 
     def stop(self, worker: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         _extension(worker).stop_process()
 
     def shutdown(self, worker: Any) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from . import timings
 from .agent import Agent
 from .errors import PoolStartError, UnknownPool
 from .pool import BACKOFF_CAP, AgentPool
@@ -129,6 +130,7 @@ class PoolHost:
             "errors": {name: str(error) for name, error in self.failures.items()},
             "pools": {name: status.model_dump(mode="json")
                       for name, status in self.statuses().items()},
+            "timings": timings.recorder.snapshot(),
         }
 
     def close(self) -> None:

@@ -1,0 +1,220 @@
+"""Prometheus metrics scraped over HTTP from real prefork and threads workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from celery_warmpool import CallTimeout, CheckoutTimeout, ConfigurationError
+from celery_warmpool.metrics import exporter_for, metrics_address
+from celery_warmpool.timings import Histogram, merged
+from tests.flower_page import free_port
+
+INCREMENT = {"type": "counter.increment", "data": {"by": 1}}
+
+Samples = dict[str, float]
+
+
+def work(seconds: float) -> dict[str, Any]:
+    return {"type": "counter.work", "data": {"seconds": seconds}}
+
+
+def counter(size: int = 1, agent: str = "tests.integration_app:CounterAgent",
+            **options: Any) -> list[dict[str, Any]]:
+    return [{"name": "counter", "agent": agent, "size": size, **options}]
+
+
+def scrape(url: str, pool: str = "counter") -> Samples:
+    """``pool``'s samples, keyed ``name`` or ``name{label=value}`` for the extra label."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("pool", None) != pool:
+                continue
+            labels.pop("node")
+            key = sample.name + "".join(f"{{{name}={value}}}" for name, value in labels.items())
+            found[key] = sample.value
+    return found
+
+
+def scrape_until(url: str, condition: Callable[[Samples], bool], within: float = 10.0,
+                 ) -> Samples:
+    """Scrape until ``condition`` holds (children publish a few times a second)."""
+    deadline = time.monotonic() + within
+    samples = scrape(url)
+    while not condition(samples) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        samples = scrape(url)
+    return samples
+
+
+def metrics_worker(start_worker: Any, specs: list[dict[str, Any]], execution: str,
+                   concurrency: int, **env: str) -> str:
+    port = free_port()
+    start_worker(specs, pool=execution, concurrency=concurrency,
+                 env={"WARMPOOL_METRICS_ADDRESS": f"127.0.0.1:{port}", **env})
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+def in_background(function: Callable[[], Any]) -> threading.Thread:
+    thread = threading.Thread(target=function, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.integration
+def test_prefork_node_sums_every_childs_numbers(start_worker, client):
+    url = metrics_worker(start_worker, counter(2), "prefork", 2)
+    _, warm = client(counter(2))
+    pids: set[int] = set()
+
+    def two_calls() -> None:
+        for _ in range(2):
+            pids.add(warm.call("counter", work(0.3)).pid)
+
+    callers = [in_background(two_calls) for _ in range(2)]
+    for caller in callers:
+        caller.join(30)
+
+    assert len(pids) == 2  # both children served, so the numbers below are sums
+    samples = scrape_until(url, lambda s: s.get("warmpool_call_duration_seconds_count") == 4)
+    assert samples["warmpool_processes"] == 2
+    assert samples["warmpool_size"] == 2
+    assert samples["warmpool_max_overflow"] == 0
+    assert samples["warmpool_agents{state=idle}"] == 2
+    assert samples["warmpool_agents{state=checked_out}"] == 0
+    assert samples["warmpool_checkouts_total"] == 4
+    assert samples["warmpool_checkins_total"] == 4
+    assert samples["warmpool_calls_total"] == 4
+    assert samples["warmpool_call_failures_total"] == 0
+    # A prefork child runs one task at a time: its agent is always free at once.
+    assert samples["warmpool_checkout_wait_seconds_count"] == 4
+    assert samples["warmpool_checkout_wait_seconds_bucket{le=0.001}"] == 4
+    assert samples["warmpool_call_duration_seconds_bucket{le=0.25}"] == 0
+    assert samples["warmpool_call_duration_seconds_bucket{le=0.5}"] == 4
+    assert samples["warmpool_call_duration_seconds_bucket{le=+Inf}"] == 4
+    assert 1.2 <= samples["warmpool_call_duration_seconds_sum"] < 2.0
+
+
+@pytest.mark.integration
+def test_threads_node_counts_waits_exhaustion_and_timeouts(start_worker, client):
+    url = metrics_worker(start_worker, counter(1), "threads", 3)
+    _, warm = client(counter(1))
+
+    long_call = in_background(lambda: warm.call("counter", work(1.5), call_timeout=None))
+    busy = scrape_until(url, lambda s: s["warmpool_agents{state=checked_out}"] == 1)
+    assert busy["warmpool_agents{state=idle}"] == 0
+    with pytest.raises(CheckoutTimeout):
+        warm.call("counter", INCREMENT, timeout=0.5)
+    waited = warm.call("counter", INCREMENT, timeout=5)  # waits for the long call's agent
+    long_call.join(10)
+
+    assert waited.state["count"] == 2
+    samples = scrape_until(url, lambda s: s["warmpool_checkout_timeouts_total"] == 1)
+    assert samples["warmpool_checkout_timeouts_total"] == 1
+    assert samples["warmpool_exhausted_total"] == 2
+    assert samples["warmpool_checkouts_total"] == 2
+    assert samples["warmpool_calls_total"] == 2
+    assert samples["warmpool_waiting_checkouts"] == 0
+    assert samples["warmpool_processes"] == 1
+    # The first checkout found the agent free; the second waited for the long call.
+    assert samples["warmpool_checkout_wait_seconds_count"] == 2
+    assert samples["warmpool_checkout_wait_seconds_bucket{le=0.001}"] == 1
+    assert samples["warmpool_checkout_wait_seconds_bucket{le=0.1}"] == 1
+    assert samples["warmpool_checkout_wait_seconds_bucket{le=2.5}"] == 2
+    assert samples["warmpool_call_duration_seconds_bucket{le=0.1}"] == 1
+    assert samples["warmpool_call_duration_seconds_bucket{le=1.0}"] == 1
+    assert samples["warmpool_call_duration_seconds_bucket{le=2.5}"] == 2
+
+
+@pytest.mark.integration
+def test_setup_failures_and_replacements_are_counted(start_worker, client):
+    specs = counter(1, agent="tests.flaky_agents:FlakySetupAgent")
+    url = metrics_worker(start_worker, specs, "threads", 2,
+                         WARMPOOL_TEST_SETUP_FAILURES="2")
+    _, warm = client(specs)
+
+    with pytest.raises(CallTimeout):
+        warm.call("counter", work(1.0), call_timeout=0.3)
+
+    samples = scrape_until(url, lambda s: (s["warmpool_agents{state=idle}"] == 1
+                                           and s["warmpool_calls_total"] == 1))
+    assert samples["warmpool_agent_setup_failures_total"] == 2
+    assert samples["warmpool_agent_replacements_total"] == 1
+    assert samples["warmpool_replacing_agents"] == 0
+    assert samples["warmpool_call_duration_seconds_bucket{le=0.5}"] == 0
+    assert samples["warmpool_call_duration_seconds_count"] == 1
+    assert warm.call("counter", INCREMENT).state["setups"] == 1  # a fresh, warm agent
+
+
+@pytest.mark.integration
+def test_worker_without_an_address_serves_no_metrics(start_worker):
+    worker = start_worker(counter(1), pool="threads", concurrency=1)
+    assert "metrics on" not in worker.log()
+
+
+@pytest.mark.parametrize("given,address", [
+    ("127.0.0.1:9808", ("127.0.0.1", 9808)),
+    (":9808", ("0.0.0.0", 9808)),
+    ("9808", ("0.0.0.0", 9808)),
+    ("[::1]:9808", ("::1", 9808)),
+])
+def test_metrics_address_forms(given, address):
+    app = Celery(set_as_current=False)
+    app.conf.warmpool_metrics_address = given
+    assert metrics_address(app, environ={}) == address
+
+
+def test_metrics_are_off_without_an_address():
+    app = Celery(set_as_current=False)
+    assert metrics_address(app, environ={}) is None
+
+
+def test_environment_address_wins_over_the_setting():
+    app = Celery(set_as_current=False)
+    app.conf.warmpool_metrics_address = "127.0.0.1:1"
+    environ = {"WARMPOOL_METRICS_ADDRESS": "127.0.0.2:2"}
+    assert metrics_address(app, environ=environ) == ("127.0.0.2", 2)
+
+
+@pytest.mark.parametrize("given", ["localhost", "host:port", "127.0.0.1:70000"])
+def test_unreadable_address_is_a_configuration_error(given):
+    app = Celery(set_as_current=False)
+    app.conf.warmpool_metrics_address = given
+    with pytest.raises(ConfigurationError, match="warmpool_metrics_address"):
+        metrics_address(app, environ={})
+
+
+def test_exporter_is_none_when_metrics_are_off(monkeypatch):
+    from celery_warmpool.extension import WarmPool
+
+    monkeypatch.delenv("WARMPOOL_METRICS_ADDRESS", raising=False)
+    app = Celery(set_as_current=False)
+    assert exporter_for(WarmPool(app, pools=[])) is None
+
+
+def test_histograms_of_processes_add_up_bucket_by_bucket():
+    first, second = Histogram(), Histogram()
+    for seconds in (0.0, 0.001, 0.3):
+        first.observe(seconds)
+    second.observe(100.0)
+    total = merged([{"p": {"call_duration": first.to_data()}},
+                    {"p": {"call_duration": second.to_data()}}])["p"]["call_duration"]
+    cumulative = dict(total.cumulative())
+    assert cumulative[0.001] == 2  # a bucket holds values up to and including its bound
+    assert cumulative[0.25] == 2
+    assert cumulative[0.5] == 3
+    assert cumulative[60.0] == 3
+    assert cumulative[float("inf")] == 4
+    assert total.count == 4
+    assert total.sum == pytest.approx(100.301)
