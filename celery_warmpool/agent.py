@@ -19,6 +19,9 @@ from .signal import Signal
 
 __all__ = ["Agent", "AgentState", "resource"]
 
+# Values an action cannot change in place: no copy needed.
+_IMMUTABLE = (int, float, str, bytes, bool, type(None), frozenset)
+
 
 class AgentState(BaseModel):
     """A convenient base for agent state: resource fields may hold any object."""
@@ -172,7 +175,8 @@ class Agent(Generic[StateT]):
                 f"{type(exc).__name__}: {exc}", event.type, action.name,
                 f"{type(exc).__name__}: {exc}") from exc
         self.state = new_state
-        reply = AgentReply(
+        # Every field is built here from validated values: no need to validate again.
+        reply = AgentReply.model_construct(
             pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
             signal_id=event.id, signal_type=event.type, action=action.name, result=result,
             state=self.public_state(), duration=time.perf_counter() - started)
@@ -188,10 +192,11 @@ class Agent(Generic[StateT]):
     def _working_state(self) -> BaseModel:
         # A private copy of plain fields, so an action that changes state in place cannot
         # change the agent's state when it then fails; resources are shared, not copied.
-        shared = {name: getattr(self.state, name) for name in self._resource_fields}
-        private = copy.deepcopy(
-            {name: value for name, value in self.state.__dict__.items() if name not in shared})
-        return self.state.model_construct(**private, **shared)
+        fields = dict(self.state.__dict__)
+        for name, value in fields.items():
+            if name not in self._resource_fields and not isinstance(value, _IMMUTABLE):
+                fields[name] = copy.deepcopy(value)
+        return self.state.model_construct(**fields)
 
     def _merged(self, updates: Any, action: Action,
                 event: Signal) -> tuple[StateT, dict[str, Any]]:

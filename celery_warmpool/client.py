@@ -66,7 +66,8 @@ class PoolClient:
         spec = self.warm.spec(pool)
         deadline = None if timeout is None else time.time() + timeout
         return self.warm.handle_task.apply_async(
-            (pool, [event.to_wire()], deadline, call_timeout, False), queue=spec.queue)
+            (pool, [event.to_wire()], deadline, call_timeout, False),
+            **_send_options(spec.queue, pool, [event]))
 
     def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
         """``pool``'s status summed over every node that hosts it, per node inside.
@@ -99,7 +100,7 @@ class PoolClient:
         deadline = time.time() + timeout
         result = self.warm.handle_task.apply_async(
             (pool, [event.to_wire() for event in events], deadline, call_timeout,
-             transaction), queue=spec.queue)
+             transaction), **_send_options(spec.queue, pool, events))
         window = timeout + (call_timeout or 0.0) + REPLY_GRACE
         try:
             replies = result.get(timeout=window, interval=0.02, disable_sync_subtasks=False)
@@ -110,3 +111,10 @@ class PoolClient:
                 f"within timeout={timeout}s, and it will not run", pool, window, spec.size,
                 spec.max_overflow) from None
         return [AgentReply.model_validate(reply) for reply in replies]
+
+
+def _send_options(queue: str, pool: str, events: list[Signal]) -> dict[str, Any]:
+    # argsrepr is what worker logs and monitors show for the message; giving it also
+    # spares Celery a slow generic repr of the signals on every send.
+    kinds = ", ".join(f"{event.type}#{event.id}" for event in events)
+    return {"queue": queue, "argsrepr": f"({pool!r}, [{kinds}])", "kwargsrepr": "{}"}

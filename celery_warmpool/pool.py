@@ -21,6 +21,7 @@ from .errors import (
     PoolExhausted,
     PoolStartError,
 )
+from .monitor import PoolMonitor
 from .reply import AgentReply
 from .runner import TimeboxedRunner
 from .signal import Signal
@@ -138,6 +139,7 @@ class AgentPool(Generic[AgentT]):
         self._last_exception: BaseException | None = None
         self._started = False
         self._closed = False
+        self._monitor: PoolMonitor | None = None
         # Precomputed so the hot path tests one attribute, not four options.
         self._vetting = (self.options.max_age is not None
                          or self.options.health_check_interval is not None)
@@ -216,6 +218,8 @@ class AgentPool(Generic[AgentT]):
             logger.warning(
                 "pool %r serving with %d of %d agents warm; rebuilding the rest in the "
                 "background (last error: %s)", self.name, warm, self.size, cause)
+        if self.options.monitor_interval is not None:
+            self._monitor = PoolMonitor(self, self.options.monitor_interval, self._clock).start()
         return self
 
     def close(self) -> None:
@@ -239,6 +243,8 @@ class AgentPool(Generic[AgentT]):
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed", self.name)
                 waiter.ready.set()
             self._changed.notify_all()
+        if self._monitor is not None:
+            self._monitor.stop()
         for slot in idle:
             self._teardown(slot.agent)
 
@@ -372,11 +378,16 @@ class AgentPool(Generic[AgentT]):
         it is replaced rather than handed out again.
         """
         agent = self.checkout(block=block, timeout=timeout)
-        with self._lent(agent):
+        with self.lent(agent):
             yield agent
 
     @contextmanager
-    def _lent(self, agent: AgentT, keep_on_abandon: bool = False) -> Iterator[_Lease]:
+    def lent(self, agent: AgentT) -> Iterator[_Lease]:
+        """Check ``agent`` (already checked out) in when the block ends, unless abandoned.
+
+        An exception matching ``discard_on`` marks it broken first. Set
+        ``lease.abandoned`` after :meth:`abandon` to skip the checkin.
+        """
         lease = _Lease()
         try:
             yield lease
@@ -401,7 +412,7 @@ class AgentPool(Generic[AgentT]):
             CheckoutTimeout, CallTimeout, and what :meth:`Agent.handle` raises.
         """
         event = Signal.parse(signal)
-        return self._run(lambda agent: self._count_call(agent, event), event.type,
+        return self._run(lambda agent: self.run_signals(agent, [event])[0], event.type,
                          timeout, call_timeout)
 
     def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
@@ -414,30 +425,37 @@ class AgentPool(Generic[AgentT]):
         the whole transaction.
         """
         events = [Signal.parse(signal) for signal in signals]
-
-        def work(agent: AgentT) -> list[AgentReply]:
-            before = agent.state
-            try:
-                return [self._count_call(agent, event) for event in events]
-            except BaseException:
-                agent.state = before
-                raise
-
         label = ",".join(event.type for event in events)
-        return self._run(work, label, timeout, call_timeout)
+        return self._run(lambda agent: self.run_signals(agent, events, transaction=True),
+                         label, timeout, call_timeout)
+
+    def run_signals(self, agent: AgentT, events: list[Signal], *,
+                    transaction: bool = False) -> list[AgentReply]:
+        """Handle ``events`` in order on ``agent`` (checked out by the caller), counted.
+
+        With ``transaction``, a failure puts the agent's state back as it was before the
+        first event, then raises.
+        """
+        before = agent.state
+        try:
+            return [self._count_call(agent, event) for event in events]
+        except BaseException:
+            if transaction:
+                agent.state = before
+            raise
 
     def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
              call_timeout: float | None) -> R:
         agent = self.checkout(timeout=timeout)
         if call_timeout is None:
-            with self._lent(agent):
+            with self.lent(agent):
                 return work(agent)
-        with self._lent(agent, keep_on_abandon=True) as lent:
+        with self.lent(agent) as lease:
             finished, result = self._runner.run(
                 lambda: work(agent), call_timeout, on_abandon=lambda: self._teardown(agent))
             if not finished:
-                lent.abandoned = True
-                self._abandon(agent, f"call_timeout={call_timeout}s exceeded")
+                lease.abandoned = True
+                self.abandon(agent, f"call_timeout={call_timeout}s exceeded")
                 raise CallTimeout(
                     f"pool {self.name!r}: {label} took longer than call_timeout="
                     f"{call_timeout}s; agent {agent.id} is being replaced", label, call_timeout)
@@ -643,10 +661,11 @@ class AgentPool(Generic[AgentT]):
             telemetry.agent_replaced.send(self, agent=slot.agent, reason=disposal)
         self._spawn(self._rebuild, slot, disposal, name=f"warmpool-{self.name}-replace")
 
-    def _abandon(self, agent: AgentT, reason: str) -> None:
+    def abandon(self, agent: AgentT, reason: str) -> None:
         """Drop a checked-out agent still busy with overrunning work; rebuild its place.
 
-        Its ``teardown()`` runs when the work ends (the runner calls it), not here.
+        The agent leaves the pool at once (it is not to be checked in); whoever runs the
+        overrunning work calls its ``teardown()`` when that work ends.
         """
         with self._lock:
             slot = self._slots.get(id(agent))
@@ -665,6 +684,10 @@ class AgentPool(Generic[AgentT]):
         if telemetry.agent_replaced.receivers:
             telemetry.agent_replaced.send(self, agent=agent, reason=reason)
         self._spawn(self._rebuild, None, reason, name=f"warmpool-{self.name}-replace")
+
+    def finish_abandoned(self, agent: AgentT) -> None:
+        """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
+        self._teardown(agent)
 
     def _is_discardable(self, exc: BaseException) -> bool:
         discard_on = self.options.discard_on

@@ -28,3 +28,7 @@ class AgentReply(BaseModel):
     result: dict[str, Any]
     state: dict[str, Any]
     duration: float
+
+    def to_wire(self) -> dict[str, Any]:
+        """The reply as JSON-compatible data (every field already is)."""
+        return dict(self.__dict__)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
+from celery.exceptions import Ignore
 
-from .errors import CheckoutTimeout, ConfigurationError, WarmPoolError
+from .errors import CallTimeout, CheckoutTimeout, ConfigurationError, WarmPoolError
+from .pool import AgentPool
+from .signal import Signal
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .extension import WarmPool
@@ -23,31 +28,71 @@ HANDLE_TASK = "celery_warmpool.handle"
 
 def register_handle_task(warm: WarmPool) -> Task:  # type: ignore[type-arg]
     """Register, on ``warm``'s app, the task that runs signals on a pool's agents."""
+    watchdogs: dict[int, Watchdog] = {}
 
-    def handle(pool: str, signals: list[dict[str, Any]], deadline: float | None = None,
-               call_timeout: float | None = None, transaction: bool = False,
-               ) -> list[dict[str, Any]]:
+    def watchdog() -> Watchdog:
+        # One per process: a prefork child must not share its parent's thread or lock.
+        pid = os.getpid()
+        if pid not in watchdogs:
+            watchdogs.clear()
+            watchdogs[pid] = Watchdog()
+        return watchdogs[pid]
+
+    def handle(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
+               deadline: float | None = None, call_timeout: float | None = None,
+               transaction: bool = False) -> list[dict[str, Any]]:
         """Run ``signals`` on one agent of ``pool``; return the replies as JSON data."""
         agent_pool = warm.local_pool(pool)
+        events = [Signal.parse(signal) for signal in signals]
         timeout = None
         if deadline is not None:
             timeout = deadline - time.time()
             if timeout <= 0:
                 # The caller has stopped waiting: the work must not run late.
                 raise CheckoutTimeout(
-                    f"pool {pool!r}: the call waited {-timeout + 0.0:.3f}s past its "
-                    "checkout timeout before a worker took it; it was not run",
+                    f"pool {pool!r}: the call waited {-timeout:.3f}s past its checkout "
+                    "timeout before a worker took it; it was not run",
                     pool, -timeout, agent_pool.size, agent_pool.max_overflow)
-        if transaction:
-            replies = agent_pool.transaction(signals, timeout=timeout, call_timeout=call_timeout)
-        else:
-            replies = [agent_pool.call(signals[0], timeout=timeout, call_timeout=call_timeout)]
-        return [reply.model_dump(mode="json") for reply in replies]
+        agent = agent_pool.checkout(timeout=timeout)
+        if call_timeout is None:
+            with agent_pool.lent(agent):
+                replies = agent_pool.run_signals(agent, events, transaction=transaction)
+            return [reply.to_wire() for reply in replies]
+        # The work runs here, inline; if it overruns, the watchdog answers the caller with
+        # CallTimeout at the deadline and replaces the agent, and this task's own late
+        # outcome is dropped (Ignore) so it cannot overwrite that answer.
+        task_id = task.request.id
+        label = ",".join(event.type for event in events)
+        token = watchdog().watch(call_timeout, functools.partial(
+            _overran, task, task_id, agent_pool, agent, label, call_timeout))
+        lease = None
+        try:
+            with agent_pool.lent(agent) as lease:
+                try:
+                    replies = agent_pool.run_signals(agent, events, transaction=transaction)
+                finally:
+                    lease.abandoned = not watchdog().done(token)
+        finally:
+            if lease is not None and lease.abandoned:
+                agent_pool.finish_abandoned(agent)
+                raise Ignore()
+        return [reply.to_wire() for reply in replies]
 
-    task: Task = warm.app.task(  # type: ignore[type-arg]
-        name=HANDLE_TASK, acks_late=True, throws=(WarmPoolError,), shared=False,
+    registered: Task = warm.app.task(  # type: ignore[type-arg]
+        name=HANDLE_TASK, bind=True, acks_late=True, throws=(WarmPoolError,), shared=False,
     )(handle)
-    return task
+    return registered
+
+
+def _overran(task: Task, task_id: str | None, agent_pool: AgentPool[Any],  # type: ignore[type-arg]
+             agent: Any, label: str, call_timeout: float) -> None:
+    """At the deadline of overrunning work: replace its agent, tell the caller."""
+    agent_pool.abandon(agent, f"call_timeout={call_timeout}s exceeded")
+    error = CallTimeout(
+        f"pool {agent_pool.name!r}: {label} took longer than call_timeout={call_timeout}s; "
+        f"agent {agent.id} is being replaced", label, call_timeout)
+    if task_id is not None:  # None when the task was called directly, not sent
+        task.backend.mark_as_failure(task_id, error)
 
 
 def pool_task(warm: WarmPool, pool: str, function: Callable[..., Any],

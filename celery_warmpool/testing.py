@@ -104,11 +104,29 @@ class WorkerProcess:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 cwd=self.cwd, start_new_session=True)
-        if not self.wait_for_log(" ready.", timeout=timeout):
+        if not self._wait_until_ready(timeout):
             output = self.log()
             self.kill()
             raise RuntimeError(f"celery worker did not become ready in {timeout}s:\n{output}")
         return self
+
+    def _wait_until_ready(self, timeout: float) -> bool:
+        # "ready." is logged at INFO; a quieter worker is asked with a ping instead.
+        if self.loglevel.upper() in ("DEBUG", "INFO"):
+            return self.wait_for_log(" ready.", timeout=timeout)
+        from celery import Celery
+
+        control = Celery(broker=self.env["WARMPOOL_BROKER_URL"], set_as_current=False)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    return False
+                if control.control.ping(destination=[self.hostname], timeout=0.5):
+                    return True
+            return False
+        finally:
+            control.close()
 
     def log(self) -> str:
         """Everything the worker printed so far."""
