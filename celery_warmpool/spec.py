@@ -45,6 +45,8 @@ class PoolOptions(BaseModel):
     discard_on: tuple[type[BaseException], ...] = Field(
         default=(), description="exception types that mean an agent is broken")
     start_timeout: float = Field(default=60.0, gt=0, description="seconds start() may take")
+    monitor_interval: float | None = Field(
+        default=None, gt=0, description="warn at most every T seconds while exhausted")
 
     @field_validator("discard_on", mode="before")
     @classmethod
@@ -172,6 +174,7 @@ class _EnvironmentOverrides(BaseSettings):
     health_check_interval: float | None = Field(default=None, ge=0)
     reset_on_checkin: bool | None = None
     start_timeout: float | None = Field(default=None, gt=0)
+    monitor_interval: float | None = Field(default=None, gt=0)
     queue: str | None = None
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "call_start",
     "call_stop",
     "pool_exhausted",
+    "pool_pressure",
 ]
 
 agent_checkout = TelemetrySignal(
@@ -73,3 +74,9 @@ agent_dismissed = TelemetrySignal(
 pool_exhausted = TelemetrySignal(
     name="warmpool_pool_exhausted", providing_args=["waited", "blocking"])
 """A checkout found no agent and no overflow room: it failed or it had to wait."""
+
+pool_pressure = TelemetrySignal(
+    name="warmpool_pool_pressure", providing_args=["status", "events"])
+"""A pool with ``monitor_interval`` ran out of idle agents (see :mod:`~.monitor`); sent with
+its warning, at most once per interval. ``status`` is the pool's :class:`PoolStatus` then,
+``events`` the overflow or exhausted checkouts since the last send."""
