@@ -117,9 +117,9 @@ class Agent(Generic[StateT]):
     def reset(self) -> None:
         """Restore the initial state, keeping resource fields (per-request isolation)."""
         fresh = self.State.model_validate(copy.deepcopy(self._initial_state))
-        for name in self._resource_fields:
-            setattr(fresh, name, getattr(self.state, name))
-        self.state = fresh  # type: ignore[assignment]
+        # model_copy, not setattr: a frozen State model must be resettable too.
+        kept = {name: getattr(self.state, name) for name in self._resource_fields}
+        self.state = fresh.model_copy(update=kept)  # type: ignore[assignment]
 
     def check_health(self) -> bool:
         """Whether the agent can still serve; a pool replaces an agent that says no."""

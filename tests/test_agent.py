@@ -6,7 +6,7 @@ import os
 from typing import Any, ClassVar
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from celery_warmpool import (
     Action,
@@ -18,6 +18,7 @@ from celery_warmpool import (
     InvalidSignal,
     Signal,
     UnknownSignal,
+    resource,
 )
 
 from .core_agents import Boom, Client, CounterAgent, CounterState
@@ -294,6 +295,34 @@ def test_reset_restores_initial_state_and_keeps_resources() -> None:
 
     assert agent.state.count == 10
     assert agent.state.history == []
+    assert agent.state.client is client
+
+
+def test_reset_works_on_a_frozen_state_model_with_resources() -> None:
+    class FrozenState(AgentState):
+        model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+        count: int = 0
+        client: Any = resource()
+
+    class Bump(Action):
+        def run(self, params: Any, context: ActionContext) -> dict[str, Any]:
+            return {"count": context.state.count + 1}
+
+    class FrozenAgent(Agent[FrozenState]):
+        signal_routes: ClassVar[dict[str, Any]] = {"bump": Bump}
+
+        def setup(self) -> None:
+            self.state = self.state.model_copy(update={"client": Client("frozen")})
+
+    agent = FrozenAgent()
+    agent.setup()
+    client = agent.state.client
+    agent.handle(Signal.new("bump"))
+
+    agent.reset()
+
+    assert agent.state.count == 0
     assert agent.state.client is client
 
 
