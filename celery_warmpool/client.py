@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -82,11 +82,17 @@ class PoolClient:
                               pool)
         return PoolStatus.combine(pool, parts)
 
-    def collect(self, pool: str | None = None,
-                timeout: float = 1.0) -> dict[str, list[PoolStatus]]:
-        """Every node's status of ``pool`` (or of all pools), by pool name."""
+    def collect(self, pool: str | None = None, timeout: float = 1.0,
+                destination: Sequence[str] | None = None) -> dict[str, list[PoolStatus]]:
+        """Every node's status of ``pool`` (or of all pools), by pool name.
+
+        With ``destination`` (node names) only those nodes are asked, and the wait ends
+        as soon as each has answered.
+        """
+        nodes = list(destination) if destination else None
         replies = self.warm.app.control.broadcast(
-            "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout)
+            "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
+            destination=nodes, limit=len(nodes) if nodes else None)
         found: dict[str, list[PoolStatus]] = {}
         for reply in replies or []:
             for report in reply.values():
