@@ -562,6 +562,10 @@ class AgentPool(Generic[AgentT]):
             self._replacing += 1
             self._counts["replacements"] += 1
             return reason
+        if self._stamping:
+            # Also before a hand-over: an agent passed from caller to caller was never
+            # idle, so health_check_interval must not count from its last idle spell.
+            slot.returned = self._clock()
         if self._waiters:
             self._hand_over_locked(slot)
             return None
@@ -569,8 +573,6 @@ class AgentPool(Generic[AgentT]):
             self._forget_locked(slot)
             self._counts["dismissed"] += 1
             return "dismissed"
-        if self._stamping:
-            slot.returned = self._clock()
         self._idle.append(slot)
         return None
 
