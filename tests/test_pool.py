@@ -684,6 +684,24 @@ def test_healthy_agent_idle_past_interval_is_checked_and_kept(
     assert tracker.teardowns == []
 
 
+def test_agent_handed_from_caller_to_caller_is_not_health_checked(
+        make_pool: Callable[..., Pool], tracker: Tracker) -> None:
+    clock = FakeClock()
+    pool = make_pool(size=1, health_check_interval=10, clock=clock)
+    agent = pool.checkout()
+    got: list[TrackedAgent] = []
+
+    with receiving(telemetry.pool_exhausted, sender=pool) as queued:
+        thread = run_threads(1, lambda _: got.append(pool.checkout(timeout=20)))
+        assert queued.wait_for(1)
+    clock.advance(60)  # busy all along: never idle, so nothing to check
+    pool.checkin(agent)
+    join_all(thread)
+
+    assert got == [agent]
+    assert tracker.health_checks == []
+
+
 def test_health_check_raising_counts_as_unhealthy(make_pool: Callable[..., Pool],
                                                   tracker: Tracker) -> None:
     clock = FakeClock()
