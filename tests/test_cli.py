@@ -1,0 +1,255 @@
+"""``celery -A proj warmpool status``: the real command against real workers on Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from celery_warmpool.cli import render_status_json, render_status_table
+from celery_warmpool.status import PoolCounters, PoolStatus
+from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT
+
+INCREMENT = {"type": "counter.increment", "data": {"by": 1}}
+# Queues of their own, so a worker here takes no other test's messages on a shared Redis.
+TWO_POOLS = [
+    {"name": "counter", "agent": "tests.integration_app:CounterAgent", "size": 2,
+     "queue": "warmpool.cli.counter"},
+    {"name": "ledger", "agent": "tests.integration_app:CounterAgent", "size": 2,
+     "queue": "warmpool.cli.ledger"},
+]
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "WARMPOOL_BROKER_URL": REDIS_BROKER,
+           "WARMPOOL_RESULT_BACKEND": REDIS_BACKEND,
+           "WARMPOOL_TEST_SPECS": json.dumps(TWO_POOLS)}
+
+
+def celery(*args: str, app: str = "tests.integration_app",
+           cwd: Any = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run the real ``celery`` command line."""
+    command = [sys.executable, "-m", "celery", *(["-A", app] if app else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=CLI_ENV, cwd=cwd,
+                          timeout=60)
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """The rows of a status table by their first cell (node name or ``process N``)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = line.split()
+        if not cells or cells[0] in ("pool", "node"):
+            continue
+        if cells[0] == "process":
+            rows[f"process {cells[1]}"] = [" ".join(cells[:4]), *cells[4:]]
+        else:
+            rows[cells[0]] = cells
+    return rows
+
+
+def calls_counted(warm: Any, node: str, pool: str, calls: int) -> None:
+    """Wait until ``node``'s prefork children have published ``calls`` (a few times a second)."""
+
+    def counted() -> int:
+        parts = warm.client.collect(pool, destination=[node]).get(pool, [])
+        return PoolStatus.combine(pool, parts).counters.calls
+
+    deadline = time.monotonic() + 5
+    while counted() != calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted() == calls
+
+
+def leaf(node: str, pid: int, index: int | None, **numbers: Any) -> PoolStatus:
+    values = {"pool": "search", "state": "ready", "size": 1, "max_overflow": 0,
+              "available": 1, "overflow": 0, "checked_out": 0, "waiting": 0, "node": node,
+              "pid": pid, "process_index": index, **numbers}
+    return PoolStatus(**values)
+
+
+def test_celery_help_lists_the_warmpool_command():
+    result = celery("--help", app="")
+    assert result.returncode == 0
+    assert "warmpool  Warm agent pools: status of every pool on every worker." in result.stdout
+    assert celery("warmpool", "status", "--help", app="").returncode == 0
+
+
+def test_table_has_a_row_per_node_and_per_prefork_process_and_a_total():
+    prefork = PoolStatus.combine("search", [
+        leaf("a@host", 101, 0, counters=PoolCounters(checkouts=5)),
+        leaf("a@host", 102, 1, state="full", available=0, checked_out=1,
+             counters=PoolCounters(checkouts=7, timeouts=1)),
+    ], node="a@host")
+    threads = leaf("b@host", 201, None, state="full", size=4, max_overflow=2, available=0,
+                   checked_out=5, overflow=1, waiting=2, last_error="ConnectionError: refused",
+                   counters=PoolCounters(checkouts=30, replacements=2, failures=1))
+    assert render_status_table({"search": [prefork, threads]}) == (
+        "pool search: ready, 1 of 7 agents available, 2 nodes\n"
+        "  node / process         state  size  available  checked out  overflow  waiting"
+        "  checkouts  timeouts  replacements  failures\n"
+        "  a@host                 ready     2          1            1         0        0"
+        "         12         1             0         0\n"
+        "    process 0 (pid 101)  ready     1          1            0         0        0"
+        "          5         0             0         0\n"
+        "    process 1 (pid 102)  full      1          0            1         0        0"
+        "          7         1             0         0\n"
+        "  b@host                 full      4          0            5         1        2"
+        "         30         0             2         1\n"
+        "  total                  ready     6          1            6         1        2"
+        "         42         1             2         1\n"
+        "  last error (b@host, pid 201): ConnectionError: refused\n")
+
+
+def test_json_has_totals_then_nodes_with_their_processes():
+    prefork = PoolStatus.combine("search", [leaf("a@host", 101, 0), leaf("a@host", 102, 1)],
+                                 node="a@host")
+    document = render_status_json({"search": [prefork]})
+    assert list(document) == ["search"]
+    search = document["search"]
+    assert (search["size"], search["available"], search["state"]) == (2, 2, "ready")
+    assert "processes" not in search and "pid" not in search
+    node = search["nodes"]["a@host"]
+    assert node["size"] == 2
+    assert [(process["pid"], process["process_index"]) for process in node["processes"]] == [
+        (101, 0), (102, 1)]
+
+
+@pytest.mark.integration
+def test_status_prints_each_pool_per_node_and_process(start_worker, client):
+    worker = start_worker(TWO_POOLS, pool="prefork", concurrency=2)
+    _, warm = client(TWO_POOLS)
+    for _ in range(3):
+        warm.call("counter", INCREMENT)
+    calls_counted(warm, worker.hostname, "counter", 3)
+    result = celery("warmpool", "status", "-d", worker.hostname)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert "pool counter: ready, 2 of 2 agents available, 1 node" in output
+    assert "pool ledger: ready, 2 of 2 agents available, 1 node" in output
+    counter, ledger = output.split("\n\n")
+    node = table_rows(counter)[worker.hostname]
+    #              state    size available checked out overflow waiting checkouts timeouts
+    #              replacements failures
+    assert node == [worker.hostname, "ready", "2", "2", "0", "0", "0", "3", "0", "0", "0"]
+    processes = [table_rows(counter)[f"process {index}"] for index in (0, 1)]
+    assert {process[0].split("pid ")[1].rstrip(")") for process in processes} == {
+        str(pid) for pid in worker.children()}
+    assert sum(int(process[7]) for process in processes) == 3
+    assert table_rows(ledger)[worker.hostname][7] == "0"
+    assert "total" not in table_rows(counter)
+
+
+@pytest.mark.integration
+def test_status_json_reports_exact_numbers_per_node_and_process(start_worker, client):
+    worker = start_worker(TWO_POOLS, pool="prefork", concurrency=2)
+    _, warm = client(TWO_POOLS)
+    warm.call("ledger", INCREMENT)
+    calls_counted(warm, worker.hostname, "ledger", 1)
+    result = celery("warmpool", "status", "--json", "--destination", worker.hostname)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert sorted(document) == ["counter", "ledger"]
+    ledger = document["ledger"]
+    assert list(ledger["nodes"]) == [worker.hostname], ledger["nodes"]
+    assert (ledger["state"], ledger["size"], ledger["available"], ledger["checked_out"],
+            ledger["overflow"], ledger["waiting"]) == ("ready", 2, 2, 0, 0, 0)
+    assert ledger["counters"]["checkouts"] == 1
+    assert ledger["counters"]["calls"] == 1
+    node = ledger["nodes"][worker.hostname]
+    assert sorted(process["pid"] for process in node["processes"]) == worker.children()
+    assert sorted(process["process_index"] for process in node["processes"]) == [0, 1]
+    assert document["counter"]["counters"]["calls"] == 0
+
+
+@pytest.mark.integration
+def test_pool_option_shows_only_that_pool(start_worker):
+    worker = start_worker(TWO_POOLS, pool="threads", concurrency=4)
+    table = celery("warmpool", "status", "--pool", "ledger", "-d", worker.hostname)
+    assert table.returncode == 0, table.stderr
+    assert "pool ledger: ready, 2 of 2 agents available, 1 node" in table.stdout
+    assert "counter" not in table.stdout
+    # Under threads one process holds the node's agents: no per-process rows.
+    assert "process" not in table.stdout.replace("node / process", "")
+    assert table_rows(table.stdout)[worker.hostname][1:4] == ["ready", "2", "2"]
+    document = json.loads(celery("warmpool", "status", "--pool", "ledger", "--json",
+                                 "-d", worker.hostname).stdout)
+    assert list(document) == ["ledger"]
+
+
+@pytest.mark.integration
+def test_unknown_pool_is_a_usage_error_naming_the_pools(start_worker):
+    start_worker(TWO_POOLS, pool="threads", concurrency=2)
+    result = celery("warmpool", "status", "--pool", "nowhere")
+    assert result.returncode == 2
+    assert "no pool named 'nowhere' is configured (pools: counter, ledger)" in result.stderr
+    assert result.stdout == ""
+
+
+def test_no_worker_answering_exits_non_zero(tmp_path):
+    # An embedded store of its own: no worker anywhere can answer.
+    (tmp_path / "lonely_app.py").write_text(
+        "from celery import Celery\n"
+        "from celery_warmpool import PoolSpec, WarmPool\n"
+        "from celery_warmpool.embedded import embedded_config\n"
+        "app = Celery('lonely')\n"
+        f"app.conf.update(embedded_config({str(tmp_path / 'store')!r}))\n"
+        "WarmPool(app, pools=[PoolSpec('ledger', 'tests.integration_app:CounterAgent')])\n")
+    result = celery("warmpool", "status", "--timeout", "0.5", app="lonely_app", cwd=tmp_path)
+    assert result.returncode == 69  # EX_UNAVAILABLE, as `celery status` exits
+    assert "no worker with warm pools answered within 0.5s" in result.stderr
+    assert result.stdout == ""
+    single = celery("warmpool", "status", "--pool", "ledger", "--timeout", "0.5",
+                    app="lonely_app", cwd=tmp_path)
+    assert single.returncode == 69
+    assert "no worker hosting pool 'ledger' answered within 0.5s" in single.stderr
+
+
+@pytest.mark.integration
+def test_a_destination_that_does_not_answer_exits_non_zero(start_worker):
+    start_worker(TWO_POOLS, pool="threads", concurrency=2)
+    result = celery("warmpool", "status", "-d", "nobody@nowhere", "--timeout", "0.5")
+    assert result.returncode == 69
+    assert ("no worker with warm pools answered within 0.5s (asked: nobody@nowhere)"
+            in result.stderr)
+
+
+def test_an_app_without_warm_pools_exits_non_zero(tmp_path):
+    (tmp_path / "plain_app.py").write_text(
+        "from celery import Celery\n"
+        f"app = Celery('plain', broker={REDIS_BROKER!r})\n")
+    result = celery("warmpool", "status", app="plain_app", cwd=tmp_path)
+    assert result.returncode == 69
+    assert "the app 'plain' has no warm pools: create WarmPool(app)" in result.stderr
+
+
+@pytest.mark.integration
+def test_watch_refreshes_the_numbers_until_interrupted(start_worker, client):
+    specs = [{**TWO_POOLS[0], "size": 1}]
+    worker = start_worker(specs, pool="threads", concurrency=2)
+    _, warm = client(specs)
+    env = {**CLI_ENV, "WARMPOOL_TEST_SPECS": json.dumps(specs)}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
+         "--json", "--watch", "0.2", "--timeout", "2", "-d", worker.hostname],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert watcher.stdout is not None
+        first = json.loads(watcher.stdout.readline())
+        assert first["counter"]["checked_out"] == 0
+        busy = warm.cast("counter", {"type": "counter.work", "data": {"seconds": 3.0}})
+        seen = [json.loads(watcher.stdout.readline())["counter"] for _ in range(8)]
+        assert any(status["checked_out"] == 1 and status["state"] == "full"
+                   for status in seen), seen
+        busy.get(timeout=10)
+        watcher.send_signal(signal.SIGINT)
+        _, errors = watcher.communicate(timeout=10)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, errors
+    assert "Aborted" not in errors
