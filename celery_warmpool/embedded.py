@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["embedded_config", "is_embedded"]
+__all__ = ["POLLING_INTERVAL", "embedded_config", "is_embedded"]
+
+#: Seconds between two looks at the message folder when it is empty.
+POLLING_INTERVAL = 0.01
 
 
 def embedded_config(directory: str | Path) -> dict[str, Any]:
@@ -30,6 +33,9 @@ def embedded_config(directory: str | Path) -> dict[str, Any]:
             "store_processed": False,
             # Fanout (broadcast, control commands) needs a shared control folder.
             "control_folder": str(root / "control"),
+            # Kombu polls the folder once a second by default: every hop of a call
+            # would wait up to that long.
+            "polling_interval": POLLING_INTERVAL,
         },
         "result_backend": f"file://{results}",
         "broker_connection_retry_on_startup": True,
