@@ -77,10 +77,21 @@ class _Waiter:
     __slots__ = ("build", "error", "ready", "slot")
 
     def __init__(self) -> None:
-        self.ready = threading.Event()
+        # A bare lock, taken now and released by whoever serves the waiter: cheaper to
+        # wait on and to wake than a threading.Event (a condition over a lock).
+        self.ready = threading.Lock()
+        self.ready.acquire()
         self.slot: _Slot | None = None
         self.error: BaseException | None = None
         self.build = False
+
+    def wake(self) -> None:
+        """Let the waiter go; called once, under the pool lock, as it leaves the queue."""
+        self.ready.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait to be woken, at most ``timeout`` seconds; say whether it was."""
+        return self.ready.acquire(timeout=-1 if timeout is None else timeout)
 
 
 class AgentPool(Generic[AgentT]):
@@ -241,7 +252,7 @@ class AgentPool(Generic[AgentT]):
             self._waiters.clear()
             for waiter in waiters:
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed", self.name)
-                waiter.ready.set()
+                waiter.wake()
             self._changed.notify_all()
         if self._monitor is not None:
             self._monitor.stop()
@@ -529,7 +540,7 @@ class AgentPool(Generic[AgentT]):
     def _wait(self, waiter: _Waiter, since: float, timeout: float | None) -> _Slot | None:
         """Wait for a hand-over; ``None`` means: build an overflow agent (room reserved)."""
         remaining = None if timeout is None else max(0.0, since + timeout - time.monotonic())
-        if not waiter.ready.wait(remaining):
+        if not waiter.wait(remaining):
             with self._lock:
                 # An agent (or overflow room) may have been handed over between the wait
                 # ending and the lock: then the caller takes it, so no hand-off is lost.
@@ -593,7 +604,7 @@ class AgentPool(Generic[AgentT]):
         waiter = self._waiters.popleft()
         self._lend_locked(slot)
         waiter.slot = slot
-        waiter.ready.set()
+        waiter.wake()
 
     def _place_locked(self, slot: _Slot) -> None:
         """Add a freshly built base agent: to the first waiter, or to the idle agents."""
@@ -614,7 +625,7 @@ class AgentPool(Generic[AgentT]):
                 self._building_overflow += 1
                 waiter = self._waiters.popleft()
                 waiter.build = True
-                waiter.ready.set()
+                waiter.wake()
 
     def _vet(self, slot: _Slot) -> bool:
         """Check a just-lent agent's age and health; retire it and say no if it fails."""
