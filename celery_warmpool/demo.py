@@ -37,6 +37,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .cli import render_status_table
 from .embedded import is_embedded
+from .errors import ConfigurationError
 from .extension import WarmPool
 from .reply import AgentReply
 from .signal import Signal
@@ -193,8 +194,12 @@ class Demo:
             if self.worker.exited():
                 break
             time.sleep(0.05)
-        click.echo(f"the worker did not become ready within {START_TIMEOUT:.0f}s; its log "
-                   f"ends with:\n{self.worker.log_tail()}", err=True)
+        if self.worker.exited():
+            assert self.worker.process is not None
+            click.echo(f"the worker exited (status {self.worker.process.returncode}) before "
+                       "it was ready", err=True)
+        else:
+            click.echo(f"the worker was not ready within {START_TIMEOUT:.0f}s", err=True)
         return False
 
     def call_burst(self, per_pool: int) -> None:
@@ -377,13 +382,16 @@ def run(broker: str | None, backend: str | None, calls: int, casts: int, cold: i
         worker = DemoWorker(directory, worker_env(broker, backend, directory))
         demo = Demo(app, warm, worker)
         worker.start()
+        completed = False
         try:
-            if not demo.wait_until_warm():
-                return 1
-            demo.call_burst(calls)
-            demo.cast_burst(casts)
-            demo.compare(cold)
-            demo.show_status()
+            if demo.wait_until_warm():
+                demo.call_burst(calls)
+                demo.cast_burst(casts)
+                demo.compare(cold)
+                demo.show_status()
+                completed = True
+        except Exception as exc:  # a step failed (the worker's log says why): stop, clean up
+            click.echo(f"the demo stopped: {type(exc).__name__}: {exc}", err=True)
         finally:
             click.echo()
             click.echo(f"{demo.elapsed()} stopping the worker (warm shutdown)...")
@@ -394,7 +402,7 @@ def run(broker: str | None, backend: str | None, calls: int, casts: int, cold: i
                            "killed", err=True)
             else:
                 click.echo(f"{demo.elapsed()} worker stopped, exit status {status}")
-        if status != 0:
+        if not completed or status != 0:
             click.echo(f"the worker's log ends with:\n{worker.log_tail()}", err=True)
             return 1
     click.echo(f"Done in {time.perf_counter() - begun:.1f} s.")
@@ -425,6 +433,8 @@ def main(broker: str | None, backend: str | None, calls: int, casts: int,
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         code = 130
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
     sys.exit(code)
 
 
