@@ -14,6 +14,7 @@ import pytest
 
 from celery_warmpool.cli import render_status_json, render_status_table
 from celery_warmpool.status import PoolCounters, PoolStatus
+from celery_warmpool.testing import WorkerProcess
 from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT
 
 INCREMENT = {"type": "counter.increment", "data": {"by": 1}}
@@ -253,3 +254,21 @@ def test_watch_refreshes_the_numbers_until_interrupted(start_worker, client):
             watcher.wait()
     assert watcher.returncode == 0, errors
     assert "Aborted" not in errors
+
+
+@pytest.mark.integration
+def test_status_works_on_the_embedded_broker(tmp_path):
+    # Kombu's filesystem transport carries the broadcast: no server at all.
+    env = {"WARMPOOL_EMBEDDED_DIR": str(tmp_path / "store"), "PYTHONPATH": str(ROOT)}
+    with WorkerProcess("celery_warmpool.demo_app", pool="threads", concurrency=2,
+                       broker="filesystem://", backend="", env=env) as worker:
+        result = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "celery_warmpool.demo_app", "warmpool",
+             "status", "-d", worker.hostname],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, **env, "WARMPOOL_BROKER_URL": "filesystem://"})
+    assert result.returncode == 0, result.stderr
+    assert "pool catalog: ready, 2 of 2 agents available, 1 node" in result.stdout
+    assert "pool signer: ready, 2 of 2 agents available, 1 node" in result.stdout
+    assert table_rows(result.stdout)[worker.hostname] == [
+        worker.hostname, "ready", "2", "2", "0", "0", "0", "0", "0", "0", "0"]
