@@ -348,3 +348,19 @@ def test_calls_and_status_over_rabbitmq(start_worker, client):
     assert warm.call("counter", INCREMENT).state["count"] == 1
     assert warm.call("counter", INCREMENT).state["count"] == 2
     assert wait_for_status(warm, lambda status: status.counters.calls == 2).counters.calls == 2
+
+
+def test_gevent_worker_shares_agents_between_greenlets(start_worker, client):
+    specs = counter(2)
+    start_worker(specs, pool="gevent", concurrency=8)
+    _, warm = client(specs)
+    assert warm.call("counter", INCREMENT).state["count"] == 1
+    results = [warm.cast("counter", work(0.4)) for _ in range(6)]
+    replies = [result.get(timeout=30)[0] for result in results]
+    overlap = max_overlap([(reply["result"]["last_start"], reply["result"]["last_end"])
+                           for reply in replies])
+    assert overlap == 2
+    with pytest.raises(CallTimeout):
+        warm.call("counter", work(3.0), call_timeout=0.5)
+    status = wait_for_status(warm, lambda status: status.counters.replacements == 1)
+    assert (status.size, status.counters.replacements) == (2, 1)
