@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 
 from . import metrics
+from .deadlines import LateCalls
 from .execution import node_capacity
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
         else:
             warm.start_process(index=0)
         self._bound_prefetch(worker, warm)
+        if warm.process_specs and getattr(worker, "timer", None) is not None:
+            LateCalls(worker.app).start(worker.timer)
         if self.metrics is not None:
             self.metrics.start()
         logger.info("warm pools ready on %s in %.2fs: %s", warm.node,

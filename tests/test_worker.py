@@ -188,6 +188,21 @@ def test_checkout_timeout_and_the_call_never_runs_late(start_worker, client):
     assert warm.call("counter", INCREMENT).state["count"] == 2
 
 
+def test_checkout_timeout_is_prompt_when_a_prefork_worker_holds_the_call(start_worker,
+                                                                          client):
+    specs = counter(1)
+    start_worker(specs, pool="prefork", concurrency=1)
+    _, warm = client(specs)
+    busy = warm.cast("counter", work(3.0))
+    time.sleep(0.3)
+    started = time.monotonic()
+    with pytest.raises(CheckoutTimeout):
+        warm.call("counter", INCREMENT, timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    busy.get(timeout=10)
+    assert warm.call("counter", INCREMENT).state["count"] == 2
+
+
 def test_call_timeout_replaces_the_agent_that_overran(start_worker, client):
     specs = counter(1)
     start_worker(specs, pool="threads", concurrency=2)

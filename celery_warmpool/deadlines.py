@@ -1,0 +1,65 @@
+"""Answering a caller at its deadline while its call still waits inside a worker.
+
+A worker reserves a few messages ahead (its prefetch). Under prefork, a reserved call
+waits in the main process until a child is free; the child drops it if its deadline has
+passed, but only once it takes it, so the caller would hear of it late. The worker's main
+process therefore looks over its reserved, not yet started calls a few times a second,
+and answers each one whose deadline passed with :class:`CheckoutTimeout` at once. The
+call itself is still dropped unrun when a child takes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.worker import state as worker_state
+
+from .errors import CheckoutTimeout
+from .tasks import HANDLE_TASK
+
+__all__ = ["LateCalls"]
+
+logger = logging.getLogger(__name__)
+
+#: How often the worker's main process looks for calls past their deadline, in seconds.
+INTERVAL = 0.1
+
+
+class LateCalls:
+    """Answers callers whose reserved call outwaited its deadline (see the module)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._answered: set[str] = set()
+
+    def start(self, timer: Any) -> None:
+        """Look every ``INTERVAL`` seconds, on the worker's own timer."""
+        timer.call_repeatedly(INTERVAL, self.answer_late_calls)
+
+    def answer_late_calls(self) -> int:
+        """Answer every waiting call past its deadline; return how many were answered."""
+        now = time.time()
+        waiting = set(worker_state.reserved_requests) - set(worker_state.active_requests)
+        answered = 0
+        for request in waiting:
+            if request.name != HANDLE_TASK or request.id in self._answered:
+                continue
+            args = request.args
+            deadline = args[2] if len(args) > 2 else None
+            if deadline is None or now <= deadline:
+                continue
+            self._answered.add(request.id)
+            pool = str(args[0])
+            error = CheckoutTimeout(
+                f"pool {pool!r}: no agent came free within the call's timeout; the call "
+                "waited in a busy worker and will not run", pool, now - deadline)
+            try:
+                self.app.backend.mark_as_failure(request.id, error)
+                answered += 1
+            except Exception:
+                logger.exception("could not answer late call %s", request.id)
+        if len(self._answered) > 10_000:
+            self._answered.intersection_update(request.id for request in waiting)
+        return answered
