@@ -1,0 +1,133 @@
+"""Each example runs from its one command, exits 0, prints what it shows, and is quick.
+
+Run as real subprocesses (``python examples/<name>.py``) from another directory, on the
+embedded broker each starts itself; one also runs on Redis through ``--broker``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+REDIS_BROKER = "redis://127.0.0.1:6379/6"
+REDIS_BACKEND = "redis://127.0.0.1:6379/7"
+
+pytestmark = pytest.mark.integration
+
+
+def run_example(name: str, *args: str, cwd: Path, limit: float) -> str:
+    """Run ``examples/<name>.py``; return its output after checking exit status and time."""
+    started = time.monotonic()
+    finished = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args], cwd=cwd,
+        capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, f"{name} exited {finished.returncode}:\n{output}"
+    assert elapsed < limit, f"{name} took {elapsed:.1f}s (limit {limit}s):\n{output}"
+    assert "worker stopped (exit status 0)" in output or "starting a worker" not in output
+    return finished.stdout
+
+
+def number(pattern: str, output: str) -> int:
+    found = re.search(pattern, output)
+    assert found, f"no line matches {pattern!r} in:\n{output}"
+    return int(found.group(1))
+
+
+def test_every_example_names_its_command() -> None:
+    for path in sorted(EXAMPLES.glob("*.py")):
+        if path.name in ("__init__.py", "launch.py", "local_site.py", "service.py"):
+            continue
+        assert f"python examples/{path.name}" in path.read_text(), path.name
+
+
+def test_counter_state_persists_and_resets(tmp_path: Path) -> None:
+    output = run_example("counter", cwd=tmp_path, limit=30)
+    assert "shared state: count 1 then 2" in output
+    assert "reset_on_checkin: count 1 then 1" in output
+    assert ("failed call raised ActionFailed: action 'fail' failed on signal "
+            "'counter.fail': RuntimeError: asked to fail") in output
+    assert "state after the failed call: count 2 (unchanged" in output
+    assert "status of 'counter': state=ready size=1 available=1 checkouts=4 calls=3 " \
+           "call_failures=1" in output
+
+
+def test_counter_runs_on_redis_with_broker_option(tmp_path: Path) -> None:
+    for url in (REDIS_BROKER, REDIS_BACKEND):
+        redis.Redis.from_url(url).flushdb()
+    output = run_example("counter", "--broker", REDIS_BROKER, "--backend", REDIS_BACKEND,
+                         cwd=tmp_path, limit=30)
+    assert f"on the broker {REDIS_BROKER}, results {REDIS_BACKEND}" in output
+    assert "shared state: count 1 then 2" in output
+    assert "reset_on_checkin: count 1 then 1" in output
+
+
+def test_url_fetcher_reuses_connections(tmp_path: Path) -> None:
+    output = run_example("url_fetcher", cwd=tmp_path, limit=30)
+    assert "after warm-up: the site saw 3 connections and 0 requests" in output
+    assert "reused connection: True, client in reply: False" in output
+    assert "cast 30 fetches: served by" in output
+    assert "30 of 30 on a reused connection" in output
+    assert "pool-aware task: title 'Item 7'" in output
+    assert "with the pool: 32 requests over 3 TCP connections" in output
+    assert "without a pool: 10 requests over 10 TCP connections" in output
+    assert "after shutdown: 13 of 13 connections closed" in output
+
+
+def test_crawler_fans_out_with_bounded_concurrency(tmp_path: Path) -> None:
+    output = run_example("crawler", cwd=tmp_path, limit=30)
+    assert "level 2: 8 fetches cast at once, 8 pages fetched" in output
+    assert ("crawled 12 pages: About, Blog, Docs, Home, Install, Pools, Post 1, Post 2, "
+            "Post 3, Post 4, Signals, Status") in output
+    assert re.search(r"broken link: /missing \(FetchError: GET http://127\.0\.0\.1:\d+"
+                     r"/missing answered 404\)", output), output
+    peak = number(r"peak concurrent fetches at the site: (\d+) \(pool size 3, "
+                  r"6 worker threads\)", output)
+    assert 1 <= peak <= 3
+    assert "the site saw 13 requests over 3 TCP connections" in output
+    assert "checkouts=13 calls=13 call_failures=1" in output
+
+
+def test_ml_inference_is_warm_from_the_first_call(tmp_path: Path) -> None:
+    output = run_example("ml_inference", cwd=tmp_path, limit=45)
+    accuracy = float(re.search(r"test accuracy (0\.\d+)", output).group(1))  # type: ignore[union-attr]
+    assert accuracy > 0.9
+    assert number(r"20 warm calls: (\d+) of 20 correct", output) >= 18
+    first = number(r"first call after ready: (\d+) ms", output)
+    warm = number(r"20 warm calls: .*median (\d+) ms", output)
+    cold = number(r"3 cold calls .*median (\d+) ms", output)
+    assert warm < cold and first < cold, output
+    assert "pool status: 2 agents over 2 processes, calls=21" in output
+
+
+def test_state_semantics_and_isolation_patterns(tmp_path: Path) -> None:
+    output = run_example("state_semantics", cwd=tmp_path, limit=15)
+    assert "count 1 then 2 (same agent: True)" in output
+    assert "alice buys apple+pear: 3.50; bob buys pear: 5.00" in output
+    assert "alice: 3.50; bob: 1.50; resource in the reply: False" in output
+    assert output.count("alice: 3.50; bob: 1.50") == 3
+    assert "cart between requests: []" in output
+    assert "survives the resets: True, loaded 1 time for 3 checkouts" in output
+
+
+def test_backpressure_sheds_what_it_cannot_serve(tmp_path: Path) -> None:
+    output = run_example("backpressure", cwd=tmp_path, limit=30)
+    assert "wait as long as it takes:  served 10 (" in output
+    for refusal in ("CheckoutTimeout", "PoolExhausted"):
+        found = re.search(rf"served (\d+) \(slowest in [\d.]+s\), shed (\d+) by {refusal}",
+                          output)
+        assert found, output
+        served, shed = int(found.group(1)), int(found.group(2))
+        assert served + shed == 10 and 2 <= served <= 4, output
+    assert "pool status: state=full checked_out=2 available=0" in output
+    assert "while saturated: served 0, shed 3 by CheckoutTimeout" in output, output
+    assert "its agent has done 2 jobs" in output
