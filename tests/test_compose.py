@@ -1,0 +1,473 @@
+"""compose.yaml, tested without a Docker engine: its commands run here, for real.
+
+The file is parsed (with PyYAML when it is installed, else with the small reader below,
+which is checked against PyYAML whenever some Python on the machine has it). Then each
+variant's worker and Flower commands run as real subprocesses, with their environment
+pointed at the local Redis (databases 8 and 9) or RabbitMQ instead of the compose
+hostnames, and each service's health check runs against them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "compose.yaml"
+#: Compose URLs and the local services that stand in for them.
+LOCAL_URLS = {
+    "redis://redis:6379/0": "redis://127.0.0.1:6379/8",
+    "redis://redis:6379/1": "redis://127.0.0.1:6379/9",
+    "amqp://guest:guest@rabbitmq:5672//": "amqp://guest:guest@127.0.0.1:5672//",
+}
+VARIANTS = {
+    "redis": ("worker", "flower", "FLOWER_PORT"),
+    "rabbitmq": ("worker-rabbitmq", "flower-rabbitmq", "FLOWER_RABBITMQ_PORT"),
+}
+POOLS = {"fetcher": 4, "digits": 2, "visits": 1}
+
+
+# -- reading compose.yaml ----------------------------------------------------------------
+
+
+class SmallYaml:
+    """Reads block-style YAML as compose files use it.
+
+    Mappings and sequences by indentation, ``|`` literal blocks, flow sequences of
+    scalars (``[a, "b c"]``), quoted and plain scalars, ``&anchor`` and ``*alias``,
+    comments on their own lines. Anything else raises ``ValueError``.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.anchors: dict[str, Any] = {}
+
+    def load(self) -> Any:
+        start = self._next(0)
+        value, end = self._block(start, self._indent(start))
+        if self._next(end) < len(self.lines):
+            raise ValueError(f"line {end + 1}: unexpected indentation")
+        return value
+
+    def _next(self, index: int) -> int:
+        while index < len(self.lines):
+            stripped = self.lines[index].strip()
+            if stripped and not stripped.startswith("#"):
+                break
+            index += 1
+        return index
+
+    def _indent(self, index: int) -> int:
+        line = self.lines[index]
+        return len(line) - len(line.lstrip(" "))
+
+    def _block(self, index: int, indent: int) -> tuple[Any, int]:
+        if self.lines[index].strip().startswith("- "):
+            return self._sequence(index, indent)
+        return self._mapping(index, indent)
+
+    def _mapping(self, index: int, indent: int) -> tuple[dict[str, Any], int]:
+        result: dict[str, Any] = {}
+        while index < len(self.lines) and self._indent(index) == indent:
+            text = self.lines[index].strip()
+            key, colon, rest = text.partition(":")
+            if not colon or (rest and not rest.startswith(" ")) or text.startswith("- "):
+                raise ValueError(f"line {index + 1}: expected 'key: value', got {text!r}")
+            rest = rest.strip()
+            anchor = None
+            if rest.startswith("&"):
+                anchor, _, rest = rest[1:].partition(" ")
+                rest = rest.strip()
+            if rest in ("|", "|-"):
+                value, index = self._literal(index + 1, indent, keep_newline=rest == "|")
+            elif rest:
+                value, index = self._scalar(rest, index), self._next(index + 1)
+            else:
+                child = self._next(index + 1)
+                if child < len(self.lines) and self._indent(child) > indent:
+                    value, index = self._block(child, self._indent(child))
+                else:
+                    value, index = None, child
+            if anchor:
+                self.anchors[anchor] = value
+            result[key.strip()] = value
+        if index < len(self.lines) and self._indent(index) > indent:
+            raise ValueError(f"line {index + 1}: unexpected indentation")
+        return result, index
+
+    def _sequence(self, index: int, indent: int) -> tuple[list[Any], int]:
+        items: list[Any] = []
+        while (index < len(self.lines) and self._indent(index) == indent
+               and self.lines[index].strip().startswith("- ")):
+            text = self.lines[index].strip()[2:].strip()
+            if re.match(r"^[\w.-]+:( |$)", text):
+                raise ValueError(f"line {index + 1}: mappings inside sequences are not read")
+            items.append(self._scalar(text, index))
+            index = self._next(index + 1)
+        return items, index
+
+    def _literal(self, index: int, indent: int, keep_newline: bool) -> tuple[str, int]:
+        body: list[str] = []
+        block_indent = None
+        while index < len(self.lines):
+            line = self.lines[index]
+            if line.strip():
+                current = len(line) - len(line.lstrip(" "))
+                if current <= indent:
+                    break
+                block_indent = current if block_indent is None else block_indent
+                body.append(line[block_indent:])
+            else:
+                body.append("")
+            index += 1
+        while body and not body[-1]:
+            body.pop()
+        text = "\n".join(body) + ("\n" if keep_newline and body else "")
+        return text, self._next(index)
+
+    def _scalar(self, text: str, index: int) -> Any:
+        if text.startswith("*"):
+            return self.anchors[text[1:]]
+        if text.startswith("["):
+            if not text.endswith("]"):
+                raise ValueError(f"line {index + 1}: unterminated flow sequence")
+            return [self._scalar(item, index) for item in _split_flow(text[1:-1])]
+        if text.startswith('"'):
+            return json.loads(text)
+        if text.startswith("'"):
+            return text[1:-1].replace("''", "'")
+        if re.fullmatch(r"-?\d+", text):
+            return int(text)
+        return {"true": True, "false": False, "null": None, "~": None}.get(text, text)
+
+
+def _split_flow(text: str) -> list[str]:
+    items, current, quote = [], "", ""
+    for character in text:
+        if quote:
+            current += character
+            if character == quote:
+                quote = ""
+        elif character in "\"'":
+            quote = character
+            current += character
+        elif character == ",":
+            items.append(current.strip())
+            current = ""
+        else:
+            current += character
+    if current.strip():
+        items.append(current.strip())
+    return items
+
+
+def read_compose() -> dict[str, Any]:
+    text = COMPOSE.read_text()
+    try:
+        import yaml  # type: ignore[import-untyped, unused-ignore]
+    except ImportError:
+        loaded = SmallYaml(text).load()
+    else:
+        loaded = yaml.safe_load(text)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+_VARIABLE = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_]\w*)")
+
+
+def interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """Compose's variable substitution: ``${VAR}``, ``${VAR:-default}``, ``$$``."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, variables) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(found: re.Match[str]) -> str:
+        if found.group(0) == "$$":
+            return "$"
+        name = found.group("name") or found.group("bare")
+        given = variables.get(name)
+        operator, argument = found.group("op"), found.group("arg") or ""
+        if operator in (":-", "-") and (given is None or (operator == ":-" and not given)):
+            return argument
+        if operator in (":?", "?") and (given is None or (operator == ":?" and not given)):
+            raise KeyError(f"compose.yaml needs {name}: {argument}")
+        return given or ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def seconds(duration: str | int) -> float:
+    """A compose duration (``30s``, ``1m30s``) in seconds."""
+    if isinstance(duration, int):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts, duration
+    return sum(float(amount) * units[unit] for amount, unit in parts)
+
+
+# -- running services here ---------------------------------------------------------------
+
+
+def local_environment(service: dict[str, Any]) -> dict[str, str]:
+    """The service's environment with compose hostnames replaced by the local services."""
+    environment = {key: str(value) for key, value in service.get("environment", {}).items()}
+    for key, value in environment.items():
+        if "redis:6379" in value or "rabbitmq:5672" in value:
+            assert value in LOCAL_URLS, f"{key}={value} has no local stand-in"
+            environment[key] = LOCAL_URLS[value]
+    return environment
+
+
+def process_environment(extra: dict[str, str]) -> dict[str, str]:
+    # What the image gives a container: the project's Python first on PATH, the project
+    # on PYTHONPATH, HOSTNAME set to the host name (Celery's %h).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT),
+            "HOSTNAME": socket.gethostname(), **extra}
+
+
+def health_check_command(test: Any) -> list[str]:
+    if isinstance(test, str):
+        return ["sh", "-c", test]
+    kind, *rest = test
+    if kind == "CMD":
+        return list(rest)
+    assert kind == "CMD-SHELL", test
+    return ["sh", "-c", rest[0]]
+
+
+def run_health_check(service: dict[str, Any], env: dict[str, str]) -> str:
+    check = service["healthcheck"]
+    finished = subprocess.run(health_check_command(check["test"]), env=env, cwd=ROOT,
+                              capture_output=True, text=True,
+                              timeout=seconds(check["timeout"]))
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, f"health check {check['test']} failed:\n{output}"
+    return output
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, grace: float) -> int | None:
+        """``docker compose stop``: SIGTERM, then SIGKILL after the grace period."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+                return None
+        return self.process.returncode
+
+
+def start(service: dict[str, Any], env: dict[str, str], log: Path) -> Running:
+    with log.open("wb") as output:
+        process = subprocess.Popen(shlex.split(service["command"]), cwd=ROOT, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return Running(process, log)
+
+
+def wait_for(condition: Any, timeout: float, what: str, running: Running) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if running.process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout}s; log:\n{running.output()}")
+
+
+def http_get(url: str, auth: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization",
+                           "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# A client of the running worker, in its own process so that it reads the same
+# environment the services do: a call on two pools and this node's pool status.
+CLIENT = """
+import json, sys
+from celery_warmpool import Signal
+from examples.ml_inference import digits_split, predict
+from examples.service import app, warm
+
+node = sys.argv[1]
+visits = warm.call("visits", Signal.new("counter.increment", {"by": 2}), timeout=10)
+_, _, test_x, test_y = digits_split()
+digit = warm.call("digits", predict(test_x[0]), timeout=10)
+replies = app.control.broadcast("warmpool_status", destination=[node], reply=True,
+                                timeout=5, limit=1)
+print(json.dumps({"visits": visits.state["count"], "node": visits.node,
+                  "digit": digit.state["last_prediction"]["digit"], "true": int(test_y[0]),
+                  "status": replies[0][node]}))
+"""
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return read_compose()
+
+
+def test_small_reader_reads_compose_as_pyyaml_does() -> None:
+    for python in dict.fromkeys(filter(None, (shutil.which("python3"), "/usr/bin/python3"))):
+        dumped = subprocess.run(
+            [python, "-c", "import json, sys, yaml; "
+                           "print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+             str(COMPOSE)], capture_output=True, text=True)
+        if dumped.returncode == 0:
+            assert SmallYaml(COMPOSE.read_text()).load() == json.loads(dumped.stdout)
+            return
+    pytest.skip("no Python with PyYAML on this machine to compare against")
+
+
+def test_services_profiles_and_health_checks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    rabbitmq = {name for name, service in services.items()
+                if "rabbitmq" in service.get("profiles", [])}
+    assert default == {"redis", "worker", "flower"}
+    assert rabbitmq == {"rabbitmq", "worker-rabbitmq", "flower-rabbitmq"}
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert services["rabbitmq"]["healthcheck"]["test"] == [
+        "CMD", "rabbitmq-diagnostics", "-q", "ping"]
+    for worker in ("worker", "worker-rabbitmq"):
+        check = services[worker]["healthcheck"]["test"]
+        assert check[0] == "CMD-SHELL" and "inspect ping -d" in check[1], check
+        assert "@$$HOSTNAME" in check[1], check  # the container's own node
+        assert services[worker]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["worker-rabbitmq"]["depends_on"]["rabbitmq"]["condition"] == \
+        "service_healthy"
+    for flower in ("flower", "flower-rabbitmq"):
+        environment = services[flower]["environment"]
+        assert "FLOWER_BASIC_AUTH" in environment or \
+            environment.get("FLOWER_UNAUTHENTICATED_API") == "true"
+        assert "/healthcheck" in " ".join(services[flower]["healthcheck"]["test"])
+    # Every service runs from the one image built from this repository.
+    images = {services[name]["image"] for name in
+              ("worker", "flower", "worker-rabbitmq", "flower-rabbitmq")}
+    assert images == {"celery-warmpool-examples:latest"}
+    assert services["flower"]["build"] == services["worker"]["build"]
+
+
+def test_redis_health_check_answers(compose: dict[str, Any]) -> None:
+    output = run_health_check(compose["services"]["redis"], process_environment({}))
+    assert "PONG" in output
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_health_check_answers(compose: dict[str, Any]) -> None:
+    if shutil.which("rabbitmq-diagnostics") is None:
+        pytest.skip("rabbitmq-diagnostics is not installed here")
+    run_health_check(compose["services"]["rabbitmq"], process_environment({}))
+
+
+@pytest.fixture
+def clean_databases() -> Iterator[None]:
+    for url in ("redis://127.0.0.1:6379/8", "redis://127.0.0.1:6379/9"):
+        redis.Redis.from_url(url).flushdb()
+    yield
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", [
+    "redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def test_worker_and_flower_commands_start_and_answer(
+        variant: str, compose: dict[str, Any], tmp_path: Path,
+        clean_databases: None) -> None:
+    worker_name, flower_name, port_variable = VARIANTS[variant]
+    port = free_port()
+    variables = {**os.environ, "WORKER_NAME": f"compose-{uuid.uuid4().hex[:8]}",
+                 port_variable: str(port)}
+    services = interpolate(compose["services"], variables)
+    worker, flower = services[worker_name], services[flower_name]
+    node = f"{variables['WORKER_NAME']}{'-rabbitmq' if variant == 'rabbitmq' else ''}@" \
+           f"{socket.gethostname()}"
+    user, _, password = flower["environment"]["FLOWER_BASIC_AUTH"].partition(":")
+    worker_env = process_environment(local_environment(worker))
+    flower_env = process_environment(local_environment(flower))
+
+    running_worker = start(worker, worker_env, tmp_path / "worker.log")
+    running_flower = start(flower, flower_env, tmp_path / "flower.log")
+    try:
+        wait_for(lambda: " ready." in running_worker.output(), 60, "worker ready",
+                 running_worker)
+        assert f"{node} ready." in running_worker.output()
+        assert "pong" in run_health_check(worker, worker_env)
+
+        answered = subprocess.run([sys.executable, "-c", CLIENT, node], env=worker_env,
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert answered.returncode == 0, answered.stderr
+        client = json.loads(answered.stdout.strip().splitlines()[-1])
+        assert client["visits"] == 2 and client["node"] == node
+        assert client["digit"] == client["true"]
+        for pool, size in POOLS.items():
+            assert client["status"][pool]["size"] == size
+            assert client["status"][pool]["state"] == "ready"
+
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(f"{base}/healthcheck") == (200, b"OK"), 60,
+                 "Flower answering", running_flower)
+        run_health_check(flower, flower_env)
+        assert http_get(f"{base}/api/workers")[0] == 401  # the API needs the password
+        status, body = http_get(f"{base}/api/workers?refresh=1", f"{user}:{password}")
+        assert status == 200, body
+        workers = json.loads(body)
+        assert node in workers, sorted(workers)
+        assert set(POOLS) <= set(workers[node]["stats"]["warmpool"])
+    finally:
+        flower_code = running_flower.stop(grace=15)
+        worker_code = running_worker.stop(grace=seconds(worker["stop_grace_period"]))
+    assert worker_code == 0, running_worker.output()
+    assert "Warm shutdown" in running_worker.output()
+    assert flower_code is not None, running_flower.output()
