@@ -211,11 +211,14 @@ def status(ctx: click.Context, pool: str | None, as_json: bool, watch: float | N
                 cli.error(f"{time.strftime('%H:%M:%S')} {exc.message}")
             else:
                 if not as_json:
+                    # A terminal shows the latest table in place; a pipe gets them in turn.
                     if sys.stdout.isatty():
                         click.clear()
                     cli.echo(f"{time.strftime('%H:%M:%S')}  every {watch:g}s "
                              "(Ctrl-C to stop)\n")
                 _print_status(cli, report, as_json)
+                if not as_json and not sys.stdout.isatty():
+                    cli.echo()
             time.sleep(watch)
     except KeyboardInterrupt:
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -272,3 +273,30 @@ def test_status_works_on_the_embedded_broker(tmp_path):
     assert "pool signer: ready, 2 of 2 agents available, 1 node" in result.stdout
     assert table_rows(result.stdout)[worker.hostname] == [
         worker.hostname, "ready", "2", "2", "0", "0", "0", "0", "0", "0", "0"]
+
+
+@pytest.mark.integration
+def test_watch_prints_a_fresh_table_each_time(start_worker):
+    worker = start_worker(TWO_POOLS, pool="threads", concurrency=2)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
+         "--watch", "0.2", "--pool", "ledger", "-d", worker.hostname],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV, cwd=ROOT)
+    try:
+        assert watcher.stdout is not None
+        lines = [watcher.stdout.readline() for _ in range(10)]
+        watcher.send_signal(signal.SIGINT)
+        rest, errors = watcher.communicate(timeout=10)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, errors
+    # Each refresh: a time stamp line, a blank line, the table (3 lines), a blank line.
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[0])
+    assert lines[1:3] == ["\n", "pool ledger: ready, 2 of 2 agents available, 1 node\n"]
+    assert lines[4].split() == [worker.hostname, "ready", "2", "2", "0", "0", "0", "0", "0",
+                                "0", "0"]
+    assert lines[5] == "\n"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[6])
+    assert "counter" not in "".join(lines) + rest
