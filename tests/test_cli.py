@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -64,6 +66,27 @@ def calls_counted(warm: Any, node: str, pool: str, calls: int) -> None:
     while counted() != calls and time.monotonic() < deadline:
         time.sleep(0.05)
     assert counted() == calls
+
+
+@contextlib.contextmanager
+def watching(*args: str, env: dict[str, str] = CLI_ENV) -> Iterator[Any]:
+    """``celery ... warmpool status ARGS`` running (for --watch); killed after if still up."""
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        yield watcher
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+
+
+def interrupt(watcher: Any) -> tuple[str, str]:
+    """Press Ctrl-C: the watcher's remaining output and its errors once it has exited."""
+    watcher.send_signal(signal.SIGINT)
+    rest, errors = watcher.communicate(timeout=10)
+    return rest, errors
 
 
 def leaf(node: str, pid: int, index: int | None, **numbers: Any) -> PoolStatus:
@@ -234,12 +257,8 @@ def test_watch_refreshes_the_numbers_until_interrupted(start_worker, client):
     worker = start_worker(specs, pool="threads", concurrency=2)
     _, warm = client(specs)
     env = {**CLI_ENV, "WARMPOOL_TEST_SPECS": json.dumps(specs)}
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
-         "--json", "--watch", "0.2", "--timeout", "2", "-d", worker.hostname],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        assert watcher.stdout is not None
+    with watching("--json", "--watch", "0.2", "--timeout", "2", "-d", worker.hostname,
+                  env=env) as watcher:
         first = json.loads(watcher.stdout.readline())
         assert first["counter"]["checked_out"] == 0
         busy = warm.cast("counter", {"type": "counter.work", "data": {"seconds": 3.0}})
@@ -247,12 +266,7 @@ def test_watch_refreshes_the_numbers_until_interrupted(start_worker, client):
         assert any(status["checked_out"] == 1 and status["state"] == "full"
                    for status in seen), seen
         busy.get(timeout=10)
-        watcher.send_signal(signal.SIGINT)
-        _, errors = watcher.communicate(timeout=10)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+        _, errors = interrupt(watcher)
     assert watcher.returncode == 0, errors
     assert "Aborted" not in errors
 
@@ -278,19 +292,9 @@ def test_status_works_on_the_embedded_broker(tmp_path):
 @pytest.mark.integration
 def test_watch_prints_a_fresh_table_each_time(start_worker):
     worker = start_worker(TWO_POOLS, pool="threads", concurrency=2)
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
-         "--watch", "0.2", "--pool", "ledger", "-d", worker.hostname],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV, cwd=ROOT)
-    try:
-        assert watcher.stdout is not None
+    with watching("--watch", "0.2", "--pool", "ledger", "-d", worker.hostname) as watcher:
         lines = [watcher.stdout.readline() for _ in range(10)]
-        watcher.send_signal(signal.SIGINT)
-        rest, errors = watcher.communicate(timeout=10)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+        rest, errors = interrupt(watcher)
     assert watcher.returncode == 0, errors
     # Each refresh: a time stamp line, a blank line, the table (3 lines), a blank line.
     assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[0])
