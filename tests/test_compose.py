@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -49,145 +50,8 @@ POOLS = {"fetcher": 4, "digits": 2, "visits": 1}
 # -- reading compose.yaml ----------------------------------------------------------------
 
 
-class SmallYaml:
-    """Reads block-style YAML as compose files use it.
-
-    Mappings and sequences by indentation, ``|`` literal blocks, flow sequences of
-    scalars (``[a, "b c"]``), quoted and plain scalars, ``&anchor`` and ``*alias``,
-    comments on their own lines. Anything else raises ``ValueError``.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
-        self.anchors: dict[str, Any] = {}
-
-    def load(self) -> Any:
-        start = self._next(0)
-        value, end = self._block(start, self._indent(start))
-        if self._next(end) < len(self.lines):
-            raise ValueError(f"line {end + 1}: unexpected indentation")
-        return value
-
-    def _next(self, index: int) -> int:
-        while index < len(self.lines):
-            stripped = self.lines[index].strip()
-            if stripped and not stripped.startswith("#"):
-                break
-            index += 1
-        return index
-
-    def _indent(self, index: int) -> int:
-        line = self.lines[index]
-        return len(line) - len(line.lstrip(" "))
-
-    def _block(self, index: int, indent: int) -> tuple[Any, int]:
-        if self.lines[index].strip().startswith("- "):
-            return self._sequence(index, indent)
-        return self._mapping(index, indent)
-
-    def _mapping(self, index: int, indent: int) -> tuple[dict[str, Any], int]:
-        result: dict[str, Any] = {}
-        while index < len(self.lines) and self._indent(index) == indent:
-            text = self.lines[index].strip()
-            key, colon, rest = text.partition(":")
-            if not colon or (rest and not rest.startswith(" ")) or text.startswith("- "):
-                raise ValueError(f"line {index + 1}: expected 'key: value', got {text!r}")
-            rest = rest.strip()
-            anchor = None
-            if rest.startswith("&"):
-                anchor, _, rest = rest[1:].partition(" ")
-                rest = rest.strip()
-            if rest in ("|", "|-"):
-                value, index = self._literal(index + 1, indent, keep_newline=rest == "|")
-            elif rest:
-                value, index = self._scalar(rest, index), self._next(index + 1)
-            else:
-                child = self._next(index + 1)
-                if child < len(self.lines) and self._indent(child) > indent:
-                    value, index = self._block(child, self._indent(child))
-                else:
-                    value, index = None, child
-            if anchor:
-                self.anchors[anchor] = value
-            result[key.strip()] = value
-        if index < len(self.lines) and self._indent(index) > indent:
-            raise ValueError(f"line {index + 1}: unexpected indentation")
-        return result, index
-
-    def _sequence(self, index: int, indent: int) -> tuple[list[Any], int]:
-        items: list[Any] = []
-        while (index < len(self.lines) and self._indent(index) == indent
-               and self.lines[index].strip().startswith("- ")):
-            text = self.lines[index].strip()[2:].strip()
-            if re.match(r"^[\w.-]+:( |$)", text):
-                raise ValueError(f"line {index + 1}: mappings inside sequences are not read")
-            items.append(self._scalar(text, index))
-            index = self._next(index + 1)
-        return items, index
-
-    def _literal(self, index: int, indent: int, keep_newline: bool) -> tuple[str, int]:
-        body: list[str] = []
-        block_indent = None
-        while index < len(self.lines):
-            line = self.lines[index]
-            if line.strip():
-                current = len(line) - len(line.lstrip(" "))
-                if current <= indent:
-                    break
-                block_indent = current if block_indent is None else block_indent
-                body.append(line[block_indent:])
-            else:
-                body.append("")
-            index += 1
-        while body and not body[-1]:
-            body.pop()
-        text = "\n".join(body) + ("\n" if keep_newline and body else "")
-        return text, self._next(index)
-
-    def _scalar(self, text: str, index: int) -> Any:
-        if text.startswith("*"):
-            return self.anchors[text[1:]]
-        if text.startswith("["):
-            if not text.endswith("]"):
-                raise ValueError(f"line {index + 1}: unterminated flow sequence")
-            return [self._scalar(item, index) for item in _split_flow(text[1:-1])]
-        if text.startswith('"'):
-            return json.loads(text)
-        if text.startswith("'"):
-            return text[1:-1].replace("''", "'")
-        if re.fullmatch(r"-?\d+", text):
-            return int(text)
-        return {"true": True, "false": False, "null": None, "~": None}.get(text, text)
-
-
-def _split_flow(text: str) -> list[str]:
-    items, current, quote = [], "", ""
-    for character in text:
-        if quote:
-            current += character
-            if character == quote:
-                quote = ""
-        elif character in "\"'":
-            quote = character
-            current += character
-        elif character == ",":
-            items.append(current.strip())
-            current = ""
-        else:
-            current += character
-    if current.strip():
-        items.append(current.strip())
-    return items
-
-
 def read_compose() -> dict[str, Any]:
-    text = COMPOSE.read_text()
-    try:
-        import yaml  # type: ignore[import-untyped, unused-ignore]
-    except ImportError:
-        loaded = SmallYaml(text).load()
-    else:
-        loaded = yaml.safe_load(text)
+    loaded = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(loaded, dict)
     return loaded
 
@@ -357,18 +221,6 @@ print(json.dumps({"visits": visits.state["count"], "node": visits.node,
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return read_compose()
-
-
-def test_small_reader_reads_compose_as_pyyaml_does() -> None:
-    for python in dict.fromkeys(filter(None, (shutil.which("python3"), "/usr/bin/python3"))):
-        dumped = subprocess.run(
-            [python, "-c", "import json, sys, yaml; "
-                           "print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-             str(COMPOSE)], capture_output=True, text=True)
-        if dumped.returncode == 0:
-            assert SmallYaml(COMPOSE.read_text()).load() == json.loads(dumped.stdout)
-            return
-    pytest.skip("no Python with PyYAML on this machine to compare against")
 
 
 def test_services_profiles_and_health_checks(compose: dict[str, Any]) -> None:
