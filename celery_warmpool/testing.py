@@ -166,11 +166,16 @@ class WorkerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
+    def remove_log(self) -> None:
+        """Delete the worker's log file (once nothing needs to read it)."""
+        self.log_path.unlink(missing_ok=True)
+
     def __enter__(self) -> WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+        self.remove_log()
 
 
 @pytest.fixture
@@ -216,3 +221,4 @@ def warm_worker_factory(warmpool_broker_url: str, warmpool_backend_url: str,
     yield factory
     for worker in workers:
         worker.stop()
+        worker.remove_log()

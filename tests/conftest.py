@@ -58,6 +58,7 @@ def start_worker(clean_redis: None) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in workers:
         worker.stop()
+        worker.remove_log()
 
 
 @pytest.fixture
