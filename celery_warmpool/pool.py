@@ -157,6 +157,7 @@ class AgentPool(Generic[AgentT]):
         self._recycling = self.options.max_uses is not None or self.options.max_age is not None
         self._stamping = (self.options.health_check_interval is not None
                           or self.options.overflow_ttl > 0)
+        self._reset_on_checkin = self.options.reset_on_checkin
 
     @classmethod
     def from_spec(cls, spec: PoolSpec, *, node: str | None = None,
@@ -287,8 +288,12 @@ class AgentPool(Generic[AgentT]):
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed", self.name)
                 if self._idle:
+                    # The hot path: _lend_locked inlined.
                     slot: _Slot | None = self._take()
-                    self._lend_locked(slot)  # type: ignore[arg-type]
+                    slot.out = True  # type: ignore[union-attr]
+                    slot.uses += 1  # type: ignore[union-attr]
+                    self._checked_out += 1
+                    self._counts["checkouts"] += 1
                     waiter = None
                 elif not self._started:
                     # Nothing would ever come: fail now rather than wait forever.
@@ -359,14 +364,22 @@ class AgentPool(Generic[AgentT]):
                 raise NotCheckedOut(
                     f"pool {self.name!r}: {agent!r} is not checked out from this pool "
                     "(already checked in, or never handed out by it)", self.name)
-            if self.options.reset_on_checkin:
+            if self._reset_on_checkin:
                 # Take it out of circulation while reset() runs outside the lock, so that
                 # a second checkin of the same agent fails rather than resets it twice.
                 slot.out = False
                 self._slots.pop(id(agent))
+            elif (not self._waiters and not slot.overflow and not self._recycling
+                  and not self._stamping and agent.broken is None and not self._closed):
+                # The hot path: nothing to decide, the agent goes back to the idle ones.
+                slot.out = False
+                self._checked_out -= 1
+                self._counts["checkins"] += 1
+                self._idle.append(slot)
+                disposal = None
             else:
                 disposal = self._return_locked(slot)
-        if self.options.reset_on_checkin:
+        if self._reset_on_checkin:
             try:
                 agent.reset()
             except Exception as exc:
