@@ -175,8 +175,7 @@ class Agent(Generic[StateT]):
                 f"{type(exc).__name__}: {exc}", event.type, action.name,
                 f"{type(exc).__name__}: {exc}") from exc
         self.state = new_state
-        # Every field is built here from validated values: no need to validate again.
-        reply = AgentReply.model_construct(
+        reply = AgentReply(
             pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
             signal_id=event.id, signal_type=event.type, action=action.name, result=result,
             state=self.public_state(), duration=time.perf_counter() - started)
@@ -192,11 +191,12 @@ class Agent(Generic[StateT]):
     def _working_state(self) -> BaseModel:
         # A private copy of plain fields, so an action that changes state in place cannot
         # change the agent's state when it then fails; resources are shared, not copied.
-        fields = dict(self.state.__dict__)
+        working = self.state.model_copy()
+        fields = working.__dict__
         for name, value in fields.items():
             if name not in self._resource_fields and not isinstance(value, _IMMUTABLE):
                 fields[name] = copy.deepcopy(value)
-        return self.state.model_construct(**fields)
+        return working
 
     def _merged(self, updates: Any, action: Action,
                 event: Signal) -> tuple[StateT, dict[str, Any]]:

@@ -4,22 +4,29 @@ Used where the work runs inline on the caller's thread (a Celery task) and the p
 waiting for it is elsewhere (the task's caller): the watchdog can tell that party at the
 deadline, while the work itself finishes in its own time.
 
-Watching costs a heap push under a lock; the watchdog thread is woken only when a new
-deadline is earlier than the one it sleeps towards.
+Watching must cost next to nothing, since every call is watched: ``watch`` and ``done``
+are one dictionary operation each (atomic in CPython, so no lock), and a single thread
+looks over the watched work every ``TICK`` seconds. Whoever removes a token first wins:
+``done`` (the work ended in time) or the watchdog (it did not).
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Watchdog"]
+__all__ = ["TICK", "Watchdog"]
 
 logger = logging.getLogger(__name__)
+
+#: How often the watchdog looks for overdue work, in seconds: a deadline is noticed at
+#: most this late.
+TICK = 0.02
+#: Looks with nothing watched before the watchdog thread ends (the next watch restarts it).
+IDLE_TICKS = 250
 
 
 class Watchdog:
@@ -27,52 +34,55 @@ class Watchdog:
 
     def __init__(self, name: str = "warmpool-watchdog") -> None:
         self.name = name
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._heap: list[tuple[float, int]] = []
-        self._pending: dict[int, Callable[[], None]] = {}
+        self._pending: dict[int, tuple[float, Callable[[], None]]] = {}
         self._counter = itertools.count()
         self._thread: threading.Thread | None = None
-        self._sleeping_until = float("inf")
+        self._start_lock = threading.Lock()
 
     def watch(self, seconds: float, on_expire: Callable[[], None]) -> int:
         """Start watching work that must end within ``seconds``; return its token."""
-        deadline = time.monotonic() + seconds
-        with self._lock:
-            token = next(self._counter)
-            self._pending[token] = on_expire
-            heapq.heappush(self._heap, (deadline, token))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-                self._thread.start()
-            elif deadline < self._sleeping_until:
-                self._wake.notify()
+        token = next(self._counter)
+        self._pending[token] = (time.monotonic() + seconds, on_expire)
+        # Read after the insert: a thread ending now either sees this token or has
+        # already cleared _thread, so one is started here.
+        if self._thread is None:
+            self._start()
         return token
 
     def done(self, token: int) -> bool:
         """Stop watching; ``False`` if the deadline already passed (``on_expire`` ran)."""
-        with self._lock:
-            return self._pending.pop(token, None) is not None
+        return self._pending.pop(token, None) is not None
+
+    def _retire(self) -> bool:
+        """End this thread if nothing is watched; keep going if a watch just came in."""
+        with self._start_lock:
+            current, self._thread = self._thread, None
+            if self._pending:
+                self._thread = current
+                return False
+            return True
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
 
     def _loop(self) -> None:
+        idle = 0
         while True:
-            expired: list[Callable[[], None]] = []
-            with self._lock:
-                now = time.monotonic()
-                while self._heap and (self._heap[0][0] <= now
-                                      or self._heap[0][1] not in self._pending):
-                    _, token = heapq.heappop(self._heap)
-                    callback = self._pending.pop(token, None)
-                    if callback is not None:
-                        expired.append(callback)
-                if not expired:
-                    self._sleeping_until = self._heap[0][0] if self._heap else float("inf")
-                    timeout = None if not self._heap else self._sleeping_until - now
-                    self._wake.wait(timeout)
-                    self._sleeping_until = float("inf")
+            time.sleep(TICK)
+            if not self._pending:
+                idle += 1
+                if idle >= IDLE_TICKS and self._retire():
+                    return
+                continue
+            idle = 0
+            now = time.monotonic()
+            for token, (deadline, on_expire) in list(self._pending.items()):
+                if deadline > now or self._pending.pop(token, None) is None:
                     continue
-            for callback in expired:
                 try:
-                    callback()
+                    on_expire()
                 except Exception:
                     logger.exception("watchdog: handling an overrun failed")
