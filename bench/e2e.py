@@ -25,11 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from celery.result import AsyncResult, ResultSet
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e_app import TOUCH, app, bare, pooled, spawn, warm  # noqa: E402
+from bench.e2e_app import TOUCH, app, bare, echo, pooled, spawn, warm  # noqa: E402
 from celery_warmpool.testing import WorkerProcess  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/10"
@@ -51,8 +52,10 @@ def timed(function: Callable[[], object]) -> float:
 
 
 def latencies(rounds: int, spawn_every: int) -> dict[str, list[float]]:
+    reply = warm.call("trivial", TOUCH).model_dump(mode="json")
     runs: dict[str, Callable[[], object]] = {
         "bare Celery task": lambda: bare.delay().get(timeout=10),
+        "bare, same payload": lambda: echo.delay(TOUCH.to_wire(), reply).get(timeout=10),
         "warm.call": lambda: warm.call("trivial", TOUCH),
         "pool-aware task": lambda: pooled.delay().get(timeout=10),
     }
@@ -69,12 +72,11 @@ def latencies(rounds: int, spawn_every: int) -> dict[str, list[float]]:
     return samples
 
 
-def burst(send: Callable[[], object], count: int) -> float:
-    """Messages per second for ``count`` sends and their results."""
+def burst(send: Callable[[], AsyncResult], count: int) -> float:
+    """Messages per second for ``count`` sends and all their results."""
     started = time.perf_counter()
-    results = [send() for _ in range(count)]
-    for result in results:
-        result.get(timeout=60)  # type: ignore[attr-defined]
+    results = ResultSet([send() for _ in range(count)], app=app)
+    results.join_native(timeout=60, propagate=True)
     return count / (time.perf_counter() - started)
 
 
@@ -82,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples")
     options = parser.parse_args()
-    rounds, burst_size, repeats = (100, 200, 2) if options.quick else (400, 500, 3)
+    rounds, burst_size, repeats = (100, 200, 2) if options.quick else (400, 500, 6)
 
     for url in (BROKER, BACKEND):
         redis.Redis.from_url(url).flushdb()
@@ -93,10 +95,14 @@ def main() -> None:
     try:
         app.control.ping(timeout=0.5)
         samples = latencies(rounds, spawn_every=max(1, rounds // 20))
-        casts, delays = [], []
-        for _ in range(repeats):
-            delays.append(burst(lambda: bare.delay(), burst_size))
-            casts.append(burst(lambda: warm.cast("trivial", TOUCH), burst_size))
+        casts: list[float] = []
+        delays: list[float] = []
+        for repeat in range(repeats):
+            # Alternate which goes first, so that a drift in the machine's load hits both.
+            runs = [(delays, lambda: bare.delay()),
+                    (casts, lambda: warm.cast("trivial", TOUCH))]
+            for rates, send in runs if repeat % 2 == 0 else reversed(runs):
+                rates.append(burst(send, burst_size))
     finally:
         worker.stop()
 
