@@ -73,17 +73,3 @@ def echo(signal: dict[str, Any], reply: dict[str, Any]) -> list[dict[str, Any]]:
     """Bare Celery carrying what warm.call carries: a signal in, a reply of that size out."""
     return [reply]
 
-
-@app.task(name="bench.inner", shared=False)
-def inner(n: int) -> dict[str, float]:
-    """Per-iteration cost of a checkout, handle and checkin inside the worker process."""
-    pool = warm.local_pool("trivial")
-    started = time.perf_counter()
-    for _ in range(n):
-        with pool.agent() as agent:
-            agent.handle(TOUCH)
-    middle = time.perf_counter()
-    for _ in range(n):
-        pool.call(TOUCH)
-    return {"agent_handle_us": (middle - started) / n * 1e6,
-            "pool_call_us": (time.perf_counter() - middle) / n * 1e6}
