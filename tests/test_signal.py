@@ -145,3 +145,12 @@ def test_invalid_signal_survives_celery_style_rebuild() -> None:
     assert str(rebuilt) == str(error)
     assert rebuilt.signal_type == "a.b"
     assert rebuilt.errors == error.errors
+
+
+def test_data_that_json_cannot_carry_is_an_invalid_signal_naming_where() -> None:
+    import datetime
+
+    with pytest.raises(InvalidSignal, match=r"data\.when is a date"):
+        Signal.new("report.run", {"when": datetime.date(2026, 1, 1)})
+    with pytest.raises(InvalidSignal, match=r"non-string key 1"):
+        Signal.new("report.run", {"rows": {1: "a"}})
