@@ -535,9 +535,14 @@ class AgentPool(Generic[AgentT]):
         """Build an overflow agent for the caller, or ``None`` if its setup failed."""
         try:
             slot = self._build(overflow=True)
-        except Exception:
+        except BaseException as exc:
             with self._lock:
                 self._building_overflow -= 1
+                if not isinstance(exc, Exception):
+                    # Interrupted, not failed: the room is the next waiter's to use.
+                    self._pass_overflow_room_locked()
+            if not isinstance(exc, Exception):
+                raise
             return None
         with self._lock:
             self._building_overflow -= 1
@@ -553,7 +558,12 @@ class AgentPool(Generic[AgentT]):
     def _wait(self, waiter: _Waiter, since: float, timeout: float | None) -> _Slot | None:
         """Wait for a hand-over; ``None`` means: build an overflow agent (room reserved)."""
         remaining = None if timeout is None else max(0.0, since + timeout - time.monotonic())
-        if not waiter.wait(remaining):
+        try:
+            woken = waiter.wait(remaining)
+        except BaseException:
+            self._withdraw(waiter)
+            raise
+        if not woken:
             with self._lock:
                 # An agent (or overflow room) may have been handed over between the wait
                 # ending and the lock: then the caller takes it, so no hand-off is lost.
@@ -632,13 +642,31 @@ class AgentPool(Generic[AgentT]):
         del self._slots[id(slot.agent)]
         if slot.overflow:
             self._overflow -= 1
-            if self._waiters and not self._closed:
-                # Room for an overflow agent is free again: without this the first waiter
-                # would wait for a checkin (maybe forever) while the pool could serve it.
-                self._building_overflow += 1
-                waiter = self._waiters.popleft()
-                waiter.build = True
-                waiter.wake()
+            self._pass_overflow_room_locked()
+
+    def _pass_overflow_room_locked(self) -> None:
+        # Room for an overflow agent is free again: without this the first waiter would
+        # wait for a checkin (maybe forever) while the pool could serve it.
+        if self._waiters and not self._closed:
+            self._building_overflow += 1
+            waiter = self._waiters.popleft()
+            waiter.build = True
+            waiter.wake()
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """Take back what a waiter interrupted mid-wait (a time limit, Ctrl-C) was given."""
+        disposal = None
+        with self._lock:
+            slot = waiter.slot
+            if slot is not None:
+                disposal = self._return_locked(slot)
+            elif waiter.build:
+                self._building_overflow -= 1
+                self._pass_overflow_room_locked()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if slot is not None and disposal is not None:
+            self._dispose(slot, disposal)
 
     def _vet(self, slot: _Slot) -> bool:
         """Check a just-lent agent's age and health; retire it and say no if it fails."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -1032,3 +1033,39 @@ def test_pool_from_spec_gives_each_agent_its_own_initial_state() -> None:
         assert spec.initial_state == {"history": [1]}
         assert (first.pool_name, first.node) == ("counters", "node-a")
         assert pool.options.strategy == "fifo"
+
+
+def test_an_interrupted_waiter_gives_back_the_agent_handed_to_it() -> None:
+    import ctypes
+
+    class Interrupt(BaseException):
+        """Stands for a hard time limit or Ctrl-C arriving while a caller waits."""
+
+    pool = AgentPool(CounterAgent, name="interrupted", size=1).start()
+    try:
+        held = pool.checkout()
+        waiting = threading.Event()
+        outcome: list[str] = []
+
+        def wait_for_agent() -> None:
+            waiting.set()
+            try:
+                pool.checkout(timeout=5)
+            except Interrupt:
+                outcome.append("interrupted")
+
+        thread = threading.Thread(target=wait_for_agent)
+        thread.start()
+        waiting.wait()
+        while pool.status().waiting != 1:
+            time.sleep(0.001)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                   ctypes.py_object(Interrupt))
+        pool.checkin(held)  # handed to the waiter, which is interrupted as it wakes
+        thread.join(5)
+        assert outcome == ["interrupted"]
+        status = pool.status()
+        assert (status.available, status.checked_out, status.waiting) == (1, 0, 0)
+        assert pool.checkout(timeout=1) is held
+    finally:
+        pool.close()
