@@ -113,8 +113,9 @@ class PoolClient:
         except CeleryTimeout:
             # The message carries its deadline: a worker that takes it now drops it.
             raise CheckoutTimeout(
-                f"pool {pool!r}: no reply within {window:.1f}s; no worker started the call "
-                f"within timeout={timeout}s, and it will not run", pool, window, spec.size,
+                f"pool {pool!r}: no reply within {window:.1f}s. No worker started the call "
+                f"within timeout={timeout}s (it carries that deadline and will not start "
+                "later), or the worker running it was lost", pool, window, spec.size,
                 spec.max_overflow) from None
         return [AgentReply.model_validate(reply) for reply in replies]
 

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: How often the worker's main process looks for calls past their deadline, in seconds.
 INTERVAL = 0.1
+#: Seconds past a deadline before a waiting call is answered: a child that took the call
+#: just in time has told the main process so well within this.
+GRACE = 0.25
 
 
 class LateCalls:
@@ -48,7 +51,7 @@ class LateCalls:
                 continue
             args = request.args
             deadline = args[2] if len(args) > 2 else None
-            if deadline is None or now <= deadline:
+            if deadline is None or now <= deadline + GRACE:
                 continue
             self._answered.add(request.id)
             pool = str(args[0])

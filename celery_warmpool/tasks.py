@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,14 +30,19 @@ HANDLE_TASK = "celery_warmpool.handle"
 def register_handle_task(warm: WarmPool) -> Task:  # type: ignore[type-arg]
     """Register, on ``warm``'s app, the task that runs signals on a pool's agents."""
     watchdogs: dict[int, Watchdog] = {}
+    creating = threading.Lock()
 
     def watchdog() -> Watchdog:
-        # One per process: a prefork child must not share its parent's thread or lock.
+        # One per process: a prefork child must not share its parent's thread.
         pid = os.getpid()
-        if pid not in watchdogs:
-            watchdogs.clear()
-            watchdogs[pid] = Watchdog()
-        return watchdogs[pid]
+        found = watchdogs.get(pid)
+        if found is None:
+            with creating:
+                found = watchdogs.get(pid)
+                if found is None:
+                    watchdogs.clear()
+                    found = watchdogs[pid] = Watchdog()
+        return found
 
     def handle(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
                deadline: float | None = None, call_timeout: float | None = None,
@@ -61,17 +67,18 @@ def register_handle_task(warm: WarmPool) -> Task:  # type: ignore[type-arg]
         # The work runs here, inline; if it overruns, the watchdog answers the caller with
         # CallTimeout at the deadline and replaces the agent, and this task's own late
         # outcome is dropped (Ignore) so it cannot overwrite that answer.
-        task_id = task.request.id
+        request = task.request
         label = ",".join(event.type for event in events)
-        token = watchdog().watch(call_timeout, functools.partial(
-            _overran, task, task_id, agent_pool, agent, label, call_timeout))
+        dog = watchdog()
+        token = dog.watch(call_timeout, functools.partial(
+            _overran, task, request, agent_pool, agent, label, call_timeout))
         lease = None
         try:
             with agent_pool.lent(agent) as lease:
                 try:
                     replies = agent_pool.run_signals(agent, events, transaction=transaction)
                 finally:
-                    lease.abandoned = not watchdog().done(token)
+                    lease.abandoned = not dog.done(token)
         finally:
             if lease is not None and lease.abandoned:
                 agent_pool.finish_abandoned(agent)
@@ -84,15 +91,17 @@ def register_handle_task(warm: WarmPool) -> Task:  # type: ignore[type-arg]
     return registered
 
 
-def _overran(task: Task, task_id: str | None, agent_pool: AgentPool[Any],  # type: ignore[type-arg]
+def _overran(task: Task, request: Any, agent_pool: AgentPool[Any],  # type: ignore[type-arg]
              agent: Any, label: str, call_timeout: float) -> None:
     """At the deadline of overrunning work: replace its agent, tell the caller."""
     agent_pool.abandon(agent, f"call_timeout={call_timeout}s exceeded")
     error = CallTimeout(
         f"pool {agent_pool.name!r}: {label} took longer than call_timeout={call_timeout}s; "
         f"agent {agent.id} is being replaced", label, call_timeout)
-    if task_id is not None:  # None when the task was called directly, not sent
-        task.backend.mark_as_failure(task_id, error)
+    if request.id is not None:  # None when the task was called directly, not sent
+        # The request goes along: result backends that reply to the caller (rpc://) need
+        # its reply_to, and this runs on the watchdog's thread, not the task's.
+        task.backend.mark_as_failure(request.id, error, request=request)
 
 
 def pool_task(warm: WarmPool, pool: str, function: Callable[..., Any],
@@ -108,8 +117,9 @@ def pool_task(warm: WarmPool, pool: str, function: Callable[..., Any],
     bind = bool(options.pop("bind", False))
     checkout_timeout = options.pop("checkout_timeout", None)
     # The pool's queue is the default destination; task_routes and queue= still win.
+    queue = options.pop("queue", None) or spec.queue
     base = options.pop("base", None) or warm.app.Task
-    options["base"] = type("PoolTask", (_PoolQueue, base), {"warmpool_queue": spec.queue})
+    options["base"] = type("PoolTask", (_PoolQueue, base), {"warmpool_queue": queue})
     options.setdefault("acks_late", True)
     options.setdefault("shared", False)
 

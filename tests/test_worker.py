@@ -379,3 +379,14 @@ def test_gevent_worker_shares_agents_between_greenlets(start_worker, client):
         warm.call("counter", work(3.0), call_timeout=0.5)
     status = wait_for_status(warm, lambda status: status.counters.replacements == 1)
     assert (status.size, status.counters.replacements) == (2, 1)
+
+
+def test_a_pool_aware_task_keeps_a_queue_it_was_given(client):
+    app, warm = client(counter(1))
+
+    @warm.task(pool="counter", name="tests.elsewhere", queue="special")
+    def elsewhere(agent: Any) -> None:
+        return None
+
+    assert type(elsewhere).warmpool_queue == "special"
+    assert type(app.tasks["tests.peek"]).warmpool_queue == "warmpool.counter"
