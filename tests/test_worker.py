@@ -388,5 +388,5 @@ def test_a_pool_aware_task_keeps_a_queue_it_was_given(client):
     def elsewhere(agent: Any) -> None:
         return None
 
-    assert type(elsewhere).warmpool_queue == "special"
-    assert type(app.tasks["tests.peek"]).warmpool_queue == "warmpool.counter"
+    assert app.tasks["tests.elsewhere"].warmpool_queue == "special"
+    assert app.tasks["tests.peek"].warmpool_queue == "warmpool.counter"
