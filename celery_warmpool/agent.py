@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from . import telemetry
 from .action import Action, ActionContext
@@ -165,20 +166,25 @@ class Agent(Generic[StateT]):
         try:
             updates = action.run(params, ActionContext(self, self._working_state(), event))
             new_state, result = self._merged(updates, action, event)
+            # Serialized before the state is committed: a state that cannot go over the
+            # wire fails the call and leaves the agent as it was.
+            public = new_state.model_dump(mode="json")
         except ActionFailed as exc:
             self._failed(event, action, exc, started)
             raise
         except Exception as exc:
             self._failed(event, action, exc, started)
+            hint = (" (declare fields that hold objects, such as clients or models, with "
+                    "resource())" if isinstance(exc, PydanticSerializationError) else "")
             raise ActionFailed(
                 f"action {action.name!r} failed on signal {event.type!r}: "
-                f"{type(exc).__name__}: {exc}", event.type, action.name,
+                f"{type(exc).__name__}: {exc}{hint}", event.type, action.name,
                 f"{type(exc).__name__}: {exc}") from exc
         self.state = new_state
         reply = AgentReply(
             pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
             signal_id=event.id, signal_type=event.type, action=action.name, result=result,
-            state=self.public_state(), duration=time.perf_counter() - started)
+            state=public, duration=time.perf_counter() - started)
         if telemetry.call_stop.receivers:
             telemetry.call_stop.send(self, agent=self, event=event, action=action.name,
                                      reply=reply, duration=reply.duration)

@@ -407,3 +407,24 @@ def test_setup_puts_a_client_in_state() -> None:
 
     assert isinstance(agent.state.client, Client)
     assert agent.state.client.name == "c-2"
+
+
+def test_a_state_that_cannot_be_serialized_fails_the_call_and_changes_nothing() -> None:
+    class Opaque(AgentState):
+        count: int = 0
+        handle: Any = None  # an object, but not declared with resource()
+
+    class Store(Action):
+        name = "store"
+
+        def run(self, params: Any, context: ActionContext) -> dict[str, Any]:
+            return {"count": context.state.count + 1, "handle": object()}
+
+    class Holder(Agent[Opaque]):
+        signal_routes = {"holder.store": Store}
+
+    agent = Holder()
+    with pytest.raises(ActionFailed, match=r"resource\(\)"):
+        agent.handle(Signal.new("holder.store", {}))
+    assert agent.state.count == 0
+    assert agent.state.handle is None
