@@ -25,6 +25,8 @@ __all__ = ["StatusBoard"]
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("=QI")  # sequence number, payload length
+_SEQUENCE = struct.Struct("=Q")
+_LENGTH = struct.Struct("=I")
 #: The shortest time between two writes of one slot, in seconds.
 QUICKEST = 0.02
 
@@ -51,10 +53,14 @@ class StatusBoard:
             data = json.dumps({**payload, "pools": {}, "truncated": True}).encode()
         offset = index * self.slot_size
         with self._write_lock:
-            sequence = _HEADER.unpack_from(self._memory, offset)[0]
-            _HEADER.pack_into(self._memory, offset, sequence + 1, 0)
+            sequence = _SEQUENCE.unpack_from(self._memory, offset)[0]
+            # Odd while writing. A writer killed mid-write left the number odd: the next
+            # odd one above it keeps the slot readable for the process that takes over.
+            writing = sequence + 1 + (sequence & 1)
+            _SEQUENCE.pack_into(self._memory, offset, writing)
+            _LENGTH.pack_into(self._memory, offset + _SEQUENCE.size, len(data))
             self._memory[offset + _HEADER.size:offset + _HEADER.size + len(data)] = data
-            _HEADER.pack_into(self._memory, offset, sequence + 2, len(data))
+            _SEQUENCE.pack_into(self._memory, offset, writing + 1)
 
     def read(self, index: int) -> dict[str, Any] | None:
         """The payload in slot ``index``, or ``None`` if it was never written."""
@@ -63,13 +69,17 @@ class StatusBoard:
             sequence, length = _HEADER.unpack_from(self._memory, offset)
             if sequence == 0:
                 return None
-            if sequence % 2:
+            if sequence % 2 or not 0 < length <= self.slot_size - _HEADER.size:
                 time.sleep(0.0005)
                 continue
             data = bytes(self._memory[offset + _HEADER.size:offset + _HEADER.size + length])
-            if _HEADER.unpack_from(self._memory, offset)[0] == sequence:
+            if _SEQUENCE.unpack_from(self._memory, offset)[0] != sequence:
+                continue
+            try:
                 payload: dict[str, Any] = json.loads(data)
-                return payload
+            except ValueError:
+                continue
+            return payload
         logger.warning("status slot %d kept changing while read; skipped", index)
         return None
 

@@ -295,9 +295,11 @@ class WarmPool:
             self.spec(pool)
             with self._host_lock:
                 if self.host is None:
+                    # Published only once started: other threads wait on the lock.
                     self.process_specs = dict(self.specs)
-                    self.host = PoolHost(self.process_specs.values(), node=self.node)
-                    self.host.start()
+                    started = PoolHost(self.process_specs.values(), node=self.node)
+                    started.start()
+                    self.host = started
                 host = self.host
         return host.get(pool)
 
