@@ -21,7 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from . import metrics
 from .deadlines import LateCalls
@@ -36,6 +36,13 @@ logger = logging.getLogger(__name__)
 
 #: Extra seconds Celery waits for a child beyond the slowest pool's ``start_timeout``.
 ALIVE_MARGIN = 10.0
+
+
+def _close_after_drain(warm: WarmPool) -> Any:
+    def close(sender: Any = None, **kwargs: Any) -> None:
+        warm.stop_process()
+
+    return close
 
 
 def _extension(worker: Any) -> WarmPool:
@@ -59,6 +66,7 @@ class WarmPoolStep(bootsteps.StartStopStep):
             worker.app.conf.worker_proc_alive_timeout = wanted
         # Before the fork, so that prefork children record timings too.
         self.metrics = metrics.exporter_for(warm)
+        signals.worker_shutdown.connect(_close_after_drain(warm), weak=False)
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
@@ -94,11 +102,16 @@ class WarmPoolStep(bootsteps.StartStopStep):
             consumer.initial_prefetch_count = bound
 
     def stop(self, worker: Any) -> None:
+        # Warm shutdown: this step stops before the execution pool has drained, and
+        # tasks still running or waiting need their agents. The pools close at
+        # worker_shutdown, sent once the pool has stopped (see __init__).
         if self.metrics is not None:
             self.metrics.stop()
-        _extension(worker).stop_process()
 
-    def shutdown(self, worker: Any) -> None:
+    def terminate(self, worker: Any) -> None:
+        # Cold shutdown: running tasks are being killed anyway; close the pools now.
+        if self.metrics is not None:
+            self.metrics.stop()
         _extension(worker).stop_process()
 
     def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]

@@ -174,8 +174,11 @@ class WarmPool:
         self.node = worker.hostname
         self.execution = execution_pool_of(worker.pool_cls)
         names = self._hosted_names(hosted)
-        concurrency = int(worker.max_concurrency or worker.concurrency or 1)
         autoscale = tuple(worker.autoscale) if getattr(worker, "autoscale", None) else None
+        # Under --autoscale=max,min the worker starts min children: size is compared with
+        # that, overflow with the room up to max.
+        concurrency = int((worker.min_concurrency if autoscale else worker.concurrency) or 1)
+        most = int(worker.max_concurrency or concurrency)
         self.process_specs = {}
         for name in names:
             spec, warnings = per_process_spec(self.spec(name), self.execution, concurrency,
@@ -185,7 +188,7 @@ class WarmPool:
             self.process_specs[name] = spec
             worker.app.amqp.queues.select_add(spec.queue)
         if self.execution == "prefork":
-            self.board = StatusBoard(slots=max(concurrency, 1))
+            self.board = StatusBoard(slots=max(most, concurrency, 1))
 
     def _hosted_names(self, hosted: str | None) -> list[str]:
         chosen: Iterable[str] | None = None
@@ -253,7 +256,7 @@ class WarmPool:
         """Block until every prefork child reports its pools started (or give up)."""
         if self.board is None or not self.process_specs:
             return
-        expected = int(worker.concurrency or 1)
+        expected = int(getattr(worker, "min_concurrency", None) or worker.concurrency or 1)
         limit = max(spec.start_timeout for spec in self.process_specs.values()) + 5.0
         deadline = time.monotonic() + limit
         last_report = 0.0

@@ -8,6 +8,9 @@ child still warming up is never given a task. The solo pool sends it in the main
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -18,6 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["connect"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a terminated child gives its agents' teardown before it dies.
+TERMINATE_TEARDOWN_SECONDS = 5.0
 
 
 def _process_index() -> int:
@@ -30,12 +36,34 @@ def _process_index() -> int:
     return int(index) if index is not None else 0
 
 
+def _close_on_terminate(warm: WarmPool) -> None:
+    """Tear agents down when the child is terminated (cold shutdown, revoke --terminate).
+
+    Celery resets SIGTERM to its default in children, so a terminated child would die
+    without ``worker_process_shutdown`` and without closing its agents. The teardown runs
+    on its own thread, bounded, in case the signal interrupted the pool mid-operation;
+    then the child dies of the signal as it would have.
+    """
+
+    def on_terminate(signum: int, frame: Any) -> None:
+        closer = threading.Thread(target=warm.stop_process, name="warmpool-terminate",
+                                  daemon=True)
+        closer.start()
+        closer.join(TERMINATE_TEARDOWN_SECONDS)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_terminate)
+
+
 def connect(warm: WarmPool) -> None:
     """Build ``warm``'s pools in each child as it starts; close them as it exits."""
 
     def on_process_init(sender: Any = None, **kwargs: Any) -> None:
         if warm.execution not in ("prefork", "solo"):
             return  # not a worker of this app, or its pools live in the main process
+        if warm.execution == "prefork":
+            _close_on_terminate(warm)
         warm.start_process(index=_process_index())
 
     def on_process_shutdown(sender: Any = None, **kwargs: Any) -> None:

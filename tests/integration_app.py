@@ -73,6 +73,12 @@ class CounterAgent(Agent[WorkState]):
         "counter.work": Work,
     }
 
+    def teardown(self) -> None:
+        folder = os.environ.get("WARMPOOL_TEST_TEARDOWN_DIR")
+        if folder:  # lets tests see that every agent was torn down, and where
+            with open(os.path.join(folder, f"{os.getpid()}-{self.id}"), "w"):
+                pass
+
     def setup(self) -> None:
         time.sleep(float(os.environ.get("WARMPOOL_TEST_SETUP_SECONDS", "0")))
         self.state.connection = object()

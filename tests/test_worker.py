@@ -390,3 +390,38 @@ def test_a_pool_aware_task_keeps_a_queue_it_was_given(client):
 
     assert app.tasks["tests.elsewhere"].warmpool_queue == "special"
     assert app.tasks["tests.peek"].warmpool_queue == "warmpool.counter"
+
+
+def _torn_down(folder: Any) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_warm_shutdown_lets_waiting_tasks_finish_then_tears_agents_down(start_worker,
+                                                                        client, tmp_path):
+    worker = start_worker(counter(1), pool="threads", concurrency=4,
+                          env={"WARMPOOL_TEST_TEARDOWN_DIR": str(tmp_path)})
+    _, warm = client(counter(1))
+    running = warm.cast("counter", work(1.0))
+    waiting = warm.cast("counter", work(0.2))
+    time.sleep(0.4)
+    assert worker.stop() == 0
+    assert running.get(timeout=5)[0]["state"]["count"] in (1, 2)
+    assert waiting.get(timeout=5)[0]["state"]["count"] in (1, 2)
+    assert len(_torn_down(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("execution,agents", [("threads", 2), ("prefork", 2)])
+def test_cold_shutdown_tears_every_agent_down(start_worker, tmp_path, execution, agents):
+    worker = start_worker(counter(2), pool=execution, concurrency=2,
+                          env={"WARMPOOL_TEST_TEARDOWN_DIR": str(tmp_path)})
+    os.kill(worker.pid, signal.SIGQUIT)  # Celery's cold shutdown
+    worker.process.wait(30)
+    assert len(_torn_down(tmp_path)) == agents
+
+
+def test_autoscaled_prefork_worker_warms_its_first_children_quickly(start_worker, client):
+    started = time.monotonic()
+    start_worker(counter(1), pool="prefork", concurrency=1, args=("--autoscale=3,1",))
+    assert time.monotonic() - started < 30
+    _, warm = client(counter(1))
+    assert warm.call("counter", INCREMENT).state["count"] == 1
