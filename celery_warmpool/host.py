@@ -45,8 +45,8 @@ class PoolHost:
 
     @property
     def warm(self) -> bool:
-        """Whether every pool started (its base agents were built)."""
-        return self.started_at is not None and not self.failures
+        """Whether start() finished and every pool started (its base agents were built)."""
+        return self.warm_seconds is not None and not self.failures
 
     def start(self) -> None:
         """Start every pool, in parallel; return when each is warm or has failed."""
@@ -72,7 +72,12 @@ class PoolHost:
                 self.failures[spec.name] = exc
             return
         with self._lock:
-            self.pools[spec.name] = pool
+            closing = self._stop.is_set()
+            if not closing:
+                self.pools[spec.name] = pool
+        if closing:  # started by a retry while the host was being closed
+            pool.close()
+            return
         logger.info("warm pool %r ready in process %d: %d agents", spec.name, self.pid,
                     pool.size)
 

@@ -761,15 +761,6 @@ class AgentPool(Generic[AgentT]):
             self._counts["calls"] += 1
         return reply
 
-    def record_call(self, failed: bool) -> None:
-        """Count one call handled by an agent of this pool (for callers outside it)."""
-        with self._lock:
-            self._counts["calls"] += 1
-            if failed:
-                self._counts["call_failures"] += 1
-
-    # -- internals: building and closing agents ----------------------------------------
-
     def _build(self, overflow: bool) -> _Slot:
         started = time.perf_counter()
         agent: AgentT | None = None

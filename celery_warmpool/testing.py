@@ -70,7 +70,10 @@ class WorkerProcess:
         self.pool = pool
         self.concurrency = concurrency
         self.nodename = nodename or f"warm-{uuid.uuid4().hex[:8]}@%h"
-        self.env = {**os.environ, "WARMPOOL_BROKER_URL": broker,
+        # CELERY_BROKER_URL and CELERY_RESULT_BACKEND take precedence over the app's own
+        # configuration, so any app runs against the broker given here.
+        self.env = {**os.environ, "CELERY_BROKER_URL": broker,
+                    "CELERY_RESULT_BACKEND": backend, "WARMPOOL_BROKER_URL": broker,
                     "WARMPOOL_RESULT_BACKEND": backend, **(env or {})}
         self.args = list(args)
         self.cwd = cwd
