@@ -582,20 +582,12 @@ class AgentPool(Generic[AgentT]):
 
     def _return_locked(self, slot: _Slot) -> str | None:
         """Put a returned slot back; say what must be done with it outside the lock."""
-        slot.out = False
-        self._checked_out -= 1
         self._counts["checkins"] += 1
         reason = self._retire_reason(slot)
         if reason is not None:
-            self._forget_locked(slot)
-            if self._closed:
-                return "closed"
-            if slot.overflow:
-                self._counts["dismissed"] += 1
-                return reason
-            self._replacing += 1
-            self._counts["replacements"] += 1
-            return reason
+            return self._retire_locked(slot, reason)
+        slot.out = False
+        self._checked_out -= 1
         if self._stamping:
             # Also before a hand-over: an agent passed from caller to caller was never
             # idle, so health_check_interval must not count from its last idle spell.
@@ -609,6 +601,25 @@ class AgentPool(Generic[AgentT]):
             return "dismissed"
         self._idle.append(slot)
         return None
+
+    def _retire_locked(self, slot: _Slot, reason: str) -> str:
+        """Take a checked-out slot out of the pool for good; say what becomes of it.
+
+        Returns ``"closed"`` when the pool is closed (the agent is only torn down), else
+        ``reason``: an overflow agent is dismissed, a base one replaced in the background
+        (see :meth:`_dispose`).
+        """
+        slot.out = False
+        self._checked_out -= 1
+        self._forget_locked(slot)
+        if self._closed:
+            return "closed"
+        if slot.overflow:
+            self._counts["dismissed"] += 1
+        else:
+            self._replacing += 1
+            self._counts["replacements"] += 1
+        return reason
 
     def _retire_reason(self, slot: _Slot) -> str | None:
         if self._closed:
@@ -688,17 +699,8 @@ class AgentPool(Generic[AgentT]):
         if reason is None:
             return True
         with self._lock:
-            slot.out = False
-            self._checked_out -= 1
             self._counts["checkouts"] -= 1
-            self._forget_locked(slot)
-            if slot.overflow:
-                disposal = "dismissed"
-                self._counts["dismissed"] += 1
-            else:
-                disposal = reason
-                self._replacing += 1
-                self._counts["replacements"] += 1
+            disposal = self._retire_locked(slot, reason)
         self._dispose(slot, disposal)
         return False
 
@@ -725,14 +727,9 @@ class AgentPool(Generic[AgentT]):
             slot = self._slots.get(id(agent))
             if slot is None or not slot.out:
                 return
-            slot.out = False
-            self._checked_out -= 1
-            self._forget_locked(slot)
-            if slot.overflow or self._closed:
-                self._counts["dismissed"] += int(slot.overflow)
-                return
-            self._replacing += 1
-            self._counts["replacements"] += 1
+            disposal = self._retire_locked(slot, reason)
+        if slot.overflow or disposal == "closed":
+            return
         logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
                        agent, reason)
         if telemetry.agent_replaced.receivers:
