@@ -104,7 +104,8 @@ class PoolHost:
             return pool
         failure = self.failures.get(name)
         if failure is not None:
-            raise failure
+            # A fresh error each time: re-raising the stored one would grow its traceback.
+            raise PoolStartError(*failure.args) from failure
         hosted = ", ".join(sorted(self.specs)) or "none"
         raise UnknownPool(
             f"pool {name!r} is not hosted by this worker process (hosted: {hosted})", name)
