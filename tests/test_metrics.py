@@ -87,7 +87,11 @@ def test_prefork_node_sums_every_childs_numbers(start_worker, client):
         caller.join(30)
 
     assert len(pids) == 2  # both children served, so the numbers below are sums
-    samples = scrape_until(url, lambda s: s.get("warmpool_call_duration_seconds_count") == 4)
+    # Children publish after each change: wait for the last checkin too, not only for the
+    # last call's duration.
+    samples = scrape_until(url, lambda s: (
+        s.get("warmpool_call_duration_seconds_count") == 4
+        and s.get("warmpool_agents{state=idle}") == 2))
     assert samples["warmpool_processes"] == 2
     assert samples["warmpool_size"] == 2
     assert samples["warmpool_max_overflow"] == 0
