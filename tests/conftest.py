@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_BROKER = "redis://127.0.0.1:6379/2"
 REDIS_BACKEND = "redis://127.0.0.1:6379/3"
 RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-def _rabbitmq_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -70,12 +60,3 @@ def client() -> Callable[..., Any]:
         return make_app(broker, REDIS_BACKEND, specs)
 
     return build
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _rabbitmq_up() or os.environ.get("CI"):
-        return
-    skip = pytest.mark.skip(reason="RabbitMQ is not listening on 127.0.0.1:5672")
-    for item in items:
-        if "rabbitmq" in item.keywords:
-            item.add_marker(skip)

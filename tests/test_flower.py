@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -81,8 +80,7 @@ def test_flower_api_shows_each_pools_numbers(start_worker, client, flower, execu
 
 
 def test_flower_worker_page_shows_each_pools_numbers(start_worker, client, flower):
-    if chromium() is None and not os.environ.get("CI"):
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    assert chromium() is not None, "chromium is missing: ./scripts/test installs it"
     worker = start_worker(SPECS, pool="threads", concurrency=4)
     _, warm = client(SPECS)
     make_calls(warm)
