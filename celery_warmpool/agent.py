@@ -230,10 +230,17 @@ class Agent(Generic[StateT]):
         result = new_state.model_dump(mode="json", include=set(updates))
         return new_state, result  # type: ignore[return-value]
 
+    def note_failure(self, exc: BaseException) -> None:
+        """Mark the agent broken if ``exc`` (or its cause) is one of its ``discard_on``."""
+        if not self.discard_on:
+            return
+        for candidate in (exc, exc.__cause__):
+            if isinstance(candidate, self.discard_on):
+                self.broken = candidate
+                return
+
     def _failed(self, event: Signal, action: Action, exc: BaseException, started: float) -> None:
-        cause = exc.__cause__ if isinstance(exc, ActionFailed) and exc.__cause__ else exc
-        if self.discard_on and isinstance(cause, self.discard_on):
-            self.broken = cause
+        self.note_failure(exc)
         if telemetry.call_exception.receivers:
             telemetry.call_exception.send(
                 self, agent=self, event=event, action=action.name, exception=exc,

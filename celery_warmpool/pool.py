@@ -416,8 +416,7 @@ class AgentPool(Generic[AgentT]):
         try:
             yield lease
         except BaseException as exc:
-            if self._is_discardable(exc):
-                agent.broken = exc
+            agent.note_failure(exc)
             raise
         finally:
             if not lease.abandoned:
@@ -739,12 +738,6 @@ class AgentPool(Generic[AgentT]):
     def finish_abandoned(self, agent: AgentT) -> None:
         """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
         self._teardown(agent)
-
-    def _is_discardable(self, exc: BaseException) -> bool:
-        discard_on = self.options.discard_on
-        if not discard_on:
-            return False
-        return isinstance(exc, discard_on) or isinstance(exc.__cause__, discard_on)
 
     def _count_call(self, agent: AgentT, signal: Signal | Mapping[str, Any]) -> AgentReply:
         try:
