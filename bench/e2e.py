@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.e2e_app import TOUCH, app, bare, echo, pooled, spawn, warm  # noqa: E402
-from celery_warmpool.testing import WorkerProcess  # noqa: E402
+from celery_warmpool.ops.processes import WorkerProcess  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/10"
 BACKEND = "redis://127.0.0.1:6379/11"

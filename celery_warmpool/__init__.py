@@ -1,36 +1,43 @@
 """Warm, bounded, observable pools of long-lived agents, for Celery workers and beyond.
 
-The core (:class:`Signal`, :class:`Action`, :class:`Agent`, :class:`AgentPool`) needs no
-Celery app; :class:`WarmPool` puts pools inside Celery workers.
+The core (:mod:`celery_warmpool.core`: :class:`Signal`, :class:`Action`, :class:`Agent`,
+:class:`AgentPool`) imports no Celery; :class:`WarmPool` puts pools inside Celery workers.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .action import Action, ActionContext, NoParams
-from .agent import Agent, AgentState, resource
-from .errors import (
+from .core import (
+    Action,
+    ActionContext,
     ActionFailed,
+    Agent,
+    AgentPool,
+    AgentReply,
+    AgentState,
     CallTimeout,
     CheckoutTimeout,
     ConfigurationError,
     InvalidSignal,
+    NoParams,
     NotCheckedOut,
     PoolClosed,
+    PoolCounters,
     PoolError,
     PoolExhausted,
+    PoolOptions,
+    PoolSpec,
     PoolStartError,
+    PoolStatus,
+    Signal,
     SignalError,
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
+    resource,
+    telemetry,
 )
-from .pool import AgentPool
-from .reply import AgentReply
-from .signal import Signal
-from .spec import PoolOptions, PoolSpec
-from .status import PoolCounters, PoolStatus
 
 if TYPE_CHECKING:
     from .extension import WarmPool
@@ -66,6 +73,7 @@ __all__ = [
     "WarmPool",
     "WarmPoolError",
     "resource",
+    "telemetry",
 ]
 
 

@@ -1,7 +1,7 @@
 """What each example needs to run from one command: a broker, and a worker to serve it.
 
 By default an example runs on the embedded broker and result store (files in a temporary
-directory, see :mod:`celery_warmpool.embedded`), so nothing has to be installed or
+directory, see :mod:`celery_warmpool.ops.embedded`), so nothing has to be installed or
 running. ``--broker redis://127.0.0.1:6379/0 --backend redis://127.0.0.1:6379/1`` runs
 it on Redis instead.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from celery import Celery
 
-from celery_warmpool.embedded import embedded_config, is_embedded
-from celery_warmpool.testing import WorkerProcess
+from celery_warmpool.ops.embedded import embedded_config, is_embedded
+from celery_warmpool.ops.processes import WorkerProcess
 
 __all__ = ["ROOT", "BrokerChoice", "example_app", "parse_options", "running_worker"]
 

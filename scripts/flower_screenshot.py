@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from celery_warmpool.testing import WorkerProcess  # noqa: E402
+from celery_warmpool.ops.processes import WorkerProcess  # noqa: E402
 from tests.flower_page import FlowerProcess, browse  # noqa: E402
 from tests.integration_app import make_app  # noqa: E402
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,21 @@ from typing import Any
 import pytest
 import redis
 
-from celery_warmpool.testing import WorkerProcess
+from celery_warmpool.ops.processes import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_BROKER = "redis://127.0.0.1:6379/2"
 REDIS_BACKEND = "redis://127.0.0.1:6379/3"
 RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Return once ``condition()`` holds; fail saying ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} within {within}s")
+        time.sleep(0.05)
 
 
 @pytest.fixture

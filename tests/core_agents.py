@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, Field
 
 from celery_warmpool import Action, ActionContext, Agent, AgentPool, AgentState, resource
-from celery_warmpool.telemetry import TelemetrySignal
+from celery_warmpool.core.telemetry import TelemetrySignal
 
 
 class FakeClock:

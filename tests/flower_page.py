@@ -5,14 +5,12 @@ Used by ``tests/test_flower.py`` and ``scripts/flower_screenshot.py``.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import html
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,14 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from celery_warmpool.ops.processes import ManagedProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Flags that keep a headless Chromium quiet, local and free of first-run work.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync")
-_WARMPOOL_ROW = re.compile(
-    r"<td>\s*warmpool\s*</td>\s*<td[^>]*>(?P<value>.*?)</td>", re.DOTALL)
+_POOL_ROW = re.compile(
+    r"<td>\s*warmpool\.(?P<pool>\w+)\s*</td>\s*<td[^>]*>(?P<value>.*?)</td>", re.DOTALL)
 
 
 def free_port() -> int:
@@ -48,16 +48,15 @@ def chromium() -> str | None:
         "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
-class FlowerProcess:
+class FlowerProcess(ManagedProcess):
     """``celery -A <app> flower`` as a subprocess on a free local port, API open."""
 
     def __init__(self, app: str, env: Mapping[str, str], *, cwd: Path = ROOT) -> None:
-        self.app = app
         self.port = free_port()
-        self.env = {**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"}
-        self.cwd = cwd
-        self.log_path = Path(tempfile.mkstemp(prefix="warmpool-flower-", suffix=".log")[1])
-        self.process: subprocess.Popen[bytes] | None = None
+        command = [sys.executable, "-m", "celery", "-A", app, "flower",
+                   f"--port={self.port}", "--address=127.0.0.1"]
+        super().__init__(command, env={**os.environ, **env,
+                                       "FLOWER_UNAUTHENTICATED_API": "true"}, cwd=cwd)
 
     @property
     def url(self) -> str:
@@ -65,16 +64,9 @@ class FlowerProcess:
 
     def start(self, timeout: float = 60.0) -> FlowerProcess:
         """Start Flower; return once it answers its health check."""
-        command = [sys.executable, "-m", "celery", "-A", self.app, "flower",
-                   f"--port={self.port}", "--address=127.0.0.1"]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.env, cwd=self.cwd,
-                                            start_new_session=True)
+        self.launch()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
+        while time.monotonic() < deadline and not self.exited():
             with contextlib.suppress(OSError):
                 if self.get("/healthcheck") == "OK":
                     return self
@@ -107,21 +99,11 @@ class FlowerProcess:
                                      f"{stats!r}")
             time.sleep(0.2)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Stop Flower (and anything it started)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+    def stop(self, timeout: float = 10.0, *, group: bool = True) -> int | None:
+        """Stop Flower and anything it started."""
+        code = super().stop(timeout, group=group)
+        self.remove_log()
+        return code
 
     def __enter__(self) -> FlowerProcess:
         return self.start()
@@ -150,10 +132,7 @@ def browse(url: str, *flags: str, timeout: float = 90.0) -> str:
     return done.stdout
 
 
-def warmpool_on_page(dom: str) -> dict[str, Any]:
-    """The ``warmpool`` row of a Flower worker page's "Other" tab, read back as data."""
-    found = _WARMPOOL_ROW.search(dom)
-    if found is None:
-        raise AssertionError("the worker page has no warmpool row")
-    value: dict[str, Any] = ast.literal_eval(html.unescape(found.group("value")).strip())
-    return value
+def pool_rows_on_page(dom: str) -> dict[str, str]:
+    """The ``warmpool.<pool>`` rows of a Flower worker page's "Other" tab: pool -> text."""
+    return {found.group("pool"): " ".join(html.unescape(found.group("value")).split())
+            for found in _POOL_ROW.finditer(dom)}

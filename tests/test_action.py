@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from celery_warmpool import Action, ActionContext, Agent, ConfigurationError, InvalidSignal
-from celery_warmpool.action import NoParams
+from celery_warmpool.core.action import NoParams
 
 
 class Search(Action):

@@ -185,7 +185,7 @@ def test_updates_failing_state_validation_are_action_failed_and_state_unchanged(
 
     assert caught.value.action == "bad_update"
     assert str(caught.value).startswith("action 'bad_update' produced an invalid state: ")
-    assert "count\n  Input should be a valid integer" in str(caught.value)
+    assert "count: Input should be a valid integer" in str(caught.value)
     assert agent.state is before
     assert agent.state.count == 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from celery_warmpool.board import _SEQUENCE, StatusBoard
+from celery_warmpool.worker.status_board import _SEQUENCE, StatusBoard
 
 
 def test_a_forked_child_writes_what_the_parent_reads() -> None:

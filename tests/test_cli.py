@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from celery_warmpool.cli import render_status_json, render_status_table
-from celery_warmpool.status import PoolCounters, PoolStatus
-from celery_warmpool.testing import WorkerProcess
+from celery_warmpool.core.status import PoolCounters, PoolStatus
+from celery_warmpool.ops.cli import render_status_json, render_status_table
+from celery_warmpool.ops.processes import WorkerProcess
 from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT
 
 INCREMENT = {"type": "counter.increment", "data": {"by": 1}}
@@ -59,7 +59,7 @@ def calls_counted(warm: Any, node: str, pool: str, calls: int) -> None:
     """Wait until ``node``'s prefork children have published ``calls`` (a few times a second)."""
 
     def counted() -> int:
-        parts = warm.client.collect(pool, destination=[node]).get(pool, [])
+        parts = warm.status_reader.collect(pool, destination=[node]).get(pool, [])
         return PoolStatus.combine(pool, parts).counters.calls
 
     deadline = time.monotonic() + 5
@@ -219,7 +219,7 @@ def test_no_worker_answering_exits_non_zero(tmp_path):
     (tmp_path / "lonely_app.py").write_text(
         "from celery import Celery\n"
         "from celery_warmpool import PoolSpec, WarmPool\n"
-        "from celery_warmpool.embedded import embedded_config\n"
+        "from celery_warmpool.ops.embedded import embedded_config\n"
         "app = Celery('lonely')\n"
         f"app.conf.update(embedded_config({str(tmp_path / 'store')!r}))\n"
         "WarmPool(app, pools=[PoolSpec('ledger', 'tests.integration_app:CounterAgent')])\n")
@@ -275,10 +275,10 @@ def test_watch_refreshes_the_numbers_until_interrupted(start_worker, client):
 def test_status_works_on_the_embedded_broker(tmp_path):
     # Kombu's filesystem transport carries the broadcast: no server at all.
     env = {"WARMPOOL_EMBEDDED_DIR": str(tmp_path / "store"), "PYTHONPATH": str(ROOT)}
-    with WorkerProcess("celery_warmpool.demo_app", pool="threads", concurrency=2,
+    with WorkerProcess("celery_warmpool.demo.app", pool="threads", concurrency=2,
                        broker="filesystem://", backend="", env=env) as worker:
         result = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "celery_warmpool.demo_app", "warmpool",
+            [sys.executable, "-m", "celery", "-A", "celery_warmpool.demo.app", "warmpool",
              "status", "-d", worker.hostname],
             capture_output=True, text=True, timeout=60, cwd=tmp_path,
             env={**os.environ, **env, "WARMPOOL_BROKER_URL": "filesystem://"})

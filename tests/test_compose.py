@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,13 +23,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import yaml
+
+from celery_warmpool.ops.processes import ManagedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -135,44 +135,21 @@ def run_health_check(service: dict[str, Any], env: dict[str, str]) -> str:
     return output
 
 
-@dataclass
-class Running:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, grace: float) -> int | None:
-        """``docker compose stop``: SIGTERM, then SIGKILL after the grace period."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-                return None
-        return self.process.returncode
+def start(service: dict[str, Any], env: dict[str, str], log: Path) -> ManagedProcess:
+    """Run a service's command as ``docker compose up`` would (without the container)."""
+    return ManagedProcess(shlex.split(service["command"]), env=env, cwd=ROOT,
+                          log_path=log).launch()
 
 
-def start(service: dict[str, Any], env: dict[str, str], log: Path) -> Running:
-    with log.open("wb") as output:
-        process = subprocess.Popen(shlex.split(service["command"]), cwd=ROOT, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return Running(process, log)
-
-
-def wait_for(condition: Any, timeout: float, what: str, running: Running) -> None:
+def wait_for(condition: Any, timeout: float, what: str, running: ManagedProcess) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        if running.process.poll() is not None:
+        if running.exited():
             break
         time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s; log:\n{running.output()}")
+    raise AssertionError(f"{what} within {timeout}s; log:\n{running.log()}")
 
 
 def http_get(url: str, auth: str | None = None) -> tuple[int, bytes]:
@@ -291,9 +268,9 @@ def test_worker_and_flower_commands_start_and_answer(
     running_worker = start(worker, worker_env, tmp_path / "worker.log")
     running_flower = start(flower, flower_env, tmp_path / "flower.log")
     try:
-        wait_for(lambda: " ready." in running_worker.output(), 60, "worker ready",
+        wait_for(lambda: " ready." in running_worker.log(), 60, "worker ready",
                  running_worker)
-        assert f"{node} ready." in running_worker.output()
+        assert f"{node} ready." in running_worker.log()
         assert "pong" in run_health_check(worker, worker_env)
 
         answered = subprocess.run([sys.executable, "-c", CLIENT, node], env=worker_env,
@@ -317,8 +294,8 @@ def test_worker_and_flower_commands_start_and_answer(
         assert node in workers, sorted(workers)
         assert set(POOLS) <= set(workers[node]["stats"]["warmpool"])
     finally:
-        flower_code = running_flower.stop(grace=15)
-        worker_code = running_worker.stop(grace=seconds(worker["stop_grace_period"]))
-    assert worker_code == 0, running_worker.output()
-    assert "Warm shutdown" in running_worker.output()
-    assert flower_code is not None, running_flower.output()
+        flower_code = running_flower.stop(15)
+        worker_code = running_worker.stop(seconds(worker["stop_grace_period"]))
+    assert worker_code == 0, running_worker.log()
+    assert "Warm shutdown" in running_worker.log()
+    assert flower_code is not None, running_flower.log()

@@ -9,7 +9,7 @@ from typing import Any
 
 from kombu import Connection
 
-from celery_warmpool.embedded import Transport, embedded_config
+from celery_warmpool.ops.embedded import Transport, embedded_config
 
 QUEUE = "warmpool.race"
 
@@ -67,4 +67,4 @@ def test_reader_never_takes_a_half_written_message(tmp_path: Path) -> None:
 def test_embedded_config_selects_the_atomic_transport(tmp_path: Path) -> None:
     config = embedded_config(tmp_path)
     assert config["broker_url"] == "filesystem://"
-    assert config["broker_transport"] == "celery_warmpool.embedded:Transport"
+    assert config["broker_transport"] == "celery_warmpool.ops.embedded:Transport"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -13,8 +15,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_warmpool import CallTimeout, CheckoutTimeout, ConfigurationError
-from celery_warmpool.metrics import exporter_for, metrics_address
-from celery_warmpool.timings import Histogram, merged
+from celery_warmpool.ops.metrics import exporter_for, metrics_address
 from tests.flower_page import free_port
 
 INCREMENT = {"type": "counter.increment", "data": {"by": 1}}
@@ -200,25 +201,33 @@ def test_unreadable_address_is_a_configuration_error(given):
 
 
 def test_exporter_is_none_when_metrics_are_off(monkeypatch):
-    from celery_warmpool.extension import WarmPool
+    from celery_warmpool import WarmPool
 
     monkeypatch.delenv("WARMPOOL_METRICS_ADDRESS", raising=False)
     app = Celery(set_as_current=False)
-    assert exporter_for(WarmPool(app, pools=[])) is None
+    assert exporter_for(WarmPool(app, pools=[]).runtime) is None
 
 
-def test_histograms_of_processes_add_up_bucket_by_bucket():
-    first, second = Histogram(), Histogram()
-    for seconds in (0.0, 0.001, 0.3):
-        first.observe(seconds)
-    second.observe(100.0)
-    total = merged([{"p": {"call_duration": first.to_data()}},
-                    {"p": {"call_duration": second.to_data()}}])["p"]["call_duration"]
-    cumulative = dict(total.cumulative())
-    assert cumulative[0.001] == 2  # a bucket holds values up to and including its bound
-    assert cumulative[0.25] == 2
-    assert cumulative[0.5] == 3
-    assert cumulative[60.0] == 3
-    assert cumulative[float("inf")] == 4
-    assert total.count == 4
-    assert total.sum == pytest.approx(100.301)
+@pytest.mark.integration
+def test_counters_of_a_killed_child_survive_its_replacement(start_worker, client):
+    # prometheus_client's multiprocess mode keeps a dead process's files: no counter reset.
+    port = free_port()
+    worker = start_worker(counter(2), pool="prefork", concurrency=2,
+                          env={"WARMPOOL_METRICS_ADDRESS": f"127.0.0.1:{port}"})
+    url = f"http://127.0.0.1:{port}/metrics"
+    _, warm = client(counter(2))
+    for _ in range(4):
+        warm.call("counter", INCREMENT)
+    assert scrape_until(url, lambda s: s["warmpool_calls_total"] == 4)[
+        "warmpool_calls_total"] == 4
+
+    victim = worker.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    replaced = scrape_until(url, lambda s: s["warmpool_processes"] == 2 and (
+        victim not in worker.children() and len(worker.children()) == 2), within=20)
+    assert victim not in worker.children()
+    # The killed child's calls are still counted; the new child has made none.
+    assert replaced["warmpool_calls_total"] == 4
+    warm.call("counter", INCREMENT)
+    assert scrape_until(url, lambda s: s["warmpool_calls_total"] == 5)[
+        "warmpool_calls_total"] == 5

@@ -39,7 +39,7 @@ def monitored(pools: list[AgentPool[Any]], clock: FakeClock, **options: Any,
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records
-            if record.name == "celery_warmpool.monitor" and record.levelno == logging.WARNING]
+            if record.name == "celery_warmpool.core.monitor" and record.levelno == logging.WARNING]
 
 
 def test_running_on_overflow_logs_a_warning_with_the_numbers(pools, clock, caplog):

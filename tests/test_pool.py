@@ -20,6 +20,7 @@ from celery_warmpool import (
     AgentPool,
     CallTimeout,
     CheckoutTimeout,
+    InvalidSignal,
     NotCheckedOut,
     PoolClosed,
     PoolError,
@@ -29,7 +30,7 @@ from celery_warmpool import (
     Signal,
     telemetry,
 )
-from celery_warmpool.pool import START_ATTEMPTS
+from celery_warmpool.core.pool import START_ATTEMPTS
 
 from .core_agents import (
     Boom,
@@ -926,7 +927,7 @@ def test_transaction_validates_every_signal_before_running_any(
         make_pool: Callable[..., Pool]) -> None:
     pool = make_pool(size=1)
 
-    with pytest.raises(Exception, match="invalid signal"):
+    with pytest.raises(InvalidSignal, match="invalid signal"):
         pool.transaction([Signal.new("counter.increment"), {"source": "/no-type"}])
 
     assert pool.checkout().public_state() == {"count": 0, "history": []}

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
 from celery_warmpool import InvalidSignal, Signal
 
@@ -82,7 +83,7 @@ def test_parse_accepts_signal_mapping_and_bytes() -> None:
 def test_signal_is_immutable() -> None:
     signal = Signal.new("a.b")
 
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ValidationError, match="frozen"):
         signal.type = "c.d"  # type: ignore[misc]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from celery_warmpool import AgentPool, ConfigurationError, PoolOptions, PoolSpec
-from celery_warmpool.spec import import_object
+from celery_warmpool.core.spec import import_object
 
 from .core_agents import Boom, CounterAgent
 

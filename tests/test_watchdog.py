@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from celery_warmpool.watchdog import TICK, Watchdog
+from celery_warmpool.worker.watchdog import TICK, Watchdog
 
 
 def test_work_done_in_time_is_never_reported() -> None:

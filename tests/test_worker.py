@@ -18,11 +18,13 @@ from celery_warmpool import (
     CallTimeout,
     CheckoutTimeout,
     InvalidSignal,
+    PoolStartError,
     Signal,
     UnknownPool,
     UnknownSignal,
 )
-from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT
+from celery_warmpool.core.status import PoolStatus
+from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +40,27 @@ def counter(size: int = 1, **options: Any) -> list[dict[str, Any]]:
              **options}]
 
 
-def wait_for_status(warm: Any, condition: Any, within: float = 3.0) -> Any:
-    """The pool's status once ``condition`` holds (children publish a few times a second)."""
-    deadline = time.monotonic() + within
-    status = warm.status("counter")
-    while not condition(status) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = warm.status("counter")
-    return status
+def node_status(warm: Any, node: str) -> PoolStatus:
+    """The pool's status on ``node``, asked of that node alone (answers at once)."""
+    parts = warm.status_reader.collect("counter", timeout=2.0, destination=[node])
+    return PoolStatus.combine("counter", parts["counter"])
+
+
+def wait_for_status(warm: Any, condition: Any, within: float = 3.0,
+                    node: str | None = None) -> Any:
+    """The pool's status once ``condition`` holds (children publish a few times a second).
+
+    With ``node`` only that node is asked, which answers at once; otherwise every node
+    is, which takes the broadcast's whole timeout.
+    """
+    last: list[Any] = []
+
+    def holds() -> bool:
+        last[:] = [node_status(warm, node) if node else warm.status("counter")]
+        return bool(condition(last[0]))
+
+    wait_until(holds, within, "the pool's status never matched")
+    return last[0]
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -133,22 +148,17 @@ def test_killed_child_is_replaced_by_a_warm_one(start_worker, client):
     before = set(worker.children())
     victim = sorted(before)[0]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        children = set(worker.children())
-        if len(children) == 2 and victim not in children:
-            break
-        time.sleep(0.05)
-    replacement = (set(worker.children()) - before).pop()
-    pids = set()
-    for _ in range(30):
-        reply = warm.call("counter", INCREMENT, timeout=10)
-        # Every agent that served was warmed before its first call.
-        assert reply.state["setups"] == 1
-        assert reply.duration < 0.5
-        pids.add(reply.pid)
-        if replacement in pids:
-            break
+    wait_until(lambda: len(worker.children()) == 2 and victim not in worker.children(),
+               20, "the killed child was not replaced")
+    [replacement] = set(worker.children()) - before
+    # Two calls at once occupy both children, so the replacement serves one of them.
+    wait_for_status(warm, lambda status: status.available == 2, within=10,
+                    node=worker.hostname)
+    calls = [warm.cast("counter", work(0.5)) for _ in range(2)]
+    replies = [result.get(timeout=10)[0] for result in calls]
+    assert {reply["pid"] for reply in replies} == {replacement, *(before - {victim})}
+    for reply in replies:
+        assert reply["state"]["setups"] == 1  # warmed once, before its first call
     status = warm.status("counter")
     assert status.size == 2
     assert {process.pid for process in status.processes} == set(worker.children())
@@ -157,10 +167,10 @@ def test_killed_child_is_replaced_by_a_warm_one(start_worker, client):
 @pytest.mark.parametrize("execution,concurrency,size", [("prefork", 2, 2), ("threads", 6, 2)])
 def test_concurrency_is_bounded_by_capacity(start_worker, client, execution, concurrency, size):
     specs = counter(size)
-    start_worker(specs, pool=execution, concurrency=concurrency)
+    worker = start_worker(specs, pool=execution, concurrency=concurrency)
     app, warm = client(specs)
     results = [warm.cast("counter", work(0.6)) for _ in range(10)]
-    time.sleep(0.3)
+    wait_for_status(warm, lambda status: status.checked_out == size, node=worker.hostname)
     inspect = app.control.inspect(timeout=1.0)
     active = sum(len(tasks) for tasks in (inspect.active() or {}).values())
     reserved = sum(len(tasks) for tasks in (inspect.reserved() or {}).values())
@@ -173,10 +183,10 @@ def test_concurrency_is_bounded_by_capacity(start_worker, client, execution, con
 
 def test_checkout_timeout_and_the_call_never_runs_late(start_worker, client):
     specs = counter(1)
-    start_worker(specs, pool="threads", concurrency=4)
+    worker = start_worker(specs, pool="threads", concurrency=4)
     _, warm = client(specs)
     busy = warm.cast("counter", work(2.0))
-    time.sleep(0.3)
+    wait_for_status(warm, lambda status: status.checked_out == 1, node=worker.hostname)
     started = time.monotonic()
     with pytest.raises(CheckoutTimeout) as timed_out:
         warm.call("counter", INCREMENT, timeout=0.5)
@@ -191,10 +201,10 @@ def test_checkout_timeout_and_the_call_never_runs_late(start_worker, client):
 def test_checkout_timeout_is_prompt_when_a_prefork_worker_holds_the_call(start_worker,
                                                                           client):
     specs = counter(1)
-    start_worker(specs, pool="prefork", concurrency=1)
+    worker = start_worker(specs, pool="prefork", concurrency=1)
     _, warm = client(specs)
     busy = warm.cast("counter", work(3.0))
-    time.sleep(0.3)
+    wait_for_status(warm, lambda status: status.checked_out == 1, node=worker.hostname)
     started = time.monotonic()
     with pytest.raises(CheckoutTimeout):
         warm.call("counter", INCREMENT, timeout=0.5)
@@ -261,8 +271,9 @@ def test_status_is_accurate_within_a_second(start_worker, client, execution, con
     idle = warm.status("counter")
     assert (idle.size, idle.available, idle.checked_out, idle.state) == (2, 2, 0, "ready")
     busy = warm.cast("counter", work(3.0))
-    time.sleep(1.0)  # the work starts at once; the numbers follow within a second
-    status = warm.status("counter")
+    # The work starts at once; the numbers follow within a second.
+    status = wait_for_status(warm, lambda status: status.checked_out == 1, within=1.0,
+                             node=worker.hostname)
     assert (status.available, status.checked_out) == (1, 1)
     assert status.nodes[worker.hostname].checked_out == 1
     if execution == "prefork":
@@ -313,7 +324,7 @@ def test_a_child_that_cannot_warm_up_is_reported(start_worker, client):
     status = warm.status("counter")
     assert status.available == 0
     assert "model server unreachable" in (status.last_error or "")
-    with pytest.raises(Exception, match="could not start"):
+    with pytest.raises(PoolStartError, match="could not start"):
         warm.call("counter", INCREMENT, timeout=2)
 
 
@@ -330,10 +341,7 @@ def test_a_child_that_cannot_warm_up_is_reported(start_worker, client):
 def test_bad_configuration_stops_the_worker_naming_pool_and_field(start_worker, specs,
                                                                   message):
     worker = start_worker(specs, pool="threads", concurrency=1, wait=False)
-    worker.start_process_only = True
-    with worker.log_path.open("wb") as log:
-        worker.process = subprocess.Popen(worker.command, stdout=log, stderr=subprocess.STDOUT,
-                                          env=worker.env, cwd=worker.cwd)
+    worker.launch()
     assert worker.process.wait(60) != 0
     assert message in worker.log()
 
@@ -401,12 +409,14 @@ def test_warm_shutdown_lets_waiting_tasks_finish_then_tears_agents_down(start_wo
     worker = start_worker(counter(1), pool="threads", concurrency=4,
                           env={"WARMPOOL_TEST_TEARDOWN_DIR": str(tmp_path)})
     _, warm = client(counter(1))
-    running = warm.cast("counter", work(1.0))
+    running = warm.cast("counter", work(1.5))
+    wait_for_status(warm, lambda status: status.checked_out == 1, node=worker.hostname)
     waiting = warm.cast("counter", work(0.2))
-    time.sleep(0.4)
+    wait_for_status(warm, lambda status: status.waiting == 1, node=worker.hostname)
     assert worker.stop() == 0
-    assert running.get(timeout=5)[0]["state"]["count"] in (1, 2)
-    assert waiting.get(timeout=5)[0]["state"]["count"] in (1, 2)
+    # The one agent served them in turn: the running one first, then the one waiting.
+    assert running.get(timeout=5)[0]["state"]["count"] == 1
+    assert waiting.get(timeout=5)[0]["state"]["count"] == 2
     assert len(_torn_down(tmp_path)) == 1
 
 

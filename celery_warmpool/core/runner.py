@@ -12,11 +12,15 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["TimeboxedRunner"]
+__all__ = ["Overran", "TimeboxedRunner"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Overran(Exception):
+    """The work outlasted its bound; it goes on in the background (see the module)."""
 
 
 class _Job:
@@ -79,11 +83,14 @@ class TimeboxedRunner:
         self.idle: list[_Thread] = []
 
     def run(self, function: Callable[[], T], timeout: float,
-            on_abandon: Callable[[], None] | None = None) -> tuple[bool, T | None]:
-        """Run ``function``; return ``(True, result)``, or ``(False, None)`` if it overran.
+            on_abandon: Callable[[], None] | None = None) -> T:
+        """Run ``function`` and return its result, waiting at most ``timeout`` seconds.
 
-        An exception raised by ``function`` is raised here. If it overran, ``on_abandon``
+        An exception raised by ``function`` is raised here. If it overruns, ``on_abandon``
         runs on the runner thread once the work finally ends.
+
+        Raises:
+            Overran: the work did not end within ``timeout``.
         """
         job = _Job(function)
         with self.lock:
@@ -100,7 +107,8 @@ class TimeboxedRunner:
             with self.lock:
                 if not job.done.is_set():
                     job.finished = on_abandon
-                    return False, None
+                    raise Overran(f"work did not end within {timeout}s")
         if job.error is not None:
             raise job.error
-        return True, job.result
+        result: T = job.result
+        return result

@@ -16,8 +16,8 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from .errors import CheckoutTimeout
-from .tasks import HANDLE_TASK
+from ..core.errors import CheckoutTimeout
+from .handler import HANDLE_TASK
 
 __all__ = ["LateCalls"]
 

@@ -1,23 +1,23 @@
-"""The caller's side: send signals to a pool's agents and read pool status."""
+"""Calling pools over the broker: call (wait for the reply), cast (do not), transaction."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from celery import Task
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from .errors import CheckoutTimeout, UnknownPool
-from .reply import AgentReply
-from .signal import Signal
-from .status import PoolStatus
+from ..core.errors import CheckoutTimeout
+from ..core.reply import AgentReply
+from ..core.signal import Signal
 
 if TYPE_CHECKING:
-    from .extension import WarmPool
+    from ..configuration import PoolConfiguration
 
-__all__ = ["PoolClient"]
+__all__ = ["PoolClient", "SignalLike"]
 
 #: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply to travel back.
 REPLY_GRACE = 2.0
@@ -26,10 +26,15 @@ SignalLike = Signal | Mapping[str, Any] | str
 
 
 class PoolClient:
-    """Call, cast and transact with pools over the broker; read their status."""
+    """Call, cast and transact with pools over the broker.
 
-    def __init__(self, warm: WarmPool) -> None:
-        self.warm = warm
+    ``handle_task`` is the task that runs signals on a pool's agents in the worker.
+    """
+
+    def __init__(self, configuration: PoolConfiguration,
+                 handle_task: Task) -> None:  # type: ignore[type-arg]
+        self.configuration = configuration
+        self.handle_task = handle_task
 
     def call(self, pool: str, signal: SignalLike, timeout: float = 5.0,
              call_timeout: float | None = 5.0) -> AgentReply:
@@ -63,48 +68,17 @@ class PoolClient:
         is dropped if it cannot start within that many seconds.
         """
         event = Signal.parse(signal)
-        spec = self.warm.spec(pool)
+        spec = self.configuration.spec(pool)
         deadline = None if timeout is None else time.time() + timeout
-        return self.warm.handle_task.apply_async(
+        return self.handle_task.apply_async(
             (pool, [event.to_wire()], deadline, call_timeout, False),
             **_send_options(spec.queue, pool, [event]))
 
-    def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
-        """``pool``'s status summed over every node that hosts it, per node inside.
-
-        Raises:
-            UnknownPool: the pool is not configured, or no worker answered for it.
-        """
-        self.warm.spec(pool)
-        parts = self.collect(pool, timeout=timeout).get(pool, [])
-        if not parts:
-            raise UnknownPool(f"no worker hosting pool {pool!r} answered within {timeout}s",
-                              pool)
-        return PoolStatus.combine(pool, parts)
-
-    def collect(self, pool: str | None = None, timeout: float = 1.0,
-                destination: Sequence[str] | None = None) -> dict[str, list[PoolStatus]]:
-        """Every node's status of ``pool`` (or of all pools), by pool name.
-
-        With ``destination`` (node names) only those nodes are asked, and the wait ends
-        as soon as each has answered.
-        """
-        nodes = list(destination) if destination else None
-        replies = self.warm.app.control.broadcast(
-            "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
-            destination=nodes, limit=len(nodes) if nodes else None)
-        found: dict[str, list[PoolStatus]] = {}
-        for reply in replies or []:
-            for report in reply.values():
-                for name, data in (report or {}).items():
-                    found.setdefault(name, []).append(PoolStatus.model_validate(data))
-        return found
-
     def _send(self, pool: str, events: list[Signal], timeout: float,
               call_timeout: float | None, transaction: bool) -> list[AgentReply]:
-        spec = self.warm.spec(pool)
+        spec = self.configuration.spec(pool)
         deadline = time.time() + timeout
-        result = self.warm.handle_task.apply_async(
+        result = self.handle_task.apply_async(
             (pool, [event.to_wire() for event in events], deadline, call_timeout,
              transaction), **_send_options(spec.queue, pool, events))
         window = timeout + (call_timeout or 0.0) + REPLY_GRACE

@@ -20,5 +20,5 @@ def warmpool_status(state: Any, pool: str | None = None, **kwargs: Any) -> dict[
     warm = getattr(state.consumer.app, "warmpool", None)
     if warm is None:
         return {}
-    report: dict[str, Any] = warm.node_report(pool)
+    report: dict[str, Any] = warm.runtime.node_report(pool)
     return report

@@ -1,4 +1,11 @@
-"""AgentPool: a thread-safe, in-process pool of warm agents. No Celery needed."""
+"""AgentPool: a thread-safe, in-process pool of warm agents. It imports nothing of Celery.
+
+The pool keeps every live agent in a slot. A checkout takes an idle one, builds an
+overflow agent when there is room, or queues the caller; a checkin hands the agent to the
+oldest waiter, puts it back, or retires it (broken, worn out, surplus overflow). Every
+decision is made under one lock, and everything slow (``setup()``, ``reset()``,
+``teardown()``, telemetry) runs outside it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 from . import telemetry
 from .agent import Agent
@@ -23,7 +30,7 @@ from .errors import (
 )
 from .monitor import PoolMonitor
 from .reply import AgentReply
-from .runner import TimeboxedRunner
+from .runner import Overran, TimeboxedRunner
 from .signal import Signal
 from .spec import PoolSpec, validate_options
 from .status import PoolCounters, PoolState, PoolStatus
@@ -43,17 +50,26 @@ BACKOFF_CAP = 30.0
 
 _COUNTERS = tuple(PoolCounters.model_fields)
 
+#: What becomes of a slot that left the pool: torn down only ("closed"), dismissed
+#: without a replacement ("dismissed"), or replaced (any other text: the reason).
+CLOSED: Final = "closed"
+DISMISSED: Final = "dismissed"
+#: A checkout's plan, besides an agent or a place in the queue.
+_BUILD: Final = "build"
+_EXHAUSTED: Final = "exhausted"
+
 
 class _Slot:
     """One live agent and the pool's bookkeeping about it."""
 
-    __slots__ = ("agent", "created", "out", "overflow", "returned", "uses")
+    __slots__ = ("agent", "created", "lent_at", "out", "overflow", "returned", "uses")
 
     def __init__(self, agent: Any, overflow: bool, now: float) -> None:
         self.agent = agent
         self.overflow = overflow
-        self.created = now
-        self.returned = now
+        self.created = now  # on the pool's clock: max_age
+        self.returned = now  # on the pool's clock: health checks, overflow_ttl
+        self.lent_at = 0.0  # time.monotonic(): how long it was held
         self.uses = 0
         self.out = False
 
@@ -85,6 +101,11 @@ class _Waiter:
         self.error: BaseException | None = None
         self.build = False
 
+    @property
+    def served(self) -> bool:
+        """Whether it was given anything (an agent, room to build one, or an error)."""
+        return self.slot is not None or self.error is not None or self.build
+
     def wake(self) -> None:
         """Let the waiter go; called once, under the pool lock, as it leaves the queue."""
         self.ready.release()
@@ -94,14 +115,17 @@ class _Waiter:
         return self.ready.acquire(timeout=-1 if timeout is None else timeout)
 
 
+_Plan = _Slot | _Waiter | Literal["build", "exhausted"]
+
+
 class AgentPool(Generic[AgentT]):
     """A pool of warm agents, safe to share between threads (and greenlets).
 
     ``factory`` builds one agent (cheaply); the pool calls its ``setup()`` before the
     agent serves and ``teardown()`` when it is closed. Options are those of
-    :class:`~celery_warmpool.spec.PoolOptions`::
+    :class:`~celery_warmpool.core.spec.PoolOptions`::
 
-        pool = AgentPool(lambda: SearchAgent(), name="search", size=4, max_overflow=2)
+        pool = AgentPool(SearchAgent, name="search", size=4, max_overflow=2)
         pool.start()
         with pool.agent(timeout=1.0) as agent:
             agent.handle(Signal.new("search.run", {"query": "pools"}))
@@ -134,30 +158,28 @@ class AgentPool(Generic[AgentT]):
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
+        self._slots: dict[int, _Slot] = {}  # every live agent, idle or out, by id()
         self._idle: deque[_Slot] = deque()
         self._take = self._idle.pop if self.options.strategy == "lifo" else self._idle.popleft
-        self._slots: dict[int, _Slot] = {}
         self._waiters: deque[_Waiter] = deque()
-        self._checked_out = 0
-        self._overflow = 0
+        self._overflow = 0  # overflow slots among _slots: changed where slots come and go
         self._building_overflow = 0
-        self._replacing = 0
+        self._replacing = 0  # base agents being built in the background
         # Start builders that failed START_ATTEMPTS times; start() stops waiting for them.
         self._start_gave_up = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._last_error: str | None = None
-        self._runner = TimeboxedRunner(name)
         self._last_exception: BaseException | None = None
+        self._runner = TimeboxedRunner(name)
         self._started = False
         self._closed = False
         self._monitor: PoolMonitor | None = None
-        # Precomputed so the hot path tests one attribute, not four options.
+        # Precomputed so the common paths test one attribute, not several options.
         self._vetting = (self.options.max_age is not None
                          or self.options.health_check_interval is not None)
         self._recycling = self.options.max_uses is not None or self.options.max_age is not None
         self._stamping = (self.options.health_check_interval is not None
                           or self.options.overflow_ttl > 0)
-        self._reset_on_checkin = self.options.reset_on_checkin
 
     @classmethod
     def from_spec(cls, spec: PoolSpec, *, node: str | None = None,
@@ -168,18 +190,28 @@ class AgentPool(Generic[AgentT]):
         def factory() -> Agent[Any]:
             return agent_class(initial, options=worker_opts)
 
-        options = spec.options.model_dump()
-        return AgentPool(factory, name=spec.name, node=node, clock=clock, **options)
+        return AgentPool(factory, name=spec.name, node=node, clock=clock,
+                         **spec.options.model_dump())
 
     def __repr__(self) -> str:
         return (f"<AgentPool {self.name!r} size={self.size} max_overflow={self.max_overflow} "
-                f"out={self._checked_out} idle={len(self._idle)}>")
+                f"out={self.checked_out} idle={len(self._idle)}>")
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def checked_out(self) -> int:
+        """Agents handed out and not yet back (derived from the slots)."""
+        return len(self._slots) - len(self._idle)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -205,34 +237,37 @@ class AgentPool(Generic[AgentT]):
             self._spawn(self._rebuild, None, "start", name=f"warmpool-{self.name}-start-{index}")
         if self.options.overflow_ttl > 0:
             self._spawn(self._dismiss_loop, name=f"warmpool-{self.name}-overflow")
-        deadline = time.monotonic() + self.options.start_timeout
+        warm, why = self._wait_until_built(time.monotonic() + self.options.start_timeout)
+        if warm == 0:
+            self.close()
+            raise PoolStartError(
+                f"pool {self.name!r} could not start: {why}; last error: "
+                f"{self._last_error or 'none'}", self.name, self._last_error,
+            ) from self._last_exception
+        if warm < self.size:
+            logger.warning(
+                "pool %r serving with %d of %d agents warm; rebuilding the rest in the "
+                "background (last error: %s)", self.name, warm, self.size, self._last_error)
+        if self.options.monitor_interval is not None:
+            self._monitor = PoolMonitor(self, self.options.monitor_interval, self._clock).start()
+        return self
+
+    def _wait_until_built(self, deadline: float) -> tuple[int, str]:
+        """Wait for the start builders; return how many agents are warm, and if none, why."""
         with self._changed:
-            # Wait until every builder is warm or has given up, not for the total number of
-            # failures: one agent failing for good must not hold start() to its timeout.
+            # Until every builder is warm or has given up, not for a number of failures:
+            # one agent failing for good must not hold start() to its timeout.
             while len(self._slots) + self._start_gave_up < self.size and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            warm, gave_up, closed = len(self._slots), self._start_gave_up, self._closed
-            cause, exception = self._last_error, self._last_exception
-        if warm == 0:
-            self.close()
-            if closed:
-                why = "it was closed while starting"
-            elif gave_up == self.size:
-                why = f"every agent failed setup {START_ATTEMPTS} times"
-            else:
-                why = f"no agent was warm within start_timeout={self.options.start_timeout}s"
-            raise PoolStartError(f"pool {self.name!r} could not start: {why}; last error: "
-                                 f"{cause or 'none'}", self.name, cause) from exception
-        if warm < self.size:
-            logger.warning(
-                "pool %r serving with %d of %d agents warm; rebuilding the rest in the "
-                "background (last error: %s)", self.name, warm, self.size, cause)
-        if self.options.monitor_interval is not None:
-            self._monitor = PoolMonitor(self, self.options.monitor_interval, self._clock).start()
-        return self
+            warm = len(self._slots)
+            if self._closed:
+                return warm, "it was closed while starting"
+            if self._start_gave_up == self.size:
+                return warm, f"every agent failed setup {START_ATTEMPTS} times"
+            return warm, f"no agent was warm within start_timeout={self.options.start_timeout}s"
 
     def close(self) -> None:
         """Tear every agent down (each ``teardown()`` runs once). Safe to call twice.
@@ -248,10 +283,9 @@ class AgentPool(Generic[AgentT]):
             idle = list(self._idle)
             self._idle.clear()
             for slot in idle:
-                self._forget_locked(slot)
-            waiters = list(self._waiters)
-            self._waiters.clear()
-            for waiter in waiters:
+                self._remove_locked(slot)
+            while self._waiters:
+                waiter = self._waiters.popleft()
                 waiter.error = PoolClosed(f"pool {self.name!r} was closed", self.name)
                 waiter.wake()
             self._changed.notify_all()
@@ -259,11 +293,6 @@ class AgentPool(Generic[AgentT]):
             self._monitor.stop()
         for slot in idle:
             self._teardown(slot.agent)
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
 
     # -- checkout and checkin ----------------------------------------------------------
 
@@ -280,79 +309,42 @@ class AgentPool(Generic[AgentT]):
             PoolClosed: the pool was closed.
             PoolError: the pool was never started.
         """
-        overflow_allowed = True
-        waited_since: float | None = None
+        started = time.monotonic()
+        overflow_allowed, exhausted = True, False
         while True:
-            error: PoolExhausted | None = None
             with self._lock:
-                if self._closed:
-                    raise PoolClosed(f"pool {self.name!r} is closed", self.name)
-                if self._idle:
-                    # The hot path: _lend_locked inlined.
-                    slot: _Slot | None = self._take()
-                    slot.out = True  # type: ignore[union-attr]
-                    slot.uses += 1  # type: ignore[union-attr]
-                    self._checked_out += 1
-                    self._counts["checkouts"] += 1
-                    waiter = None
-                elif not self._started:
-                    # Nothing would ever come: fail now rather than wait forever.
-                    raise PoolError(f"pool {self.name!r} is not started: call start() first",
-                                    self.name)
-                elif (overflow_allowed
-                      and self._overflow + self._building_overflow < self.max_overflow):
-                    self._building_overflow += 1
-                    slot = waiter = None
-                elif not block:
-                    self._counts["exhausted"] += 1
-                    error = PoolExhausted(
-                        f"pool {self.name!r} is exhausted: all {self.size} agents and "
-                        f"{self.max_overflow} overflow agents are checked out",
-                        self.name, self.size, self.max_overflow)
-                    slot = waiter = None
-                else:
-                    if waited_since is None:
-                        self._counts["exhausted"] += 1
-                        waited_since = time.monotonic()
-                    waiter = _Waiter()
-                    self._waiters.append(waiter)
-                    slot = None
-            if slot is not None:
-                wait = 0.0 if waited_since is None else time.monotonic() - waited_since
-            elif waiter is not None:
-                if telemetry.pool_exhausted.receivers:
-                    telemetry.pool_exhausted.send(self, waited=0.0, blocking=True)
-                slot = self._wait(waiter, waited_since, timeout)  # type: ignore[arg-type]
-                if slot is None:
-                    slot = self._lend_new_overflow()
-                    if slot is None:
-                        overflow_allowed = False
-                        continue
-                wait = time.monotonic() - waited_since  # type: ignore[operator]
-            elif error is not None:
-                if telemetry.pool_exhausted.receivers:
-                    telemetry.pool_exhausted.send(self, waited=0.0, blocking=False)
-                raise error
-            else:
-                slot = self._lend_new_overflow()
-                if slot is None:
-                    overflow_allowed = False  # setup failed: wait for an agent instead
+                plan = self._plan_locked(block, overflow_allowed, count_exhausted=not exhausted)
+            if isinstance(plan, _Waiter):
+                exhausted = True
+                self._send_exhausted(blocking=True)
+                plan = self._wait(plan, started, timeout)
+            elif plan == _EXHAUSTED:
+                self._send_exhausted(blocking=False)
+                raise PoolExhausted(
+                    f"pool {self.name!r} is exhausted: all {self.size} agents and "
+                    f"{self.max_overflow} overflow agents are checked out",
+                    self.name, self.size, self.max_overflow)
+            if not isinstance(plan, _Slot):  # room reserved for an overflow agent
+                built = self._lend_new_overflow()
+                if built is None:  # its setup failed: wait for an agent instead
+                    overflow_allowed = False
                     continue
-                wait = 0.0 if waited_since is None else time.monotonic() - waited_since
-            if self._vetting and not self._vet(slot):
-                continue
+                plan = built
+            if self._vetting and not self._vet(plan):
+                continue  # too old or unhealthy: retired; try again within the same deadline
             if telemetry.agent_checkout.receivers:
-                telemetry.agent_checkout.send(self, agent=slot.agent, wait=wait,
-                                              overflow=slot.overflow)
-            return slot.agent  # type: ignore[no-any-return]
+                telemetry.agent_checkout.send(self, agent=plan.agent, overflow=plan.overflow,
+                                              wait=time.monotonic() - started)
+            agent: AgentT = plan.agent
+            return agent
 
     def checkin(self, agent: AgentT) -> None:
         """Give back an agent that :meth:`checkout` handed out.
 
         A broken agent (see ``discard_on``), or one past ``max_uses`` or ``max_age``, is
         closed and replaced in the background; an overflow agent is dismissed (at once, or
-        after ``overflow_ttl`` idle seconds); otherwise the agent goes to the next waiter or
-        back to the idle agents.
+        after ``overflow_ttl`` idle seconds); otherwise the agent goes to the oldest
+        waiter or back to the idle agents.
 
         Raises:
             NotCheckedOut: the agent is not checked out from this pool (already checked
@@ -364,35 +356,16 @@ class AgentPool(Generic[AgentT]):
                 raise NotCheckedOut(
                     f"pool {self.name!r}: {agent!r} is not checked out from this pool "
                     "(already checked in, or never handed out by it)", self.name)
-            if self._reset_on_checkin:
-                # Take it out of circulation while reset() runs outside the lock, so that
-                # a second checkin of the same agent fails rather than resets it twice.
-                slot.out = False
-                self._slots.pop(id(agent))
-            elif (not self._waiters and not slot.overflow and not self._recycling
-                  and not self._stamping and agent.broken is None and not self._closed):
-                # The hot path: nothing to decide, the agent goes back to the idle ones.
-                slot.out = False
-                self._checked_out -= 1
-                self._counts["checkins"] += 1
-                self._idle.append(slot)
-                disposal = None
-            else:
-                disposal = self._return_locked(slot)
-        if self._reset_on_checkin:
-            try:
-                agent.reset()
-            except Exception as exc:
-                logger.exception("pool %r: reset() of %r failed; replacing it", self.name, agent)
-                agent.broken = exc
-            with self._lock:
-                self._slots[id(agent)] = slot
-                slot.out = True
-                disposal = self._return_locked(slot)
+            # Not out any more: a second checkin of this agent fails from here on.
+            slot.out = False
+            held = time.monotonic() - slot.lent_at
+            fate = None if self.options.reset_on_checkin else self._return_locked(slot)
+        if self.options.reset_on_checkin:
+            fate = self._reset_and_return(slot)
         if telemetry.agent_checkin.receivers:
-            telemetry.agent_checkin.send(self, agent=agent, held=None)
-        if disposal is not None:
-            self._dispose(slot, disposal)
+            telemetry.agent_checkin.send(self, agent=agent, held=held)
+        if fate is not None:
+            self._dispose(slot, fate)
 
     @contextmanager
     def agent(self, block: bool = True, timeout: float | None = None) -> Iterator[AgentT]:
@@ -421,6 +394,8 @@ class AgentPool(Generic[AgentT]):
         finally:
             if not lease.abandoned:
                 self.checkin(agent)
+
+    # -- calls -------------------------------------------------------------------------
 
     def call(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
              call_timeout: float | None = None) -> AgentReply:
@@ -467,22 +442,63 @@ class AgentPool(Generic[AgentT]):
                 agent.state = before
             raise
 
+    def overran(self, agent: AgentT, label: str, call_timeout: float) -> CallTimeout:
+        """Give up on ``agent``, whose work on ``label`` outlasted ``call_timeout``.
+
+        The agent leaves the pool at once and a replacement is built; whoever runs the
+        overrunning work calls :meth:`finish_abandoned` when it ends. Returns the error
+        for the caller.
+        """
+        self.abandon(agent, f"call_timeout={call_timeout}s exceeded")
+        return CallTimeout(
+            f"pool {self.name!r}: {label} took longer than call_timeout={call_timeout}s; "
+            f"agent {agent.id} is being replaced", label, call_timeout)
+
+    def abandon(self, agent: AgentT, reason: str) -> None:
+        """Drop a checked-out agent still busy with overrunning work; rebuild its place."""
+        with self._lock:
+            slot = self._slots.get(id(agent))
+            if slot is None or not slot.out:
+                return
+            fate = self._retire_locked(slot, reason)
+        if fate in (CLOSED, DISMISSED):
+            return
+        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
+                       agent, reason)
+        self._replace(slot, reason, teardown=False)
+
+    def finish_abandoned(self, agent: AgentT) -> None:
+        """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
+        self._teardown(agent)
+
     def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
              call_timeout: float | None) -> R:
         agent = self.checkout(timeout=timeout)
-        if call_timeout is None:
-            with self.lent(agent):
-                return work(agent)
         with self.lent(agent) as lease:
-            finished, result = self._runner.run(
-                lambda: work(agent), call_timeout, on_abandon=lambda: self._teardown(agent))
-            if not finished:
+            if call_timeout is None:
+                return work(agent)
+            try:
+                return self._runner.run(lambda: work(agent), call_timeout,
+                                        on_abandon=lambda: self.finish_abandoned(agent))
+            except Overran:
                 lease.abandoned = True
-                self.abandon(agent, f"call_timeout={call_timeout}s exceeded")
-                raise CallTimeout(
-                    f"pool {self.name!r}: {label} took longer than call_timeout="
-                    f"{call_timeout}s; agent {agent.id} is being replaced", label, call_timeout)
-        return result  # type: ignore[return-value]
+                raise self.overran(agent, label, call_timeout) from None
+
+    def _count_call(self, agent: AgentT, signal: Signal) -> AgentReply:
+        try:
+            reply = agent.handle(signal)
+        except Exception:
+            self._count("calls", "call_failures")
+            raise
+        self._count("calls")
+        return reply
+
+    def _count(self, *names: str) -> None:
+        with self._lock:
+            for name in names:
+                self._counts[name] += 1
+
+    # -- status ------------------------------------------------------------------------
 
     def status(self) -> PoolStatus:
         """The pool's numbers now, consistent with each other."""
@@ -491,13 +507,13 @@ class AgentPool(Generic[AgentT]):
             state: PoolState
             if available:
                 state = "ready"
-            elif self._overflow + self._building_overflow < self.max_overflow:
+            elif self._overflow_room_locked():
                 state = "overflow"
             else:
                 state = "full"
             return PoolStatus(
                 pool=self.name, state=state, size=self.size, max_overflow=self.max_overflow,
-                available=available, overflow=self._overflow, checked_out=self._checked_out,
+                available=available, overflow=self._overflow, checked_out=self.checked_out,
                 waiting=len(self._waiters), replacing=self._replacing,
                 counters=PoolCounters(**self._counts), last_error=self._last_error,
                 node=self.node, updated_at=time.time())
@@ -514,24 +530,109 @@ class AgentPool(Generic[AgentT]):
                        if slot.overflow and now - slot.returned >= ttl]
             for slot in expired:
                 self._idle.remove(slot)
-                self._forget_locked(slot)
+                self._remove_locked(slot)
                 self._counts["dismissed"] += 1
         for slot in expired:
-            self._teardown(slot.agent)
-            if telemetry.agent_dismissed.receivers:
-                telemetry.agent_dismissed.send(self, agent=slot.agent, idle=now - slot.returned)
+            self._dismiss(slot, idle=now - slot.returned)
         return len(expired)
 
-    # -- internals: lending and returning ----------------------------------------------
+    # -- lending -----------------------------------------------------------------------
 
-    def _lend_locked(self, slot: _Slot) -> None:
+    def _plan_locked(self, block: bool, overflow_allowed: bool,
+                     count_exhausted: bool) -> _Plan:
+        """Decide how a checkout gets its agent: lend one, build one, or queue for one.
+
+        Queueing happens here, under the lock that saw nothing free, so that an agent
+        checked in a moment later is handed to this waiter rather than missed.
+        """
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed", self.name)
+        if self._idle:
+            return self._lend_locked(self._take())
+        if not self._started:
+            # Nothing would ever come: fail now rather than wait forever.
+            raise PoolError(f"pool {self.name!r} is not started: call start() first",
+                            self.name)
+        if overflow_allowed and self._overflow_room_locked():
+            self._building_overflow += 1
+            return _BUILD
+        if count_exhausted:
+            self._counts["exhausted"] += 1
+        if not block:
+            return _EXHAUSTED
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _lend_locked(self, slot: _Slot) -> _Slot:
         slot.out = True
         slot.uses += 1
-        self._checked_out += 1
+        slot.lent_at = time.monotonic()
         self._counts["checkouts"] += 1
+        return slot
+
+    def _overflow_room_locked(self) -> bool:
+        return self._overflow + self._building_overflow < self.max_overflow
+
+    def _send_exhausted(self, blocking: bool) -> None:
+        if telemetry.pool_exhausted.receivers:
+            telemetry.pool_exhausted.send(self, blocking=blocking, waiting=len(self._waiters))
+
+    def _wait(self, waiter: _Waiter, started: float,
+              timeout: float | None) -> _Slot | Literal["build"]:
+        """Wait for a hand-over: an agent, or leave to build one (room reserved for it).
+
+        Raises:
+            CheckoutTimeout: nothing came within ``timeout`` seconds of ``started``.
+            PoolClosed: the pool was closed while waiting.
+        """
+        remaining = None if timeout is None else max(0.0, started + timeout - time.monotonic())
+        try:
+            woken = waiter.wait(remaining)
+        except BaseException:
+            self._withdraw(waiter)
+            raise
+        if not woken:
+            with self._lock:
+                # An agent (or room) may have been handed over between the wait ending and
+                # the lock: then the caller takes it, so no hand-over is lost.
+                timed_out = not waiter.served
+                if timed_out:
+                    self._waiters.remove(waiter)
+                    self._counts["timeouts"] += 1
+            if timed_out:
+                raise self._timed_out(started, timeout)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.slot if waiter.slot is not None else _BUILD
+
+    def _timed_out(self, started: float, timeout: float | None) -> CheckoutTimeout:
+        waited = time.monotonic() - started
+        if telemetry.checkout_timeout.receivers:
+            telemetry.checkout_timeout.send(self, waited=waited, timeout=timeout)
+        return CheckoutTimeout(
+            f"pool {self.name!r}: no agent free after waiting {waited:.3f}s (timeout "
+            f"{timeout}s; size {self.size}, max_overflow {self.max_overflow}, all checked out)",
+            self.name, waited, self.size, self.max_overflow)
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """Take back what a waiter interrupted mid-wait (a time limit, Ctrl-C) was given."""
+        fate = None
+        with self._lock:
+            slot = waiter.slot
+            if slot is not None:
+                slot.out = False
+                fate = self._return_locked(slot)
+            elif waiter.build:
+                self._building_overflow -= 1
+                self._pass_overflow_room_locked()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if slot is not None and fate is not None:
+            self._dispose(slot, fate)
 
     def _lend_new_overflow(self) -> _Slot | None:
-        """Build an overflow agent for the caller, or ``None`` if its setup failed."""
+        """Build an overflow agent for the caller (room reserved), or ``None`` if it failed."""
         try:
             slot = self._build(overflow=True)
         except BaseException as exc:
@@ -546,113 +647,16 @@ class AgentPool(Generic[AgentT]):
         with self._lock:
             self._building_overflow -= 1
             if not self._closed:
-                self._slots[id(slot.agent)] = slot
-                self._overflow += 1
+                self._add_locked(slot)
                 self._counts["overflow_created"] += 1
-                self._lend_locked(slot)
-                return slot
+                return self._lend_locked(slot)
         self._teardown(slot.agent)
         raise PoolClosed(f"pool {self.name!r} was closed", self.name)
 
-    def _wait(self, waiter: _Waiter, since: float, timeout: float | None) -> _Slot | None:
-        """Wait for a hand-over; ``None`` means: build an overflow agent (room reserved)."""
-        remaining = None if timeout is None else max(0.0, since + timeout - time.monotonic())
-        try:
-            woken = waiter.wait(remaining)
-        except BaseException:
-            self._withdraw(waiter)
-            raise
-        if not woken:
-            with self._lock:
-                # An agent (or overflow room) may have been handed over between the wait
-                # ending and the lock: then the caller takes it, so no hand-off is lost.
-                if waiter.slot is None and waiter.error is None and not waiter.build:
-                    self._waiters.remove(waiter)
-                    self._counts["timeouts"] += 1
-                    waited = time.monotonic() - since
-                    raise CheckoutTimeout(
-                        f"pool {self.name!r}: no agent free after waiting {waited:.3f}s "
-                        f"(timeout {timeout}s; size {self.size}, max_overflow "
-                        f"{self.max_overflow}, all checked out)",
-                        self.name, waited, self.size, self.max_overflow)
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.slot
-
-    def _return_locked(self, slot: _Slot) -> str | None:
-        """Put a returned slot back; say what must be done with it outside the lock."""
-        self._counts["checkins"] += 1
-        reason = self._retire_reason(slot)
-        if reason is not None:
-            return self._retire_locked(slot, reason)
-        slot.out = False
-        self._checked_out -= 1
-        if self._stamping:
-            # Also before a hand-over: an agent passed from caller to caller was never
-            # idle, so health_check_interval must not count from its last idle spell.
-            slot.returned = self._clock()
-        if self._waiters:
-            self._hand_over_locked(slot)
-            return None
-        if slot.overflow and self.options.overflow_ttl <= 0:
-            self._forget_locked(slot)
-            self._counts["dismissed"] += 1
-            return "dismissed"
-        self._idle.append(slot)
-        return None
-
-    def _retire_locked(self, slot: _Slot, reason: str) -> str:
-        """Take a checked-out slot out of the pool for good; say what becomes of it.
-
-        Returns ``"closed"`` when the pool is closed (the agent is only torn down), else
-        ``reason``: an overflow agent is dismissed, a base one replaced in the background
-        (see :meth:`_dispose`).
-        """
-        slot.out = False
-        self._checked_out -= 1
-        self._forget_locked(slot)
-        if self._closed:
-            return "closed"
-        if slot.overflow:
-            self._counts["dismissed"] += 1
-        else:
-            self._replacing += 1
-            self._counts["replacements"] += 1
-        return reason
-
-    def _retire_reason(self, slot: _Slot) -> str | None:
-        if self._closed:
-            return "closed"
-        if slot.agent.broken is not None:
-            return f"broken: {type(slot.agent.broken).__name__}: {slot.agent.broken}"
-        if self._recycling:
-            max_uses, max_age = self.options.max_uses, self.options.max_age
-            if max_uses is not None and slot.uses >= max_uses:
-                return f"max_uses={max_uses} reached"
-            if max_age is not None and self._clock() - slot.created >= max_age:
-                return f"max_age={max_age}s reached"
-        return None
-
     def _hand_over_locked(self, slot: _Slot) -> None:
         waiter = self._waiters.popleft()
-        self._lend_locked(slot)
-        waiter.slot = slot
+        waiter.slot = self._lend_locked(slot)
         waiter.wake()
-
-    def _place_locked(self, slot: _Slot) -> None:
-        """Add a freshly built base agent: to the first waiter, or to the idle agents."""
-        self._slots[id(slot.agent)] = slot
-        if self._waiters:
-            self._hand_over_locked(slot)
-        else:
-            self._idle.append(slot)
-        self._changed.notify_all()
-
-    def _forget_locked(self, slot: _Slot) -> None:
-        del self._slots[id(slot.agent)]
-        if slot.overflow:
-            self._overflow -= 1
-            self._pass_overflow_room_locked()
 
     def _pass_overflow_room_locked(self) -> None:
         # Room for an overflow agent is free again: without this the first waiter would
@@ -663,95 +667,137 @@ class AgentPool(Generic[AgentT]):
             waiter.build = True
             waiter.wake()
 
-    def _withdraw(self, waiter: _Waiter) -> None:
-        """Take back what a waiter interrupted mid-wait (a time limit, Ctrl-C) was given."""
-        disposal = None
-        with self._lock:
-            slot = waiter.slot
-            if slot is not None:
-                disposal = self._return_locked(slot)
-            elif waiter.build:
-                self._building_overflow -= 1
-                self._pass_overflow_room_locked()
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
-        if slot is not None and disposal is not None:
-            self._dispose(slot, disposal)
-
     def _vet(self, slot: _Slot) -> bool:
         """Check a just-lent agent's age and health; retire it and say no if it fails."""
-        now = self._clock()
-        max_age = self.options.max_age
-        interval = self.options.health_check_interval
-        reason = None
-        if max_age is not None and now - slot.created >= max_age:
-            reason = f"max_age={max_age}s reached"
-        elif interval is not None and now - slot.returned >= interval:
-            try:
-                healthy = bool(slot.agent.check_health())
-            except Exception as exc:
-                logger.warning("pool %r: check_health() of %r raised %r", self.name,
-                               slot.agent, exc)
-                healthy = False
-            if not healthy:
-                reason = "failed health check"
+        reason = self._vetting_failure(slot)
         if reason is None:
             return True
         with self._lock:
-            self._counts["checkouts"] -= 1
-            disposal = self._retire_locked(slot, reason)
-        self._dispose(slot, disposal)
+            self._counts["checkouts"] -= 1  # it never reached the caller
+            slot.out = False
+            fate = self._retire_locked(slot, reason)
+        self._dispose(slot, fate)
         return False
 
-    def _dispose(self, slot: _Slot, disposal: str) -> None:
-        """Close a slot that left the pool; rebuild it in the background if it was a base one."""
-        if slot.overflow or disposal == "closed":
-            self._teardown(slot.agent)
-            if disposal != "closed" and telemetry.agent_dismissed.receivers:
-                telemetry.agent_dismissed.send(self, agent=slot.agent, idle=0.0)
-            return
-        logger.info("pool %r: replacing %r after %d uses (%s)", self.name, slot.agent,
-                    slot.uses, disposal)
-        if telemetry.agent_replaced.receivers:
-            telemetry.agent_replaced.send(self, agent=slot.agent, reason=disposal)
-        self._spawn(self._rebuild, slot, disposal, name=f"warmpool-{self.name}-replace")
-
-    def abandon(self, agent: AgentT, reason: str) -> None:
-        """Drop a checked-out agent still busy with overrunning work; rebuild its place.
-
-        The agent leaves the pool at once (it is not to be checked in); whoever runs the
-        overrunning work calls its ``teardown()`` when that work ends.
-        """
-        with self._lock:
-            slot = self._slots.get(id(agent))
-            if slot is None or not slot.out:
-                return
-            disposal = self._retire_locked(slot, reason)
-        if slot.overflow or disposal == "closed":
-            return
-        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
-                       agent, reason)
-        if telemetry.agent_replaced.receivers:
-            telemetry.agent_replaced.send(self, agent=agent, reason=reason)
-        self._spawn(self._rebuild, None, reason, name=f"warmpool-{self.name}-replace")
-
-    def finish_abandoned(self, agent: AgentT) -> None:
-        """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
-        self._teardown(agent)
-
-    def _count_call(self, agent: AgentT, signal: Signal | Mapping[str, Any]) -> AgentReply:
+    def _vetting_failure(self, slot: _Slot) -> str | None:
+        now = self._clock()
+        max_age, interval = self.options.max_age, self.options.health_check_interval
+        if max_age is not None and now - slot.created >= max_age:
+            return f"max_age={max_age}s reached"
+        if interval is None or now - slot.returned < interval:
+            return None
         try:
-            reply = agent.handle(signal)
-        except Exception:
-            with self._lock:
-                self._counts["calls"] += 1
-                self._counts["call_failures"] += 1
-            raise
-        with self._lock:
-            self._counts["calls"] += 1
-        return reply
+            healthy = bool(slot.agent.check_health())
+        except Exception as exc:
+            logger.warning("pool %r: check_health() of %r raised %r", self.name, slot.agent, exc)
+            healthy = False
+        return None if healthy else "failed health check"
 
-    def _build(self, overflow: bool) -> _Slot:
+    # -- returning ---------------------------------------------------------------------
+
+    def _return_locked(self, slot: _Slot) -> str | None:
+        """Put a returned slot back; say what must be done with it outside the lock."""
+        self._counts["checkins"] += 1
+        reason = self._retire_reason(slot)
+        if reason is not None:
+            return self._retire_locked(slot, reason)
+        if self._stamping:
+            # Also before a hand-over: an agent passed from caller to caller was never
+            # idle, so health_check_interval must not count from its last idle spell.
+            slot.returned = self._clock()
+        if self._waiters:
+            self._hand_over_locked(slot)
+            return None
+        if slot.overflow and self.options.overflow_ttl <= 0:
+            # Overflow is for bursts: with nobody waiting it goes, never a base agent.
+            self._remove_locked(slot)
+            self._counts["dismissed"] += 1
+            return DISMISSED
+        self._idle.append(slot)
+        return None
+
+    def _retire_reason(self, slot: _Slot) -> str | None:
+        if self._closed:
+            return CLOSED
+        if slot.agent.broken is not None:
+            return f"broken: {type(slot.agent.broken).__name__}: {slot.agent.broken}"
+        if self._recycling:
+            max_uses, max_age = self.options.max_uses, self.options.max_age
+            if max_uses is not None and slot.uses >= max_uses:
+                return f"max_uses={max_uses} reached"
+            if max_age is not None and self._clock() - slot.created >= max_age:
+                return f"max_age={max_age}s reached"
+        return None
+
+    def _retire_locked(self, slot: _Slot, reason: str) -> str:
+        """Take a slot out of the pool for good; say what becomes of it (see CLOSED)."""
+        self._remove_locked(slot)
+        if self._closed:
+            return CLOSED
+        if slot.overflow:
+            self._counts["dismissed"] += 1
+            return DISMISSED
+        self._replacing += 1
+        self._counts["replacements"] += 1
+        return reason
+
+    def _reset_and_return(self, slot: _Slot) -> str | None:
+        """``reset()`` a returned agent outside the lock, then put it back."""
+        try:
+            slot.agent.reset()
+        except Exception as exc:
+            logger.exception("pool %r: reset() of %r failed; replacing it", self.name,
+                             slot.agent)
+            slot.agent.broken = exc
+        with self._lock:
+            return self._return_locked(slot)
+
+    def _dispose(self, slot: _Slot, fate: str) -> None:
+        """Deal with a slot that left the pool: tear it down, and rebuild a base one."""
+        if fate == CLOSED:
+            self._teardown(slot.agent)
+        elif fate == DISMISSED:
+            self._dismiss(slot, idle=0.0)
+        else:
+            logger.info("pool %r: replacing %r after %d uses (%s)", self.name, slot.agent,
+                        slot.uses, fate)
+            self._replace(slot, fate, teardown=True)
+
+    def _dismiss(self, slot: _Slot, idle: float) -> None:
+        self._teardown(slot.agent)
+        if telemetry.agent_dismissed.receivers:
+            telemetry.agent_dismissed.send(self, agent=slot.agent, idle=idle)
+
+    def _replace(self, slot: _Slot, reason: str, *, teardown: bool) -> None:
+        if telemetry.agent_replaced.receivers:
+            telemetry.agent_replaced.send(self, agent=slot.agent, reason=reason)
+        self._spawn(self._rebuild, slot if teardown else None, reason,
+                    name=f"warmpool-{self.name}-replace")
+
+    # -- building ----------------------------------------------------------------------
+
+    def _add_locked(self, slot: _Slot) -> None:
+        self._slots[id(slot.agent)] = slot
+        if slot.overflow:
+            self._overflow += 1
+
+    def _remove_locked(self, slot: _Slot) -> None:
+        del self._slots[id(slot.agent)]
+        if slot.overflow:
+            self._overflow -= 1
+            self._pass_overflow_room_locked()
+
+    def _place_locked(self, slot: _Slot) -> None:
+        """Add a freshly built base agent: to the oldest waiter, or to the idle agents."""
+        self._add_locked(slot)
+        if self._waiters:
+            self._hand_over_locked(slot)
+        else:
+            self._idle.append(slot)
+        self._changed.notify_all()
+
+    def _build(self, overflow: bool, attempt: int = 1, retry_in: float | None = None) -> _Slot:
+        """Build and warm one agent; on failure record it, tell telemetry, and raise."""
         started = time.perf_counter()
         agent: AgentT | None = None
         try:
@@ -768,44 +814,45 @@ class AgentPool(Generic[AgentT]):
             logger.warning("pool %r: building %r failed: %r", self.name,
                            agent if agent is not None else self._factory, exc)
             if agent is not None:
-                # setup() may have opened something before it failed.
-                self._teardown(agent)
+                self._teardown(agent)  # setup() may have opened something before it failed
+            if isinstance(exc, Exception) and telemetry.agent_setup_failed.receivers:
+                telemetry.agent_setup_failed.send(self, exception=exc, attempt=attempt,
+                                                  retry_in=retry_in)
             raise
-        duration = time.perf_counter() - started
         if telemetry.agent_started.receivers:
-            telemetry.agent_started.send(self, agent=agent, overflow=overflow, duration=duration)
+            telemetry.agent_started.send(self, agent=agent, overflow=overflow,
+                                         duration=time.perf_counter() - started)
         return _Slot(agent, overflow, self._clock())
 
     def _rebuild(self, old: _Slot | None, reason: str) -> None:
         """Build one base agent, retrying with back-off until it works or the pool closes."""
         if old is not None:
             self._teardown(old.agent)
-        delay = BACKOFF_FIRST
-        attempt = 0
+        delay, attempt = BACKOFF_FIRST, 0
         while not self._stop.is_set():
             attempt += 1
             try:
-                slot = self._build(overflow=False)
-            except Exception as exc:
+                slot = self._build(overflow=False, attempt=attempt, retry_in=delay)
+            except Exception:
                 with self._changed:
                     if reason == "start" and attempt == START_ATTEMPTS:
                         self._start_gave_up += 1
                     self._changed.notify_all()
-                if telemetry.agent_setup_failed.receivers:
-                    telemetry.agent_setup_failed.send(
-                        self, exception=exc, attempt=attempt, retry_in=delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
             with self._lock:
                 self._replacing -= 1
-                if not self._closed:
+                placed = not self._closed
+                if placed:
                     self._place_locked(slot)
-                    return
-            self._teardown(slot.agent)
+            if not placed:
+                self._teardown(slot.agent)
             return
         with self._lock:
             self._replacing -= 1
+
+    # -- background --------------------------------------------------------------------
 
     def _dismiss_loop(self) -> None:
         interval = max(0.05, min(self.options.overflow_ttl / 2, 1.0))

@@ -1,11 +1,12 @@
-"""StatusBoard: how prefork children tell the worker's main process what their pools do.
+"""How prefork children tell the worker's main process what their pools do.
 
 Control commands run in the worker's main process, while prefork agents live in the
 children. The board is anonymous shared memory made in the main process before it forks:
 one fixed-size slot per child (by the child's pool index, reused by its replacement).
 Each child rewrites its slot a few times a second; the main process reads every slot.
 A slot is guarded by a sequence number (odd while being written), so a reader never
-takes a half-written status.
+takes a half-written status. A slot not refreshed for :data:`STALE_AFTER` seconds is taken
+as gone (its child died).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["StatusBoard"]
+from ..core import telemetry
+
+__all__ = ["STALE_AFTER", "StatusBoard", "StatusPublisher"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,14 @@ _SEQUENCE = struct.Struct("=Q")
 _LENGTH = struct.Struct("=I")
 #: The shortest time between two writes of one slot, in seconds.
 QUICKEST = 0.02
+#: Seconds between two writes when nothing changes: a heartbeat.
+HEARTBEAT = 0.25
+#: Seconds after which a silent slot is taken as gone.
+STALE_AFTER = 2.0
+#: Telemetry that changes a pool's numbers: a child republishes its status on each.
+CHANGES = (telemetry.agent_checkout, telemetry.agent_checkin, telemetry.agent_replaced,
+           telemetry.agent_started, telemetry.agent_dismissed, telemetry.pool_exhausted,
+           telemetry.checkout_timeout)
 
 
 class StatusBoard:
@@ -102,27 +113,63 @@ class StatusBoard:
         with self._write_lock:
             _HEADER.pack_into(self._memory, offset, 0, 0)
 
-    def publish_forever(self, index: int, snapshot: Callable[[], dict[str, Any]],
-                        stop: threading.Event, changed: threading.Event | None = None,
-                        interval: float = 0.25) -> threading.Thread:
-        """Start a daemon thread writing ``snapshot()`` to slot ``index``.
 
-        It writes every ``interval`` seconds (a heartbeat: silent slots are taken as gone),
-        and promptly, at most every ``QUICKEST`` seconds, when ``changed`` is set.
+
+class StatusPublisher:
+    """Writes one child's pool status to its slot: on every change, and as a heartbeat.
+
+    Made in the main process before the fork, which connects its telemetry receivers
+    once for every child to inherit; each child then calls :meth:`start` with its slot.
+    """
+
+    def __init__(self, board: StatusBoard) -> None:
+        self.board = board
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._index: int | None = None
+        self._thread: threading.Thread | None = None
+        for event in CHANGES:
+            event.connect(self._on_change, weak=False)
+
+    def start(self, index: int, snapshot: Callable[[], dict[str, Any]],
+              after_write: Callable[[], None] | None = None) -> None:
+        """Publish ``snapshot()`` in slot ``index`` from a daemon thread until :meth:`stop`.
+
+        ``after_write`` runs after each write (the metrics exporter's counters follow it).
         """
-        changed = changed or threading.Event()
+        # Fresh events: a fork may have copied the old ones mid-use.
+        self._changed, self._stop = threading.Event(), threading.Event()
+        self._index = index
+        self._thread = threading.Thread(
+            target=self._loop, args=(index, snapshot, after_write, self._stop),
+            name=f"warmpool-status-{index}", daemon=True)
+        self._thread.start()
 
-        def loop() -> None:
-            while not stop.is_set():
-                try:
-                    self.write(index, {**snapshot(), "updated_at": time.time(),
-                                       "pid": os.getpid()})
-                except Exception:
-                    logger.exception("could not publish pool status of process %d", index)
-                changed.wait(interval)
-                changed.clear()
-                stop.wait(QUICKEST)
+    def stop(self) -> None:
+        """Stop publishing and clear the slot (this process's pools are closed)."""
+        self._stop.set()
+        self._changed.set()
+        if self._thread is not None:
+            # A write in progress would land after the clear and look alive for a while.
+            self._thread.join(1.0)
+            self._thread = None
+        if self._index is not None:
+            self.board.clear(self._index)
+            self._index = None
 
-        thread = threading.Thread(target=loop, name=f"warmpool-status-{index}", daemon=True)
-        thread.start()
-        return thread
+    def _on_change(self, sender: Any = None, **kwargs: Any) -> None:
+        self._changed.set()
+
+    def _loop(self, index: int, snapshot: Callable[[], dict[str, Any]],
+              after_write: Callable[[], None] | None, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.board.write(index, {**snapshot(), "updated_at": time.time(),
+                                         "pid": os.getpid()})
+                if after_write is not None:
+                    after_write()
+            except Exception:
+                logger.exception("could not publish pool status of process %d", index)
+            self._changed.wait(HEARTBEAT)
+            self._changed.clear()
+            stop.wait(QUICKEST)

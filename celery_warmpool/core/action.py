@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigurationError, InvalidSignal
+from .validation import describe, error_details
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -83,16 +84,20 @@ class Action:
         try:
             return self._strict_params.model_validate(dict(data))
         except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_context=False, include_input=False)
-            detail = ", ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
             raise InvalidSignal(
-                f"invalid parameters for action {self.name!r}: {detail}", signal_type,
-                [dict(e) for e in errors]) from exc
+                f"invalid parameters for action {self.name!r}: {describe(exc)}", signal_type,
+                error_details(exc)) from exc
 
     def run(self, params: Any, context: ActionContext) -> Mapping[str, Any]:
         """Do the work; return the state updates to merge (an empty dict for none)."""
-        raise NotImplementedError(f"action {self.name!r} must implement run(params, context)")
+        raise NotImplementedError(f"action {self.name!r} must implement {self.required_method}")
+
+    #: What a subclass must implement; checked when an agent class routes to it.
+    required_method: ClassVar[str] = "run(params, context)"
+
+    def implemented(self) -> bool:
+        """Whether this action's class implements :attr:`required_method`."""
+        return type(self).run is not Action.run
 
 
 def _forbid_extra(model: type[BaseModel]) -> type[BaseModel]:

@@ -9,10 +9,10 @@ the consumer takes any message:
   board the children will write to;
 - in ``start``: under threads, gevent and eventlet builds the pools in this process;
   under prefork waits until every child reports its agents warm (children build them at
-  ``worker_process_init``, see :mod:`celery_warmpool.prefork`); then bounds the
-  consumer's prefetch to the pools' capacity;
-- in ``info``: adds a ``warmpool`` entry to the worker's stats (``celery inspect stats``,
-  Flower).
+  ``worker_process_init``, see :mod:`.prefork`); then bounds the consumer's prefetch to
+  the pools' capacity;
+- in ``info``: adds the pools to the worker's stats (``celery inspect stats``, Flower;
+  see :mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
 
-from . import metrics
-from .deadlines import LateCalls
-from .execution import node_capacity
+from ..ops import metrics
+from .late_calls import LateCalls
+from .stats import worker_stats
 
 if TYPE_CHECKING:
-    from .extension import WarmPool
+    from .runtime import WorkerRuntime
 
 __all__ = ["WarmPoolStep"]
 
@@ -38,16 +38,16 @@ logger = logging.getLogger(__name__)
 ALIVE_MARGIN = 10.0
 
 
-def _close_after_drain(warm: WarmPool) -> Any:
+def _close_after_drain(runtime: WorkerRuntime) -> Any:
     def close(sender: Any = None, **kwargs: Any) -> None:
-        warm.stop_process()
+        runtime.stop_process()
 
     return close
 
 
-def _extension(worker: Any) -> WarmPool:
-    warm: WarmPool = worker.app.warmpool
-    return warm
+def _runtime(worker: Any) -> WorkerRuntime:
+    runtime: WorkerRuntime = worker.app.warmpool.runtime
+    return runtime
 
 
 class WarmPoolStep(bootsteps.StartStopStep):
@@ -57,44 +57,48 @@ class WarmPoolStep(bootsteps.StartStopStep):
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, warmpool_pools: str | None = None, **kwargs: Any) -> None:
-        warm = _extension(worker)
-        warm.prepare_worker(worker, hosted=warmpool_pools)
-        alive = max((spec.start_timeout for spec in warm.process_specs.values()), default=0.0)
+        runtime = _runtime(worker)
+        runtime.prepare(worker, hosted=warmpool_pools)
+        assert runtime.execution is not None
+        alive = max((spec.start_timeout for spec in runtime.process_specs.values()),
+                    default=0.0)
         wanted = alive + ALIVE_MARGIN
-        if warm.execution == "prefork" and worker.app.conf.worker_proc_alive_timeout < wanted:
+        if runtime.execution.in_children and worker.app.conf.worker_proc_alive_timeout < wanted:
             # Celery reads this when the execution pool starts, which is after __init__.
             worker.app.conf.worker_proc_alive_timeout = wanted
-        # Before the fork, so that prefork children record timings too.
-        self.metrics = metrics.exporter_for(warm)
-        signals.worker_shutdown.connect(_close_after_drain(warm), weak=False)
+        # Before the fork, so that prefork children record metrics too.
+        self.metrics = metrics.exporter_for(runtime)
+        signals.worker_shutdown.connect(_close_after_drain(runtime), weak=False)
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
-        warm = _extension(worker)
+        runtime = _runtime(worker)
+        assert runtime.execution is not None
         started = time.monotonic()
-        if warm.execution == "prefork":
-            warm.wait_for_children(worker)
+        if runtime.execution.in_children:
+            runtime.wait_for_children(worker)
         else:
-            warm.start_process(index=0)
-        self._bound_prefetch(worker, warm)
-        if warm.process_specs and getattr(worker, "timer", None) is not None:
+            runtime.start_process(index=0)
+        self._bound_prefetch(worker, runtime)
+        if runtime.process_specs and getattr(worker, "timer", None) is not None:
             LateCalls(worker.app).start(worker.timer)
         if self.metrics is not None:
             self.metrics.start()
-        logger.info("warm pools ready on %s in %.2fs: %s", warm.node,
-                    time.monotonic() - started, ", ".join(sorted(warm.process_specs)) or "none")
+        logger.info("warm pools ready on %s in %.2fs: %s", runtime.node,
+                    time.monotonic() - started,
+                    ", ".join(sorted(runtime.process_specs)) or "none")
 
-    def _bound_prefetch(self, worker: Any, warm: WarmPool) -> None:
+    def _bound_prefetch(self, worker: Any, runtime: WorkerRuntime) -> None:
         # Late acks keep running tasks unacknowledged, so the prefetch count bounds
         # running + reserved messages: capacity running and at most as many waiting.
-        if not worker.app.conf.get("warmpool_limit_prefetch", True) or not warm.process_specs:
+        if not worker.app.conf.get("warmpool_limit_prefetch", True) or not runtime.process_specs:
             return
         consumer = getattr(worker, "consumer", None)
         if consumer is None or not consumer.initial_prefetch_count:
             return
+        assert runtime.execution is not None
         concurrency = worker.max_concurrency or worker.concurrency
-        capacity = node_capacity(warm.process_specs.values(), warm.execution or "custom",
-                                 concurrency)
+        capacity = runtime.execution.capacity(runtime.process_specs.values(), concurrency)
         bound = 2 * capacity
         if consumer.initial_prefetch_count > bound:
             logger.info("warm pools: prefetch bounded from %d to %d (capacity %d)",
@@ -112,7 +116,7 @@ class WarmPoolStep(bootsteps.StartStopStep):
         # Cold shutdown: running tasks are being killed anyway; close the pools now.
         if self.metrics is not None:
             self.metrics.stop()
-        _extension(worker).stop_process()
+        _runtime(worker).stop_process()
 
     def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]
-        return {"warmpool": _extension(worker).stats()}
+        return worker_stats(_runtime(worker))

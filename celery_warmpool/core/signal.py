@@ -9,6 +9,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidSignal
+from .validation import describe, error_details
 
 __all__ = ["Signal"]
 
@@ -132,8 +133,5 @@ def _not_json(value: Any, path: str) -> str | None:
 
 
 def _invalid(exc: ValidationError, signal_type: str | None) -> InvalidSignal:
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    fields = ", ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '<signal>'}: {e['msg']}" for e in errors
-    )
-    return InvalidSignal(f"invalid signal: {fields}", signal_type, [dict(e) for e in errors])
+    return InvalidSignal(f"invalid signal: {describe(exc, root='<signal>')}", signal_type,
+                         error_details(exc))

@@ -14,9 +14,11 @@ from pydantic_core import PydanticSerializationError
 
 from . import telemetry
 from .action import Action, ActionContext
-from .errors import ActionFailed, ConfigurationError, UnknownSignal
+from .errors import ActionFailed, ConfigurationError
 from .reply import AgentReply
+from .routing import Routes
 from .signal import Signal
+from .validation import describe
 
 __all__ = ["Agent", "AgentState", "resource"]
 
@@ -62,8 +64,7 @@ class Agent(Generic[StateT]):
 
     State: ClassVar[type[BaseModel]] = AgentState
     signal_routes: ClassVar[Mapping[str, type[Action] | Action]] = {}
-    _exact_routes: ClassVar[dict[str, Action]] = {}
-    _pattern_routes: ClassVar[list[tuple[tuple[str, ...], str, Action]]] = []
+    _routes: ClassVar[Routes] = Routes("Agent", {})
     _resource_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -75,7 +76,7 @@ class Agent(Generic[StateT]):
                 f"{cls.__qualname__}.State must be a pydantic BaseModel subclass", field="State")
         cls._resource_fields = frozenset(
             name for name, info in cls.State.model_fields.items() if info.exclude is True)
-        cls._exact_routes, cls._pattern_routes = _compile_routes(cls)
+        cls._routes = Routes(cls.__qualname__, cls.signal_routes)
 
     def __init__(self, initial_state: Mapping[str, Any] | BaseModel | None = None, *,
                  agent_id: str | None = None, options: Mapping[str, Any] | None = None) -> None:
@@ -96,7 +97,7 @@ class Agent(Generic[StateT]):
                 copy.deepcopy(self._initial_state))  # type: ignore[assignment]
         except ValidationError as exc:
             raise ConfigurationError(
-                f"initial state of {type(self).__name__} is invalid: {exc}",
+                f"initial state of {type(self).__name__} is invalid: {describe(exc)}",
                 field="initial_state") from exc
         self.pool_name: str | None = None
         self.node: str | None = None
@@ -128,23 +129,14 @@ class Agent(Generic[StateT]):
 
     # -- handling signals --------------------------------------------------------------
 
-    def route(self, signal_type: str) -> Action:
-        """The action that handles ``signal_type``.
+    @classmethod
+    def route(cls, signal_type: str) -> Action:
+        """The action that handles ``signal_type`` (see :mod:`~.routing`).
 
         Raises:
             UnknownSignal: no route matches; the message lists the routes.
         """
-        action = self._exact_routes.get(signal_type)
-        if action is not None:
-            return action
-        segments = tuple(signal_type.split("."))
-        for pattern, _, candidate in self._pattern_routes:
-            if _matches(pattern, segments):
-                return candidate
-        routes = ", ".join(sorted(self.signal_routes)) or "none"
-        raise UnknownSignal(
-            f"{type(self).__name__} has no route for signal type {signal_type!r} "
-            f"(routes: {routes})", signal_type)
+        return cls._routes.action_for(signal_type)
 
     def handle(self, signal: Signal | Mapping[str, Any] | str) -> AgentReply:
         """Validate ``signal``, run its action and merge the result into state.
@@ -225,8 +217,8 @@ class Agent(Generic[StateT]):
             new_state = self.State.model_validate(merged)
         except ValidationError as exc:
             raise ActionFailed(
-                f"action {action.name!r} produced an invalid state: {exc}", event.type,
-                action.name, str(exc)) from exc
+                f"action {action.name!r} produced an invalid state: {describe(exc)}", event.type,
+                action.name, describe(exc)) from exc
         result = new_state.model_dump(mode="json", include=set(updates))
         return new_state, result  # type: ignore[return-value]
 
@@ -255,46 +247,3 @@ def _state_from_generic(cls: type) -> type[BaseModel] | None:
                 if isinstance(argument, type) and issubclass(argument, BaseModel):
                     return argument
     return None
-
-
-def _compile_routes(
-    cls: type[Agent[Any]],
-) -> tuple[dict[str, Action], list[tuple[tuple[str, ...], str, Action]]]:
-    exact: dict[str, Action] = {}
-    patterns: list[tuple[tuple[int, int, int], tuple[str, ...], str, Action]] = []
-    for route, target in cls.signal_routes.items():
-        action = _action_instance(cls, route, target)
-        segments = tuple(route.split("."))
-        if "*" not in segments and "**" not in segments:
-            exact[route] = action
-            continue
-        # Fewer wildcards first, then longer patterns: the most specific route wins.
-        specificity = (segments.count("**"), segments.count("*"), -len(segments))
-        patterns.append((specificity, segments, route, action))
-    patterns.sort(key=lambda item: item[0])
-    return exact, [(segments, route, action) for _, segments, route, action in patterns]
-
-
-def _matches(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
-    """Whether dot-separated ``segments`` match ``pattern`` (``*`` one, ``**`` any)."""
-    if not pattern:
-        return not segments
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_matches(rest, segments[skip:]) for skip in range(len(segments) + 1))
-    if not segments:
-        return False
-    return (head == "*" or head == segments[0]) and _matches(rest, segments[1:])
-
-
-def _action_instance(cls: type, route: str, target: Any) -> Action:
-    action = target() if isinstance(target, type) and issubclass(target, Action) else target
-    if not isinstance(action, Action):
-        raise ConfigurationError(
-            f"{cls.__qualname__}.signal_routes[{route!r}] must be an Action class or "
-            f"instance, got {target!r}", field="signal_routes")
-    if type(action).run is Action.run:
-        raise ConfigurationError(
-            f"{type(action).__qualname__} (routed from {route!r}) does not implement "
-            "run(params, context)", field="signal_routes")
-    return action

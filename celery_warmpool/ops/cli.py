@@ -35,8 +35,8 @@ from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 from kombu.exceptions import OperationalError
 
-from .errors import UnknownPool
-from .status import PoolStatus
+from ..core.errors import UnknownPool
+from ..core.status import PoolStatus
 
 __all__ = ["render_status_json", "render_status_table", "status_report", "warmpool"]
 
@@ -103,7 +103,7 @@ def render_status_table(report: Mapping[str, Iterable[PoolStatus]]) -> str:
     """The status of each pool as text tables, one per pool, sorted by pool name.
 
     ``report`` maps a pool's name to its statuses as nodes report them (what
-    :meth:`PoolClient.collect` returns). Each table has a row per node, a row per
+    :meth:`StatusReader.collect` returns). Each table has a row per node, a row per
     process under prefork, and a total row when more than one node hosts the pool.
     """
     blocks: list[str] = []
@@ -160,7 +160,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
         except UnknownPool as exc:
             raise click.BadParameter(str(exc), param_hint="'--pool'") from None
     try:
-        report: dict[str, list[PoolStatus]] = warm.client.collect(
+        report: dict[str, list[PoolStatus]] = warm.status_reader.collect(
             pool, timeout=timeout, destination=destination)
     except OperationalError as exc:
         raise CeleryCommandException(

@@ -11,7 +11,7 @@ fresh agent for every request, as code without a pool does.
 Broker and result store come from ``WARMPOOL_BROKER_URL`` / ``WARMPOOL_RESULT_BACKEND``;
 without them the embedded store under ``WARMPOOL_EMBEDDED_DIR`` (default: a
 ``celery-warmpool-demo`` folder in the temp directory) serves, so
-``celery -A celery_warmpool.demo_app worker`` runs on a machine with no server.
+``celery -A celery_warmpool.demo.app worker`` runs on a machine with no server.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel, Field
 
-from . import telemetry
-from .action import Action, ActionContext
-from .agent import Agent, AgentState, resource
-from .embedded import embedded_config, is_embedded
-from .extension import WarmPool
-from .pool import AgentPool
-from .spec import PoolSpec
+from ..core import telemetry
+from ..core.action import Action, ActionContext
+from ..core.agent import Agent, AgentState, resource
+from ..core.pool import AgentPool
+from ..core.spec import PoolSpec
+from ..extension import WarmPool
+from ..ops.embedded import embedded_config, is_embedded
 
 __all__ = ["AGENTS", "CatalogAgent", "SignerAgent", "make_app"]
 
@@ -149,7 +149,7 @@ def default_directory() -> str:
 def make_app(broker: str | None = None, backend: str | None = None,
              directory: str | None = None, *, size: int = 2) -> tuple[Celery, WarmPool]:
     """The demo app and its pools; with no ``broker`` the embedded store in ``directory``."""
-    app = Celery("celery_warmpool.demo_app", set_as_current=False)
+    app = Celery("celery_warmpool.demo.app", set_as_current=False)
     if is_embedded(broker):
         app.conf.update(embedded_config(directory or default_directory()))
     else:
@@ -182,7 +182,7 @@ _configured: tuple[Celery, WarmPool] | None = None
 
 
 def __getattr__(name: str) -> Any:
-    # ``app`` and ``warm`` (what ``celery -A celery_warmpool.demo_app`` loads) are built
+    # ``app`` and ``warm`` (what ``celery -A celery_warmpool.demo.app`` loads) are built
     # on first use from the environment, so importing this module creates no store.
     global _configured
     if name not in ("app", "warm"):

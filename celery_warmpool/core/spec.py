@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, Self
+from typing import Any, Literal, Optional, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .agent import Agent
 from .errors import ConfigurationError
+from .validation import problems
 
 __all__ = ["PoolOptions", "PoolSpec", "import_object"]
 
@@ -142,7 +146,7 @@ class PoolSpec(PoolOptions):
         given = {key[len(prefix):].lower(): value for key, value in source.items()
                  if key.upper().startswith(prefix)}
         known = {key: value for key, value in given.items()
-                 if key in _EnvironmentOverrides.model_fields}
+                 if key in _overridable().model_fields}
         if not known:
             return self
         overrides = _overrides_class(prefix)
@@ -160,28 +164,31 @@ class PoolSpec(PoolOptions):
         return PoolSpec(**merged)
 
 
-class _EnvironmentOverrides(BaseSettings):
-    """The options an environment variable may override."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    size: int | None = Field(default=None, ge=1)
-    max_overflow: int | None = Field(default=None, ge=0)
-    strategy: Strategy | None = None
-    overflow_ttl: float | None = Field(default=None, ge=0)
-    max_uses: int | None = Field(default=None, ge=1)
-    max_age: float | None = Field(default=None, gt=0)
-    health_check_interval: float | None = Field(default=None, ge=0)
-    reset_on_checkin: bool | None = None
-    start_timeout: float | None = Field(default=None, gt=0)
-    monitor_interval: float | None = Field(default=None, gt=0)
-    queue: str | None = None
+#: Options an environment variable cannot set: they name Python objects.
+_NOT_FROM_ENVIRONMENT = frozenset({"discard_on"})
 
 
-def _overrides_class(prefix: str) -> type[_EnvironmentOverrides]:
+@functools.cache
+def _overridable() -> type[BaseSettings]:
+    """A settings model of every option an environment variable may override.
+
+    Each field is the spec's own (type, bounds, description) made optional, so the
+    environment is held to exactly the rules a spec is.
+    """
+    names = (set(PoolOptions.model_fields) | {"queue"}) - _NOT_FROM_ENVIRONMENT
+    fields: dict[str, Any] = {
+        name: (Optional[info.annotation],  # noqa: UP045 - built at run time
+               FieldInfo.merge_field_infos(info, default=None))
+        for name, info in PoolSpec.model_fields.items() if name in names}
+    model: type[BaseSettings] = create_model("PoolEnvironment", __base__=BaseSettings,
+                                             **fields)
+    return model
+
+
+def _overrides_class(prefix: str) -> type[BaseSettings]:
     # Another pool's variables share the prefix ("fast" and "fast_search"): ignore them.
     config = SettingsConfigDict(extra="ignore", env_prefix=prefix, env_ignore_empty=True)
-    return type("PoolEnvironment", (_EnvironmentOverrides,), {"model_config": config})
+    return type("PoolEnvironment", (_overridable(),), {"model_config": config})
 
 
 def import_object(path: str) -> Any:
@@ -216,14 +223,13 @@ def _imported(path: str) -> Any:
 
 def _configuration_error(exc: ValidationError, pool: str | None, *,
                          prefix: str = "") -> ConfigurationError:
-    first = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
+    first, *others = problems(exc)
+    field = first.location if first.location != "<value>" else None
     where = f"pool {pool!r}" if pool else "pool spec"
     shown = f"{prefix}{field.upper()}" if prefix and field else field
-    message = f"{where}: invalid {shown}: {first['msg']}"
-    if len(exc.errors()) > 1:
-        others = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors()[1:])
-        message += f" (also invalid: {others})"
+    message = f"{where}: invalid {shown}: {first.message}"
+    if others:
+        message += f" (also invalid: {', '.join(problem.location for problem in others)})"
     return ConfigurationError(message, pool, field)
 
 

@@ -1,28 +1,26 @@
-"""PoolHost: the warm pools of one process, built from their specs."""
+"""ProcessPools: the warm pools of one process, built from their specs, started together."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import timings
-from .agent import Agent
-from .errors import PoolStartError, UnknownPool
-from .pool import BACKOFF_CAP, AgentPool
-from .spec import PoolSpec
-from .status import PoolCounters, PoolStatus
+from ..core.agent import Agent
+from ..core.errors import PoolStartError, UnknownPool
+from ..core.pool import BACKOFF_CAP, AgentPool
+from ..core.spec import PoolSpec
+from ..core.status import PoolCounters, PoolStatus
 
-__all__ = ["PoolHost"]
+__all__ = ["ProcessPools"]
 
 logger = logging.getLogger(__name__)
 
 
-class PoolHost:
+class ProcessPools:
     """The pools one process serves: started together, looked up by name, closed together.
 
     A pool whose agents cannot be built is not dropped silently: ``get()`` raises its
@@ -38,26 +36,20 @@ class PoolHost:
         self.pid = os.getpid()
         self.pools: dict[str, AgentPool[Agent[Any]]] = {}
         self.failures: dict[str, PoolStartError] = {}
-        self.started_at: float | None = None
-        self.warm_seconds: float | None = None
+        #: Whether start() has finished: every pool is warm or has failed.
+        self.started = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
-    @property
-    def warm(self) -> bool:
-        """Whether start() finished and every pool started (its base agents were built)."""
-        return self.warm_seconds is not None and not self.failures
-
     def start(self) -> None:
         """Start every pool, in parallel; return when each is warm or has failed."""
-        self.started_at = time.monotonic()
         self.pid = os.getpid()
         specs = list(self.specs.values())
         if specs:
             with ThreadPoolExecutor(max_workers=len(specs),
-                                    thread_name_prefix="warmpool-host") as executor:
+                                    thread_name_prefix="warmpool-start") as executor:
                 list(executor.map(self._start_one, specs))
-        self.warm_seconds = time.monotonic() - self.started_at
+        self.started = True
         for name, error in self.failures.items():
             logger.error("warm pool %r failed to start in process %d: %s", name, self.pid, error)
             threading.Thread(target=self._retry, args=(self.specs[name],), daemon=True,
@@ -131,12 +123,10 @@ class PoolHost:
     def snapshot(self) -> dict[str, Any]:
         """This process's pools as JSON-compatible data, for the status board."""
         return {
-            "node": self.node, "process_index": self.process_index, "warm": self.warm,
-            "started": self.warm_seconds is not None,
+            "node": self.node, "process_index": self.process_index, "started": self.started,
             "errors": {name: str(error) for name, error in self.failures.items()},
             "pools": {name: status.model_dump(mode="json")
                       for name, status in self.statuses().items()},
-            "timings": timings.recorder.snapshot(),
         }
 
     def close(self) -> None:

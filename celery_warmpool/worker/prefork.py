@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 if TYPE_CHECKING:
-    from .extension import WarmPool
+    from .runtime import WorkerRuntime
 
 __all__ = ["connect"]
 
@@ -36,7 +36,7 @@ def _process_index() -> int:
     return int(index) if index is not None else 0
 
 
-def _close_on_terminate(warm: WarmPool) -> None:
+def _close_on_terminate(runtime: WorkerRuntime) -> None:
     """Tear agents down when the child is terminated (cold shutdown, revoke --terminate).
 
     Celery resets SIGTERM to its default in children, so a terminated child would die
@@ -46,7 +46,7 @@ def _close_on_terminate(warm: WarmPool) -> None:
     """
 
     def on_terminate(signum: int, frame: Any) -> None:
-        closer = threading.Thread(target=warm.stop_process, name="warmpool-terminate",
+        closer = threading.Thread(target=runtime.stop_process, name="warmpool-terminate",
                                   daemon=True)
         closer.start()
         closer.join(TERMINATE_TEARDOWN_SECONDS)
@@ -56,19 +56,20 @@ def _close_on_terminate(warm: WarmPool) -> None:
     signal.signal(signal.SIGTERM, on_terminate)
 
 
-def connect(warm: WarmPool) -> None:
-    """Build ``warm``'s pools in each child as it starts; close them as it exits."""
+def connect(runtime: WorkerRuntime) -> None:
+    """Build ``runtime``'s pools in each child as it starts; close them as it exits."""
 
     def on_process_init(sender: Any = None, **kwargs: Any) -> None:
-        if warm.execution not in ("prefork", "solo"):
+        execution = runtime.execution
+        if execution is None or not execution.one_task_per_process:
             return  # not a worker of this app, or its pools live in the main process
-        if warm.execution == "prefork":
-            _close_on_terminate(warm)
-        warm.start_process(index=_process_index())
+        if execution.in_children:
+            _close_on_terminate(runtime)
+        runtime.start_process(index=_process_index())
 
     def on_process_shutdown(sender: Any = None, **kwargs: Any) -> None:
-        if warm.execution == "prefork":
-            warm.stop_process()
+        if runtime.execution is not None and runtime.execution.in_children:
+            runtime.stop_process()
 
     signals.worker_process_init.connect(on_process_init, weak=False)
     signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)

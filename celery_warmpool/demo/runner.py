@@ -3,7 +3,7 @@
     python -m celery_warmpool.demo
 
 It starts a real ``celery worker`` in the background with two warm pools (see
-:mod:`celery_warmpool.demo_app`) on an embedded broker and result store kept in a
+:mod:`celery_warmpool.demo.app`) on an embedded broker and result store kept in a
 temporary folder, shows the agents warming up, sends a burst of call-style and
 cast-style signals, compares warm agents with an agent built per request, prints the
 pool status as ``celery ... warmpool status`` does, then stops the worker (warm
@@ -20,10 +20,8 @@ import functools
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,17 +33,18 @@ import click
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
-from .cli import render_status_table
-from .embedded import is_embedded
-from .errors import ConfigurationError
-from .extension import WarmPool
-from .reply import AgentReply
-from .signal import Signal
-from .status import PoolStatus
+from ..core.errors import ConfigurationError
+from ..core.reply import AgentReply
+from ..core.signal import Signal
+from ..core.status import PoolStatus
+from ..extension import WarmPool
+from ..ops.cli import render_status_table
+from ..ops.embedded import is_embedded
+from ..ops.processes import WorkerProcess
 
-__all__ = ["DemoWorker", "main"]
+__all__ = ["main"]
 
-APP = "celery_warmpool.demo_app"
+APP = "celery_warmpool.demo.app"
 #: Worker processes (prefork children); each holds one agent of each pool.
 CONCURRENCY = 2
 #: Seconds the worker may take to start and warm up.
@@ -61,90 +60,15 @@ QUERIES = ("red steel", "oak table", "golden lamp", "wool rug", "black leather b
            "glass vase", "copper kettle", "linen jacket")
 
 
-class DemoWorker:
-    """The demo's ``celery worker`` subprocess, its log followed line by line."""
-
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.node = f"demo-{os.getpid()}@{socket.gethostname()}"
-        self.log_path = directory / "worker.log"
-        self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
-        #: Set once the worker logs that it is ready (it takes messages from then on).
-        self.ready = False
-        self._read = 0
-        self._partial = ""
-
-    @property
-    def command(self) -> list[str]:
-        """The command line that starts the worker."""
-        return [sys.executable, "-m", "celery", "-A", APP, "worker", "-P", "prefork",
-                "-c", str(CONCURRENCY), "-n", self.node, "--loglevel=INFO",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
-
-    def start(self) -> None:
-        """Start the worker in the background (its own session: Ctrl-C is ours to handle)."""
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.env, start_new_session=True)
-
-    def new_lines(self) -> list[str]:
-        """The complete lines the worker logged since the last call."""
-        with self.log_path.open("rb") as log:
-            log.seek(self._read)
-            chunk = log.read()
-        self._read += len(chunk)
-        text = self._partial + chunk.decode(errors="replace")
-        lines = text.split("\n")
-        self._partial = lines.pop()
-        return lines
-
-    def exited(self) -> bool:
-        """Whether the worker process has ended."""
-        return self.process is None or self.process.poll() is not None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last ``lines`` lines of the worker's log."""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, app: Celery) -> int | None:
-        """Warm shutdown: running work finishes, agents are torn down, the worker exits.
-
-        A ready worker is asked with Celery's ``shutdown`` broadcast, which it acts on at
-        once (a SIGTERM waits for its polling loop); one still warming up, or one that
-        does not answer, gets SIGTERM; a kill is the last resort.
-        Returns the exit status, or ``None`` if the worker had to be killed.
-        """
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            if self.ready:
-                with contextlib.suppress(Exception):
-                    app.control.shutdown(destination=[self.node])
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    return self.process.wait(STOP_TIMEOUT / 2)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(STOP_TIMEOUT / 2)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return None
-        return self.process.returncode
-
-    def kill(self) -> None:
-        """Kill the worker and its children at once."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-
 class Demo:
     """One run of the demo; each step prints what it shows."""
 
-    def __init__(self, app: Celery, warm: WarmPool, worker: DemoWorker) -> None:
+    def __init__(self, app: Celery, warm: WarmPool, worker: WorkerProcess) -> None:
         self.app = app
         self.warm = warm
         self.worker = worker
+        #: Set once the worker logs that it is ready (it takes messages from then on).
+        self.ready = False
         self.started = time.perf_counter()
         self.warm_timings: dict[str, list[float]] = {}
         self.checkouts: dict[str, int] = dict.fromkeys(warm.specs, 0)
@@ -172,9 +96,8 @@ class Demo:
         expected = sum(spec.size for spec in self.warm.specs.values())
         pools = ", ".join(f"{name} ({spec.size} agents)" for name, spec in
                           self.warm.specs.items())
-        assert self.worker.process is not None
-        self.say(f"{self.elapsed()} celery worker {self.worker.node} started (pid "
-                 f"{self.worker.process.pid}, prefork, {CONCURRENCY} processes); "
+        self.say(f"{self.elapsed()} celery worker {self.worker.hostname} started (pid "
+                 f"{self.worker.pid}, prefork, {CONCURRENCY} processes); "
                  f"warming up {pools}")
         warm = 0
         deadline = time.monotonic() + START_TIMEOUT
@@ -186,8 +109,8 @@ class Demo:
                     self.say(f"{self.elapsed()}   {found['pool']:<8} agent warm "
                              f"({warm} of {expected})  setup {float(found['setup']):.2f} s "
                              f"in process {found['pid']}")
-                elif f"{self.worker.node} ready." in line:
-                    self.worker.ready = True
+                elif f"{self.worker.hostname} ready." in line:
+                    self.ready = True
                     self.say(f"{self.elapsed()} worker ready: {warm} agents warm, "
                              "taking signals")
                     return True
@@ -265,7 +188,8 @@ class Demo:
         # Children publish their numbers as they change; wait until every checkout counts.
         deadline = time.monotonic() + 3.0
         while True:
-            report = self.warm.client.collect(timeout=1.0, destination=[self.worker.node])
+            report = self.warm.status_reader.collect(timeout=1.0,
+                                                     destination=[self.worker.hostname])
             counted = {pool: sum(status.counters.checkouts for status in statuses)
                        for pool, statuses in report.items()}
             if counted == self.checkouts or time.monotonic() > deadline:
@@ -326,18 +250,17 @@ def comparison_table(rows: Sequence[tuple[str, str, list[float]]]) -> str:
 
 
 def worker_env(broker: str | None, backend: str | None, directory: Path) -> dict[str, str]:
-    """The worker's environment: where its broker and results are, and this package."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("WARMPOOL_BROKER_URL", "WARMPOOL_RESULT_BACKEND",
-                          "WARMPOOL_EMBEDDED_DIR")}
+    """What the worker's environment adds: where its broker and results are, this package."""
     if broker is None:
-        env["WARMPOOL_EMBEDDED_DIR"] = str(directory / "store")
+        # Empty, not unset: a WARMPOOL_BROKER_URL of the caller's must not leak through.
+        env = {"WARMPOOL_EMBEDDED_DIR": str(directory / "store"), "WARMPOOL_BROKER_URL": "",
+               "WARMPOOL_RESULT_BACKEND": ""}
     else:
-        env["WARMPOOL_BROKER_URL"] = broker
-        env["WARMPOOL_RESULT_BACKEND"] = backend or broker
+        env = {"WARMPOOL_BROKER_URL": broker, "WARMPOOL_RESULT_BACKEND": backend or broker}
     # The worker imports this package even when it is run from a source tree.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
+                                                      os.environ.get("PYTHONPATH")]))
     return env
 
 
@@ -364,7 +287,7 @@ def broker_reachable(app: Celery) -> str | None:
 
 def run(broker: str | None, backend: str | None, calls: int, casts: int, cold: int) -> int:
     """Run the demo; return the exit status."""
-    from .demo_app import make_app
+    from .app import make_app
 
     begun = time.perf_counter()
     with scratch_directory() as directory:
@@ -379,9 +302,12 @@ def run(broker: str | None, backend: str | None, calls: int, casts: int, cold: i
             if problem:
                 click.echo(f"cannot reach the broker {broker}: {problem}", err=True)
                 return 2
-        worker = DemoWorker(directory, worker_env(broker, backend, directory))
+        worker = WorkerProcess(
+            APP, pool="prefork", concurrency=CONCURRENCY, broker=None, backend=None,
+            nodename=f"demo-{os.getpid()}@{socket.gethostname()}",
+            env=worker_env(broker, backend, directory), log_path=directory / "worker.log")
         demo = Demo(app, warm, worker)
-        worker.start()
+        worker.launch()
         completed = False
         try:
             if demo.wait_until_warm():
@@ -395,7 +321,10 @@ def run(broker: str | None, backend: str | None, calls: int, casts: int, cold: i
         finally:
             click.echo()
             click.echo(f"{demo.elapsed()} stopping the worker (warm shutdown)...")
-            status = worker.stop(app)
+            # A ready worker acts on the shutdown command at once; one still warming up
+            # gets SIGTERM.
+            status = (worker.shutdown(app, STOP_TIMEOUT) if demo.ready
+                      else worker.stop(STOP_TIMEOUT))
             app.close()
             if status is None:
                 click.echo(f"the worker did not stop within {STOP_TIMEOUT:.0f}s and was "
@@ -437,6 +366,3 @@ def main(broker: str | None, backend: str | None, calls: int, casts: int,
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()

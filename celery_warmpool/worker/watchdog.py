@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,21 @@ IDLE_TICKS = 250
 
 class Watchdog:
     """Calls ``on_expire`` for watched work that is not done by its deadline."""
+
+    _this_process: tuple[int, Watchdog] | None = None
+    _creating = threading.Lock()
+
+    @classmethod
+    def of_this_process(cls) -> Watchdog:
+        """The process's watchdog: a prefork child must not share its parent's thread."""
+        found = cls._this_process
+        pid = os.getpid()
+        if found is None or found[0] != pid:
+            with cls._creating:
+                found = cls._this_process
+                if found is None or found[0] != pid:
+                    found = cls._this_process = (pid, cls())
+        return found[1]
 
     def __init__(self, name: str = "warmpool-watchdog") -> None:
         self.name = name

@@ -1,0 +1,64 @@
+"""The agent model and the local pool: everything that works without Celery.
+
+Nothing in this package imports celery, kombu or billiard (a test holds it to that):
+an :class:`AgentPool` serves threads and greenlets of any program. The Celery side
+(:mod:`celery_warmpool.worker`, :mod:`celery_warmpool.client`) builds on it.
+"""
+
+from __future__ import annotations
+
+from . import telemetry
+from .action import Action, ActionContext, NoParams
+from .agent import Agent, AgentState, resource
+from .errors import (
+    ActionFailed,
+    CallTimeout,
+    CheckoutTimeout,
+    ConfigurationError,
+    InvalidSignal,
+    NotCheckedOut,
+    PoolClosed,
+    PoolError,
+    PoolExhausted,
+    PoolStartError,
+    SignalError,
+    UnknownPool,
+    UnknownSignal,
+    WarmPoolError,
+)
+from .pool import AgentPool
+from .reply import AgentReply
+from .signal import Signal
+from .spec import PoolOptions, PoolSpec
+from .status import PoolCounters, PoolStatus
+
+__all__ = [
+    "Action",
+    "ActionContext",
+    "ActionFailed",
+    "Agent",
+    "AgentPool",
+    "AgentReply",
+    "AgentState",
+    "CallTimeout",
+    "CheckoutTimeout",
+    "ConfigurationError",
+    "InvalidSignal",
+    "NoParams",
+    "NotCheckedOut",
+    "PoolClosed",
+    "PoolCounters",
+    "PoolError",
+    "PoolExhausted",
+    "PoolOptions",
+    "PoolSpec",
+    "PoolStartError",
+    "PoolStatus",
+    "Signal",
+    "SignalError",
+    "UnknownPool",
+    "UnknownSignal",
+    "WarmPoolError",
+    "resource",
+    "telemetry",
+]

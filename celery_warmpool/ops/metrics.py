@@ -1,0 +1,307 @@
+"""Prometheus metrics: each worker node serves its pools' numbers on ``/metrics``.
+
+Install the extra (``pip install "celery-warmpool[prometheus]"``) and give an address::
+
+    app.conf.warmpool_metrics_address = "127.0.0.1:9808"    # or ":9808", all interfaces
+    # or in the worker's environment: WARMPOOL_METRICS_ADDRESS=127.0.0.1:9808
+
+Metrics are off unless an address is given (the environment variable wins over the
+setting). The worker's main process serves them, for all its processes, with
+``prometheus_client``'s multiprocess mode: every process that hosts agents (each prefork
+child, or the main process under threads) writes its counters and histograms to its own
+files in ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary folder unless that variable is
+set), and a scrape sums the files. A dead child's files stay, so a counter never goes
+back when a child is replaced. Gauges describe the live processes only and are read from
+their current status at scrape time. Every metric has the labels ``pool`` and ``node``:
+
+- gauges: ``warmpool_agents{state="idle"|"checked_out"}`` (agents alive),
+  ``warmpool_size`` and ``warmpool_max_overflow`` (configured on the node),
+  ``warmpool_overflow_agents``, ``warmpool_waiting_checkouts``,
+  ``warmpool_replacing_agents`` (base agents being rebuilt), ``warmpool_processes``;
+- counters: ``warmpool_checkouts_total``, ``warmpool_checkins_total``,
+  ``warmpool_checkout_timeouts_total``, ``warmpool_exhausted_total`` (checkouts that found
+  no agent and no overflow room), ``warmpool_overflow_agents_created_total``,
+  ``warmpool_overflow_agents_dismissed_total``, ``warmpool_agent_replacements_total``,
+  ``warmpool_agent_setup_failures_total``, ``warmpool_calls_total``,
+  ``warmpool_call_failures_total``;
+- histograms: ``warmpool_checkout_wait_seconds`` (time waited for an agent) and
+  ``warmpool_call_duration_seconds`` (time an agent took to handle a signal), in the
+  buckets of :data:`BUCKETS`.
+
+Counters follow each process's own pool counters (the numbers ``warmpool status`` shows):
+a prefork child brings them up to date each time it publishes its status (on every
+change, at most 50 times a second), the main process before it answers a scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..core import telemetry
+from ..core.errors import ConfigurationError
+from ..core.status import PoolCounters, PoolStatus
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from ..worker.runtime import WorkerRuntime
+
+__all__ = ["BUCKETS", "MetricsExporter", "exporter_for", "metrics_address"]
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_SETTING = "warmpool_metrics_address"
+ADDRESS_VARIABLE = "WARMPOOL_METRICS_ADDRESS"
+DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Upper bounds (seconds) of the histogram buckets.
+BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                              1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Gauges read off a pool's status: metric name, status attribute, help.
+GAUGES = (
+    ("warmpool_size", "size", "Base agents configured for the pool on this node."),
+    ("warmpool_max_overflow", "max_overflow",
+     "Overflow agents the pool may build on this node."),
+    ("warmpool_overflow_agents", "overflow", "Overflow agents alive."),
+    ("warmpool_waiting_checkouts", "waiting", "Checkouts waiting for an agent."),
+    ("warmpool_replacing_agents", "replacing", "Base agents being rebuilt."),
+)
+#: Counters following a pool's counters: metric name (``_total`` added), counter, help.
+COUNTERS = (
+    ("warmpool_checkouts", "checkouts", "Agents handed out."),
+    ("warmpool_checkins", "checkins", "Agents given back."),
+    ("warmpool_checkout_timeouts", "timeouts", "Checkouts that gave up waiting for an agent."),
+    ("warmpool_exhausted", "exhausted",
+     "Checkouts that found no idle agent and no overflow room."),
+    ("warmpool_overflow_agents_created", "overflow_created", "Overflow agents built."),
+    ("warmpool_overflow_agents_dismissed", "dismissed", "Overflow agents closed."),
+    ("warmpool_agent_replacements", "replacements", "Broken or worn-out agents replaced."),
+    ("warmpool_agent_setup_failures", "failures", "Agent setup() calls that failed."),
+    ("warmpool_calls", "calls", "Signals handled by the pool's agents."),
+    ("warmpool_call_failures", "call_failures", "Signals whose handling failed."),
+)
+LABELS = ("pool", "node")
+
+
+def metrics_address(app: Any, environ: dict[str, str] | None = None,
+                    ) -> tuple[str, int] | None:
+    """Where ``/metrics`` is served: ``(host, port)``, or ``None`` when metrics are off.
+
+    Read from ``WARMPOOL_METRICS_ADDRESS``, else ``app.conf.warmpool_metrics_address``:
+    ``"host:port"``, ``":port"`` or ``"port"`` (all interfaces), ``"[::1]:port"``.
+
+    Raises:
+        ConfigurationError: the address cannot be read.
+    """
+    source = os.environ if environ is None else environ
+    given = source.get(ADDRESS_VARIABLE) or app.conf.get(ADDRESS_SETTING)
+    if not given:
+        return None
+    text = str(given).strip()
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise ConfigurationError(
+            f"metrics address {text!r} is not 'host:port' (from {ADDRESS_VARIABLE} or "
+            f"{ADDRESS_SETTING})", field=ADDRESS_SETTING)
+    return host, number
+
+
+class ProcessMetrics:
+    """The counters and histograms one process writes to its multiprocess files."""
+
+    def __init__(self, node: str) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.node = node
+        self.counters = {counter: Counter(name, text, LABELS, registry=None)
+                         for name, counter, text in COUNTERS}
+        self.checkout_wait = Histogram(
+            "warmpool_checkout_wait_seconds", "Seconds a checkout waited for an agent.",
+            LABELS, buckets=BUCKETS, registry=None)
+        self.call_duration = Histogram(
+            "warmpool_call_duration_seconds", "Seconds an agent took to handle a signal.",
+            LABELS, buckets=BUCKETS, registry=None)
+        self._synced: dict[str, PoolCounters] = {}
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+        telemetry.agent_checkout.connect(self._on_checkout, weak=False)
+        telemetry.call_stop.connect(self._on_call, weak=False)
+        telemetry.call_exception.connect(self._on_call, weak=False)
+
+    def sync(self, statuses: Iterable[PoolStatus]) -> None:
+        """Bring the counters up to this process's pool counters."""
+        with self._lock:
+            for status in statuses:
+                labels = (status.pool, self.node)
+                before = self._synced.get(status.pool)
+                if before is None:
+                    # Every series exists from the start, at zero, not from its first event.
+                    before = PoolCounters()
+                    self.checkout_wait.labels(*labels)
+                    self.call_duration.labels(*labels)
+                for counter, metric in self.counters.items():
+                    series = metric.labels(*labels)
+                    grown = getattr(status.counters, counter) - getattr(before, counter)
+                    if grown > 0:
+                        series.inc(grown)
+                self._synced[status.pool] = status.counters
+
+    def _forget(self) -> None:
+        # A new child starts from zero in files of its own.
+        self._lock = threading.Lock()
+        self._synced = {}
+
+    def _on_checkout(self, sender: Any = None, wait: float = 0.0, **kwargs: Any) -> None:
+        pool = getattr(sender, "name", None)
+        if pool is not None:
+            self.checkout_wait.labels(pool, self.node).observe(wait)
+
+    def _on_call(self, sender: Any = None, duration: float = 0.0, **kwargs: Any) -> None:
+        # Call events are sent by the agent, which knows its pool once a pool built it.
+        pool = getattr(sender, "pool_name", None)
+        if pool is not None:
+            self.call_duration.labels(pool, self.node).observe(duration)
+
+
+class PoolGauges:
+    """A Prometheus collector of the live processes' gauges, read when scraped."""
+
+    def __init__(self, runtime: WorkerRuntime, metrics: ProcessMetrics) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        """Every pool's gauges on this node, summed over its live processes."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        if self.runtime.pools is not None:  # the agents live in this process
+            self.metrics.sync(self.runtime.pools.statuses().values())
+        node = self.runtime.node or ""
+        pools = sorted(self.runtime.node_statuses().items())
+        agents = GaugeMetricFamily("warmpool_agents", "Agents alive, by state.",
+                                   labels=(*LABELS, "state"))
+        processes = GaugeMetricFamily("warmpool_processes", "Processes hosting the pool.",
+                                      labels=LABELS)
+        for name, status in pools:
+            agents.add_metric((name, node, "idle"), status.available)
+            agents.add_metric((name, node, "checked_out"), status.checked_out)
+            processes.add_metric((name, node), len(status.processes))
+        yield agents
+        yield processes
+        for metric, attribute, text in GAUGES:
+            gauge = GaugeMetricFamily(metric, text, labels=LABELS)
+            for name, status in pools:
+                gauge.add_metric((name, node), getattr(status, attribute))
+            yield gauge
+
+
+class MetricsExporter:
+    """Serves one node's ``/metrics`` over HTTP from the worker's main process."""
+
+    def __init__(self, runtime: WorkerRuntime, address: tuple[str, int], directory: str,
+                 owns_directory: bool) -> None:
+        self.runtime = runtime
+        self.address = address
+        self.directory = directory
+        self._owns_directory = owns_directory
+        self.metrics = ProcessMetrics(runtime.node or "")
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The address being served, once started (the real port if 0 was asked)."""
+        if self._server is None:
+            return None
+        host = self.address[0]
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self._server.server_port}/metrics"
+
+    def start(self) -> None:
+        """Serve ``/metrics`` in a daemon thread. A busy address is logged, not fatal."""
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry(auto_describe=False)
+        # First: it brings this process's counters up to date before the files are read.
+        registry.register(PoolGauges(self.runtime, self.metrics))
+        files: Any = multiprocess.MultiProcessCollector  # untyped in prometheus_client
+        files(registry, path=self.directory)
+        host, port = self.address
+        try:
+            self._server, self._thread = start_http_server(port, host, registry=registry)
+        except OSError as exc:
+            logger.error("warm pools: cannot serve metrics on %s:%d: %s", host, port, exc)
+            return
+        logger.info("warm pools: metrics on %s", self.url)
+
+    def stop(self) -> None:
+        """Stop serving; remove the metrics folder if this exporter made it."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            if self._thread is not None:
+                self._thread.join(5)
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def exporter_for(runtime: WorkerRuntime) -> MetricsExporter | None:
+    """The metrics exporter a worker should run, or ``None`` if metrics are off.
+
+    Call it in the worker's main process before children fork: it switches
+    ``prometheus_client`` to multiprocess mode and connects what records the timings,
+    which the children then do too.
+
+    Raises:
+        ConfigurationError: an address is given but ``prometheus-client`` is missing,
+            or the address cannot be read.
+    """
+    address = metrics_address(runtime.app)
+    if address is None:
+        return None
+    try:
+        from prometheus_client import values
+    except ImportError:
+        raise ConfigurationError(
+            "metrics need prometheus-client: pip install 'celery-warmpool[prometheus]' "
+            f"(or unset {ADDRESS_VARIABLE} / {ADDRESS_SETTING})",
+            field=ADDRESS_SETTING) from None
+    directory, owns = _multiprocess_directory()
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # prometheus_client picks its value class when first imported: switch it now,
+        # before any of our metrics exists, so that every process writes files.
+        file_backed: Any = values.MultiProcessValue  # untyped in prometheus_client
+        values.ValueClass = file_backed()
+    exporter = MetricsExporter(runtime, address, directory, owns)
+    metrics = exporter.metrics
+    runtime.after_publish = lambda: _sync_this_process(runtime, metrics)
+    return exporter
+
+
+def _sync_this_process(runtime: WorkerRuntime, metrics: ProcessMetrics) -> None:
+    pools = runtime.pools
+    if pools is not None:
+        metrics.sync(pools.statuses().values())
+
+
+def _multiprocess_directory() -> tuple[str, bool]:
+    """The folder of the per-process metric files, and whether it was made here."""
+    given = os.environ.get(DIRECTORY_VARIABLE)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        return given, False
+    made = tempfile.mkdtemp(prefix="warmpool-metrics-")
+    os.environ[DIRECTORY_VARIABLE] = made  # children inherit it, and read it
+    return made, True

@@ -1,0 +1,204 @@
+"""WorkerRuntime: one worker's warm pools through its life.
+
+In the worker's main process, before any child is forked, :meth:`WorkerRuntime.prepare`
+decides what this node hosts and how (its :class:`ExecutionModel`). The pools are then
+built where the execution pool runs tasks: in each prefork child at
+``worker_process_init`` (see :mod:`.prefork`), or in the main process for threads,
+gevent, eventlet and solo. Prefork children report their numbers to the main process
+through the status board, which answers the ``warmpool_status`` command from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from ..configuration import PoolConfiguration
+from ..core.agent import Agent
+from ..core.errors import UnknownPool
+from ..core.pool import AgentPool
+from ..core.spec import PoolSpec
+from ..core.status import PoolStatus
+from .execution import ExecutionModel, execution_model_of
+from .process_pools import ProcessPools
+from .status_board import STALE_AFTER, StatusBoard, StatusPublisher
+
+__all__ = ["WorkerRuntime"]
+
+logger = logging.getLogger(__name__)
+
+#: Slots on the status board beyond the worker's concurrency, for children added later
+#: (autoscaling, a resize). A slot costs address space, not memory, until written.
+SPARE_SLOTS = 64
+
+
+class WorkerRuntime:
+    """The warm pools of one worker node of an app (inert outside a worker)."""
+
+    def __init__(self, app: Any, configuration: PoolConfiguration) -> None:
+        self.app = app
+        self.configuration = configuration
+        # Set in the worker's main process by prepare(); inherited by children on fork.
+        self.node: str | None = None
+        self.execution: ExecutionModel | None = None
+        self.process_specs: dict[str, PoolSpec] = {}
+        self.board: StatusBoard | None = None
+        self.publisher: StatusPublisher | None = None
+        #: Runs after each status write in a child (see ops.metrics).
+        self.after_publish: Any = None
+        self.pools: ProcessPools | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def in_worker(self) -> bool:
+        """Whether this process belongs to a worker that was prepared."""
+        return self.execution is not None
+
+    # -- in the main process, before the fork ------------------------------------------
+
+    def prepare(self, worker: Any, hosted: str | None = None) -> None:
+        """Decide what this node hosts and how; make the children's status board."""
+        self.node = worker.hostname
+        self.execution = execution_model_of(worker.pool_cls)
+        autoscale = tuple(worker.autoscale) if getattr(worker, "autoscale", None) else None
+        # Under --autoscale=max,min the worker starts min children: size is compared with
+        # that, overflow with the room up to max.
+        concurrency = int((worker.min_concurrency if autoscale else worker.concurrency) or 1)
+        most = int(worker.max_concurrency or concurrency)
+        self.process_specs = {}
+        for name in self.configuration.hosted(hosted):
+            spec, warnings = self.execution.process_spec(
+                self.configuration.spec(name), concurrency, autoscale)
+            for warning in warnings:
+                logger.warning("warm pools: %s", warning)
+            self.process_specs[name] = spec
+            worker.app.amqp.queues.select_add(spec.queue)
+        if self.execution.in_children:
+            self.board = StatusBoard(slots=max(most, concurrency) + SPARE_SLOTS)
+            self.publisher = StatusPublisher(self.board)
+
+    def wait_for_children(self, worker: Any) -> None:
+        """Block until every prefork child reports its pools started (or give up)."""
+        if self.board is None or not self.process_specs:
+            return
+        expected = int(getattr(worker, "min_concurrency", None) or worker.concurrency or 1)
+        limit = max(spec.start_timeout for spec in self.process_specs.values()) + 5.0
+        deadline = time.monotonic() + limit
+        last_report = 0.0
+        while True:
+            started = [report for report in self.board.read_all(max_age=STALE_AFTER)
+                       if report.get("started")]
+            if len(started) >= expected:
+                for report in started:
+                    if report.get("errors"):
+                        logger.error("warm pools: child %s failed to start pools: %s",
+                                     report.get("pid"), report.get("errors"))
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                logger.error("warm pools: only %d of %d children warm after %.0fs",
+                             len(started), expected, limit)
+                return
+            if now - last_report >= 2.0:
+                logger.info("warm pools: waiting for children to warm up (%d of %d ready)",
+                            len(started), expected)
+                last_report = now
+            time.sleep(0.05)
+
+    # -- where the agents live ---------------------------------------------------------
+
+    def start_process(self, index: int) -> None:
+        """Build this process's pools (once); publish their status from a prefork child."""
+        with self._lock:
+            if self.pools is not None:
+                return
+            assert self.execution is not None, "start_process() before prepare()"
+            pools = self.pools = ProcessPools(
+                self.process_specs.values(), node=self.node,
+                process_index=index if self.execution.in_children else None)
+        if self.publisher is not None:
+            self.publisher.start(index, pools.snapshot, self.after_publish)
+        pools.start()
+        self._connect_result_backend()
+        if pools.failures:
+            logger.error("warm pools: process %d could not build %s; calls to them fail "
+                         "with PoolStartError until they start", pools.pid,
+                         sorted(pools.failures))
+
+    def stop_process(self) -> None:
+        """Close this process's pools (every agent torn down once)."""
+        with self._lock:
+            pools, self.pools = self.pools, None
+        if pools is None:
+            return
+        if self.publisher is not None:
+            self.publisher.stop()
+        pools.close()
+
+    def local_pool(self, pool: str) -> AgentPool[Agent[Any]]:
+        """The pool ``pool`` in this process.
+
+        Outside a worker (eager tasks, scripts), this process's pools are built on
+        first use.
+
+        Raises:
+            UnknownPool: the pool is not hosted here.
+            PoolStartError: it is hosted here but could not start.
+        """
+        pools = self.pools
+        if pools is None:
+            if self.in_worker:
+                raise UnknownPool(
+                    f"pool {pool!r}: this worker process hosts no warm pools", pool)
+            pools = self._start_outside_a_worker(pool)
+        return pools.get(pool)
+
+    def _start_outside_a_worker(self, pool: str) -> ProcessPools:
+        self.configuration.spec(pool)
+        with self._lock:
+            if self.pools is None:
+                # Published only once started: other threads wait on the lock.
+                self.process_specs = dict(self.configuration.specs)
+                started = ProcessPools(self.process_specs.values(), node=self.node)
+                started.start()
+                self.pools = started
+            return self.pools
+
+    def _connect_result_backend(self) -> None:
+        # The first reply a process stores would otherwise open the result backend's
+        # connection: do it now, so the first call after "ready" is as fast as the rest.
+        try:
+            client = getattr(self.app.backend, "client", None)
+            ping = getattr(client, "ping", None)
+            if callable(ping):
+                ping()
+        except Exception:
+            logger.warning("warm pools: could not pre-connect the result backend",
+                           exc_info=True)
+
+    # -- what the node reports ---------------------------------------------------------
+
+    def process_statuses(self) -> list[PoolStatus]:
+        """Every process's pool statuses on this node (read from children under prefork)."""
+        if self.board is not None:
+            return [PoolStatus.model_validate(data)
+                    for report in self.board.read_all(max_age=STALE_AFTER)
+                    for data in report.get("pools", {}).values()]
+        pools = self.pools
+        return list(pools.statuses().values()) if pools is not None else []
+
+    def node_statuses(self, pool: str | None = None) -> dict[str, PoolStatus]:
+        """This node's status per pool (``pool`` only, if given), processes inside."""
+        by_pool: dict[str, list[PoolStatus]] = {}
+        for status in self.process_statuses():
+            if pool is None or status.pool == pool:
+                by_pool.setdefault(status.pool, []).append(status)
+        return {name: PoolStatus.combine(name, parts, node=self.node)
+                for name, parts in by_pool.items()}
+
+    def node_report(self, pool: str | None = None) -> dict[str, Any]:
+        """:meth:`node_statuses` as JSON data, for the ``warmpool_status`` command."""
+        return {name: status.model_dump(mode="json")
+                for name, status in self.node_statuses(pool).items()}
