@@ -17,6 +17,7 @@ import click
 from celery import Celery, Task
 
 from .client.calls import PoolClient, SignalLike
+from .client.dead_letters import DeadLetters
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
 from .core.agent import Agent
@@ -26,7 +27,7 @@ from .core.spec import PoolSpec
 from .core.status import PoolStatus
 from .worker import control, prefork
 from .worker.bootstep import WarmPoolStep
-from .worker.handler import register_handle_task
+from .worker.handler import register_tasks
 from .worker.pool_tasks import pool_task
 from .worker.runtime import WorkerRuntime
 
@@ -63,9 +64,10 @@ class WarmPool:
                  host: Iterable[str] | None = None) -> None:
         self.app = app
         self.configuration = PoolConfiguration(app, pools, host)
-        self.runtime = WorkerRuntime(app, self.configuration)
-        self.handle_task = register_handle_task(app, self.runtime)
-        self.client = PoolClient(self.configuration, self.handle_task)
+        self.dead_letters = DeadLetters(app)
+        self.runtime = WorkerRuntime(app, self.configuration, self.dead_letters)
+        self.handle_task, self.cast_task = register_tasks(app, self.runtime)
+        self.client = PoolClient(self.configuration, self.handle_task, self.cast_task)
         self.status_reader = StatusReader(app, self.configuration)
         app.warmpool = self  # type: ignore[attr-defined]
         app.steps["worker"].add(WarmPoolStep)

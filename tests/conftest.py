@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_warmpool.ops.processes import WorkerProcess
+from celery_warmpool.ops.processes import ManagedProcess, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_BROKER = "redis://127.0.0.1:6379/2"
@@ -42,13 +43,13 @@ def start_worker(clean_redis: None) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
     def start(specs: list[dict[str, Any]] | None = None, *, pool: str = "prefork",
-              concurrency: int = 2, broker: str = REDIS_BROKER,
+              concurrency: int = 2, broker: str = REDIS_BROKER, backend: str = REDIS_BACKEND,
               env: dict[str, str] | None = None, args: tuple[str, ...] = (),
               wait: bool = True, timeout: float = 90.0) -> WorkerProcess:
         environment = {"WARMPOOL_TEST_SPECS": json.dumps(specs) if specs else "null",
                        "PYTHONPATH": str(ROOT), **(env or {})}
         worker = WorkerProcess("tests.integration_app", pool=pool, concurrency=concurrency,
-                               broker=broker, backend=REDIS_BACKEND, env=environment,
+                               broker=broker, backend=backend, env=environment,
                                args=args, cwd=ROOT)
         workers.append(worker)
         if wait:
@@ -66,7 +67,64 @@ def client() -> Callable[..., Any]:
     """Build the caller's side of ``tests.integration_app`` for given pools."""
     from tests.integration_app import make_app
 
-    def build(specs: list[dict[str, Any]] | None = None, broker: str = REDIS_BROKER) -> Any:
-        return make_app(broker, REDIS_BACKEND, specs)
+    def build(specs: list[dict[str, Any]] | None = None, broker: str = REDIS_BROKER,
+              backend: str = REDIS_BACKEND) -> Any:
+        return make_app(broker, backend, specs)
 
     return build
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the test's own on a free port, kept on disk (appendonly), so
+    that a restart keeps its messages as a production broker's does."""
+
+    def __init__(self, directory: Path) -> None:
+        from tests.flower_page import free_port
+
+        self.port = free_port()
+        self.directory = directory
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> PrivateRedis:
+        self.process = ManagedProcess(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--dir", str(self.directory)], log_path=self.directory / "redis.log").launch()
+        client = redis.Redis(port=self.port)
+        wait_until(lambda: _answers(client), 10, f"redis-server on port {self.port} answered")
+        return self
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=self.port).shutdown(nosave=True)  # appendonly already has it
+        assert self.process.process is not None
+        self.process.process.wait(10)
+        self.process = None
+
+    def restart(self, down: float) -> None:
+        """Stop the server, keep it down ``down`` seconds, start it again on the same port."""
+        self.stop()
+        time.sleep(down)
+        self.start()
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server this test may stop and restart (never the shared one)."""
+    server = PrivateRedis(tmp_path).start()
+    yield server
+    if server.process is not None:
+        server.process.kill()

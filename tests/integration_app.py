@@ -112,6 +112,12 @@ def make_app(broker: str, backend: str,
         """A pool-aware task: returns the agent's id and count plus ``add``."""
         return {"agent": agent.id, "count": agent.state.count + add, "pid": os.getpid()}
 
+    @warm.task(pool="counter", name="tests.slow")
+    def slow(agent: CounterAgent, seconds: float) -> int:
+        """A pool-aware task that takes ``seconds``; returns the pid that ran it."""
+        time.sleep(seconds)
+        return os.getpid()
+
     @warm.task(pool="counter", name="tests.explode")
     def explode(agent: CounterAgent) -> None:
         raise KeyError("boom")

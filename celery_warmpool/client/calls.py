@@ -7,12 +7,12 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
-from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from ..core.errors import CheckoutTimeout
 from ..core.reply import AgentReply
 from ..core.signal import Signal
+from .delivery import Delivery
 
 if TYPE_CHECKING:
     from ..configuration import PoolConfiguration
@@ -21,6 +21,8 @@ __all__ = ["PoolClient", "SignalLike"]
 
 #: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply to travel back.
 REPLY_GRACE = 2.0
+#: Seconds a cast without a ``timeout`` keeps trying to reach an unreachable broker.
+PUBLISH_TIMEOUT = 10.0
 
 SignalLike = Signal | Mapping[str, Any] | str
 
@@ -28,13 +30,16 @@ SignalLike = Signal | Mapping[str, Any] | str
 class PoolClient:
     """Call, cast and transact with pools over the broker.
 
-    ``handle_task`` is the task that runs signals on a pool's agents in the worker.
+    ``handle_task`` and ``cast_task`` are the tasks that run a call's and a cast's signals
+    on a pool's agents in the worker.
     """
 
-    def __init__(self, configuration: PoolConfiguration,
-                 handle_task: Task) -> None:  # type: ignore[type-arg]
+    def __init__(self, configuration: PoolConfiguration, handle_task: Task,  # type: ignore[type-arg]
+                 cast_task: Task) -> None:  # type: ignore[type-arg]
         self.configuration = configuration
         self.handle_task = handle_task
+        self.cast_task = cast_task
+        self.delivery = Delivery(handle_task.app)
 
     def call(self, pool: str, signal: SignalLike, timeout: float = 5.0,
              call_timeout: float | None = 5.0) -> AgentReply:
@@ -46,9 +51,12 @@ class PoolClient:
             call_timeout: seconds the work may take; past it the caller gets
                 :class:`CallTimeout` and the agent that overran is replaced.
 
+        A broker or result store away for less than the call's time is waited out.
+
         Raises:
             UnknownPool, InvalidSignal, UnknownSignal, ActionFailed, CheckoutTimeout,
-            CallTimeout: as their names say; never a reply hiding an error.
+            CallTimeout, AgentLost, BrokerUnavailable: as their names say; never a reply
+            hiding an error.
         """
         return self._send(pool, [Signal.parse(signal)], timeout, call_timeout, False)[0]
 
@@ -65,32 +73,44 @@ class PoolClient:
         """Send ``signal`` without waiting; the agent is held until the work ends.
 
         Returns the :class:`AsyncResult`, as ``.delay()`` does. With ``timeout`` the work
-        is dropped if it cannot start within that many seconds.
+        is dropped (to the dead-letter queue) if it cannot start within that many
+        seconds. Publishing is retried while the broker is away, for ``timeout`` seconds
+        or :data:`PUBLISH_TIMEOUT` without one.
+
+        Raises:
+            BrokerUnavailable: the broker could not be reached in that time.
         """
         event = Signal.parse(signal)
         spec = self.configuration.spec(pool)
         deadline = None if timeout is None else time.time() + timeout
-        return self.handle_task.apply_async(
-            (pool, [event.to_wire()], deadline, call_timeout, False),
-            **_send_options(spec.queue, pool, [event]))
+        bound = PUBLISH_TIMEOUT if timeout is None else timeout
+        return self.delivery.publish(
+            lambda: self.cast_task.apply_async(
+                (pool, [event.to_wire()], deadline, call_timeout, False),
+                **_send_options(spec.queue, pool, [event])),
+            time.monotonic() + bound, bound)
 
     def _send(self, pool: str, events: list[Signal], timeout: float,
               call_timeout: float | None, transaction: bool) -> list[AgentReply]:
         spec = self.configuration.spec(pool)
+        started = time.monotonic()
         deadline = time.time() + timeout
-        result = self.handle_task.apply_async(
-            (pool, [event.to_wire() for event in events], deadline, call_timeout,
-             transaction), **_send_options(spec.queue, pool, events))
+        result = self.delivery.publish(
+            lambda: self.handle_task.apply_async(
+                (pool, [event.to_wire() for event in events], deadline, call_timeout,
+                 transaction), **_send_options(spec.queue, pool, events)),
+            started + timeout, timeout)
         window = timeout + (call_timeout or 0.0) + REPLY_GRACE
-        try:
-            replies = result.get(timeout=window, interval=0.02, disable_sync_subtasks=False)
-        except CeleryTimeout:
+
+        def no_reply() -> CheckoutTimeout:
             # The message carries its deadline: a worker that takes it now drops it.
-            raise CheckoutTimeout(
+            return CheckoutTimeout(
                 f"pool {pool!r}: no reply within {window:.1f}s. No worker started the call "
                 f"within timeout={timeout}s (it carries that deadline and will not start "
                 "later), or the worker running it was lost", pool, window, spec.size,
-                spec.max_overflow) from None
+                spec.max_overflow)
+
+        replies = self.delivery.wait(result, started + window, window, no_reply)
         return [AgentReply.model_validate(reply) for reply in replies]
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..configuration import PoolConfiguration
 from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
+from .delivery import Delivery
 
 __all__ = ["StatusReader"]
 
@@ -21,12 +23,14 @@ class StatusReader:
     def __init__(self, app: Any, configuration: PoolConfiguration) -> None:
         self.app = app
         self.configuration = configuration
+        self.delivery = Delivery(app)
 
     def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
         """``pool``'s status summed over every node that hosts it, per node inside.
 
         Raises:
             UnknownPool: the pool is not configured, or no worker answered for it.
+            BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
         self.configuration.spec(pool)
         parts = self.collect(pool, timeout=timeout).get(pool, [])
@@ -41,11 +45,16 @@ class StatusReader:
 
         With ``destination`` (node names) only those nodes are asked, and the wait ends
         as soon as each has answered.
+
+        Raises:
+            BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
         nodes = list(destination) if destination else None
-        replies = self.app.control.broadcast(
-            "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
-            destination=nodes, limit=len(nodes) if nodes else None)
+        replies = self.delivery.publish(
+            lambda: self.app.control.broadcast(
+                "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
+                destination=nodes, limit=len(nodes) if nodes else None),
+            time.monotonic() + timeout, timeout)
         found: dict[str, list[PoolStatus]] = {}
         for reply in replies or []:
             for node, report in reply.items():

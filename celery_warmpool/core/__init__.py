@@ -12,6 +12,8 @@ from .action import Action, ActionContext, NoParams
 from .agent import Agent, AgentState, resource
 from .errors import (
     ActionFailed,
+    AgentLost,
+    BrokerUnavailable,
     CallTimeout,
     CheckoutTimeout,
     ConfigurationError,
@@ -37,9 +39,11 @@ __all__ = [
     "ActionContext",
     "ActionFailed",
     "Agent",
+    "AgentLost",
     "AgentPool",
     "AgentReply",
     "AgentState",
+    "BrokerUnavailable",
     "CallTimeout",
     "CheckoutTimeout",
     "ConfigurationError",

@@ -123,3 +123,38 @@ class CallTimeout(SignalError, TimeoutError):
         super().__init__(message, signal_type, timeout)
         self.args = (message, signal_type, timeout)
         self.timeout = timeout
+
+
+# -- delivery errors ---------------------------------------------------------------------
+
+
+class AgentLost(WarmPoolError):
+    """The process running a call died before it answered (a killed or crashed child).
+
+    ``may_have_run`` says whether the work had started: if so, its effects outside the
+    agent (a row written, a request sent) may have happened; the agent's state died with
+    the process.
+    """
+
+    def __init__(self, message: str, pool: str | None = None, node: str | None = None,
+                 pid: int | None = None, signal_type: str | None = None,
+                 may_have_run: bool = True) -> None:
+        super().__init__(message, pool, node, pid, signal_type, may_have_run)
+        self.pool = pool
+        self.node = node
+        self.pid = pid
+        self.signal_type = signal_type
+        self.may_have_run = may_have_run
+
+
+class BrokerUnavailable(WarmPoolError):
+    """The broker or the result store could not be reached within the call's timeout.
+
+    ``url`` is the address that failed, its password masked; ``waited`` the seconds spent
+    trying.
+    """
+
+    def __init__(self, message: str, url: str | None = None, waited: float = 0.0) -> None:
+        super().__init__(message, url, waited)
+        self.url = url
+        self.waited = waited

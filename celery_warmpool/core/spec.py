@@ -72,7 +72,9 @@ class PoolSpec(PoolOptions):
 
     ``PoolSpec("fast_search", SearchAgent, size=8, max_overflow=4)``. ``agent`` may be a
     class or a ``"module:Class"`` string. ``initial_state`` and ``worker_opts`` are given to
-    every agent as its own deep copy. ``queue`` defaults to ``warmpool.<name>``.
+    every agent as its own deep copy. ``queue`` defaults to ``warmpool.<name>``,
+    ``dead_letter_queue`` (where casts that cannot succeed go) to ``warmpool.<name>.dead``;
+    a cast whose process dies is delivered again up to ``max_redeliveries`` times.
 
     Raises:
         ConfigurationError: an option is unknown or invalid; the message names the pool
@@ -84,6 +86,9 @@ class PoolSpec(PoolOptions):
     initial_state: dict[str, Any] | None = None
     worker_opts: dict[str, Any] | None = None
     queue: str = ""
+    dead_letter_queue: str = ""
+    max_redeliveries: int = Field(
+        default=3, ge=0, description="times a cast whose process died is delivered again")
 
     def __init__(self, name: str | None = None, agent: Any = None, /, **options: Any) -> None:
         if name is not None:
@@ -112,9 +117,11 @@ class PoolSpec(PoolOptions):
         return resolved
 
     @model_validator(mode="after")
-    def _default_queue(self) -> Self:
+    def _default_queues(self) -> Self:
         if not self.queue:
             object.__setattr__(self, "queue", f"warmpool.{self.name}")
+        if not self.dead_letter_queue:
+            object.__setattr__(self, "dead_letter_queue", f"warmpool.{self.name}.dead")
         return self
 
     @property
@@ -175,7 +182,8 @@ def _overridable() -> type[BaseSettings]:
     Each field is the spec's own (type, bounds, description) made optional, so the
     environment is held to exactly the rules a spec is.
     """
-    names = (set(PoolOptions.model_fields) | {"queue"}) - _NOT_FROM_ENVIRONMENT
+    names = ((set(PoolOptions.model_fields) | {"queue", "dead_letter_queue", "max_redeliveries"})
+             - _NOT_FROM_ENVIRONMENT)
     fields: dict[str, Any] = {
         name: (Optional[info.annotation],  # noqa: UP045 - built at run time
                FieldInfo.merge_field_infos(info, default=None))

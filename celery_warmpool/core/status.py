@@ -27,6 +27,8 @@ class PoolCounters(BaseModel):
     failures: int = 0
     calls: int = 0
     call_failures: int = 0
+    #: Casts sent to the pool's dead-letter queue (see celery_warmpool.client.dead_letters).
+    dead_lettered: int = 0
 
     def __add__(self, other: PoolCounters) -> PoolCounters:
         return PoolCounters(**{

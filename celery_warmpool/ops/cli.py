@@ -8,6 +8,9 @@ appears in ``celery --help``::
     celery -A proj warmpool status --json           # for machines
     celery -A proj warmpool status --watch 2        # refresh every 2 s until Ctrl-C
     celery -A proj warmpool status -d w1@host       # only these nodes (comma separated)
+    celery -A proj warmpool dead-letters search     # casts that could not succeed
+    celery -A proj warmpool dead-letters search --replay   # cast them again
+    celery -A proj warmpool dead-letters search --purge    # drop them
 
 The status comes from the ``warmpool_status`` broadcast every worker with warm pools
 answers. No answer is an error (exit status 69, ``EX_UNAVAILABLE``), as it is for
@@ -33,9 +36,9 @@ from celery.bin.base import (
 )
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
-from kombu.exceptions import OperationalError
 
-from ..core.errors import UnknownPool
+from ..client.dead_letters import DeadLetter
+from ..core.errors import BrokerUnavailable, UnknownPool
 from ..core.status import PoolStatus
 
 __all__ = ["render_status_json", "render_status_table", "status_report", "warmpool"]
@@ -149,11 +152,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
         CeleryCommandException: the app has no warm pools, the broker cannot be
             reached, or no worker answered.
     """
-    warm = getattr(app, "warmpool", None)
-    if warm is None:
-        raise CeleryCommandException(
-            message=f"the app {app.main!r} has no warm pools: create WarmPool(app) in the "
-                    "module given to -A", exit_code=EX_UNAVAILABLE)
+    warm = _warm_pool_of(app)
     if pool is not None:
         try:
             warm.spec(pool)
@@ -162,9 +161,8 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
     try:
         report: dict[str, list[PoolStatus]] = warm.status_reader.collect(
             pool, timeout=timeout, destination=destination)
-    except OperationalError as exc:
-        raise CeleryCommandException(
-            message=f"could not reach the broker: {exc}", exit_code=EX_UNAVAILABLE) from exc
+    except BrokerUnavailable as exc:
+        raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
     if not report:
         hosting = f"hosting pool {pool!r} " if pool else "with warm pools "
         among = f" (asked: {', '.join(destination)})" if destination else ""
@@ -176,7 +174,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
 
 @click.group(name="warmpool")
 def warmpool(**kwargs: Any) -> None:
-    """Warm agent pools: status of every pool on every worker."""
+    """Warm agent pools: status of every pool on every worker, dead letters."""
 
 
 @warmpool.command(cls=CeleryCommand)
@@ -230,3 +228,72 @@ def _print_status(cli: CLIContext, report: Mapping[str, Iterable[PoolStatus]],
         cli.echo(json.dumps(render_status_json(report), sort_keys=True))
     else:
         cli.echo(render_status_table(report), nl=False)
+
+
+def _warm_pool_of(app: Celery) -> Any:
+    warm = getattr(app, "warmpool", None)
+    if warm is None:
+        raise CeleryCommandException(
+            message=f"the app {app.main!r} has no warm pools: create WarmPool(app) in the "
+                    "module given to -A", exit_code=EX_UNAVAILABLE)
+    return warm
+
+
+def render_dead_letters(letters: Sequence[DeadLetter]) -> str:
+    """Dead letters as a table, oldest first: when, task, signal, attempts, error."""
+    headers = ("dead at", "task", "signal", "attempts", "node", "error")
+    rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.dead_at)),
+             letter.task_id or "-", str(letter.signal.get("type")), str(letter.attempts),
+             letter.node or "-", f"{letter.error_type}: {letter.error}")
+            for letter in letters]
+    widths = [max(len(line[column]) for line in [headers, *rows])
+              for column in range(len(headers) - 1)]
+    lines = ["  ".join([*(value.ljust(width) for value, width in zip(line, widths,
+                                                                    strict=False)),
+                        line[-1]]).rstrip() for line in [headers, *rows]]
+    return "\n".join(lines) + "\n"
+
+
+@warmpool.command(name="dead-letters", cls=CeleryCommand)
+@click.argument("pool")
+@click.option("-j", "--json", "as_json", cls=CeleryOption, is_flag=True,
+              help_group="Dead Letter Options", help="Print JSON instead of a table.")
+@click.option("--replay", cls=CeleryOption, is_flag=True, help_group="Dead Letter Options",
+              help="Cast every letter's signal to the pool again, and remove it.")
+@click.option("--purge", cls=CeleryOption, is_flag=True, help_group="Dead Letter Options",
+              help="Remove every letter without running it.")
+@click.pass_context
+@handle_preload_options
+def dead_letters(ctx: click.Context, pool: str, as_json: bool, replay: bool, purge: bool,
+                 **kwargs: Any) -> None:
+    """List a pool's dead letters (casts that could not succeed); replay or purge them."""
+    cli: CLIContext = ctx.obj
+    if replay and purge:
+        raise click.UsageError("give --replay or --purge, not both")
+    warm = _warm_pool_of(cli.app)
+    try:
+        spec = warm.spec(pool)
+    except UnknownPool as exc:
+        raise click.BadParameter(str(exc), param_hint="'POOL'") from None
+    letters_of = warm.dead_letters
+    try:
+        if replay:
+            count = letters_of.take(spec, lambda letter: warm.cast(pool, letter.signal))
+            cli.echo(f"replayed {count} dead letters of pool {pool!r} as casts")
+        elif purge:
+            count = letters_of.purge(spec)
+            cli.echo(f"purged {count} dead letters of pool {pool!r}")
+        else:
+            letters = letters_of.read(spec)
+            if as_json:
+                cli.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
+            elif letters:
+                cli.echo(render_dead_letters(letters), nl=False)
+            else:
+                cli.echo(f"no dead letters for pool {pool!r} (queue {spec.dead_letter_queue})")
+    except BrokerUnavailable as exc:
+        raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
+    except warm.status_reader.delivery.outages() as exc:
+        raise CeleryCommandException(
+            message=f"could not reach the broker {warm.status_reader.delivery.broker_url}: "
+                    f"{type(exc).__name__}: {exc}", exit_code=EX_UNAVAILABLE) from None

@@ -1,7 +1,7 @@
-"""What a call does inside the worker: the task that runs signals on a pool's agents.
+"""What a call does inside the worker: the tasks that run signals on a pool's agents.
 
-``warm.call``, ``warm.cast`` and ``warm.transaction`` all send this one task to the
-pool's queue. In the process that takes it, it:
+``warm.call`` and ``warm.transaction`` send :data:`HANDLE_TASK`, ``warm.cast`` sends
+:data:`CAST_TASK`, to the pool's queue. In the process that takes it, either:
 
 1. drops the call unrun if its deadline (the caller's ``timeout``) has passed;
 2. checks an agent out, waiting at most until that deadline;
@@ -10,11 +10,16 @@ pool's queue. In the process that takes it, it:
    :class:`CallTimeout` at that deadline and replace the agent, while the overrunning
    work finishes in its own time and its late outcome is dropped;
 5. checks the agent back in and returns the replies as JSON data.
+
+A cast that fails (invalid or unknown signal, failed action, past its deadline, overran)
+also goes to its pool's dead-letter queue; one whose process dies is delivered again (see
+:mod:`.requests`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
@@ -22,16 +27,19 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from ..core.agent import Agent
-from ..core.errors import CheckoutTimeout, WarmPoolError
+from ..core.errors import ActionFailed, CheckoutTimeout, WarmPoolError
 from ..core.pool import AgentPool
 from ..core.signal import Signal
+from .requests import REQUEST
 from .runtime import WorkerRuntime
 from .watchdog import Watchdog
 
-__all__ = ["HANDLE_TASK", "CallHandler", "register_handle_task"]
+__all__ = ["CAST_TASK", "HANDLE_TASK", "CallHandler", "register_tasks"]
 
-#: The name of the task that carries signals to a pool (routed to the pool's queue).
+#: The task that carries a call's or a transaction's signals to a pool's queue.
 HANDLE_TASK = "celery_warmpool.handle"
+#: The task that carries a cast's signal: the same work, nobody waiting for it.
+CAST_TASK = "celery_warmpool.cast"
 
 
 class CallHandler:
@@ -62,7 +70,7 @@ class CallHandler:
         label = ",".join(event.type for event in events)
         watchdog = Watchdog.of_this_process()
         token = watchdog.watch(call_timeout, functools.partial(
-            _overran, task, task.request, agent_pool, agent, label, call_timeout))
+            self._overran, task, task.request, agent_pool, agent, label, call_timeout))
         lease = None
         try:
             with agent_pool.lent(agent) as lease:
@@ -77,6 +85,26 @@ class CallHandler:
                 agent_pool.finish_abandoned(agent)
                 raise Ignore()
         return [reply.to_wire() for reply in replies]
+
+    def _overran(self, task: Task, request: Any,  # type: ignore[type-arg]
+                 agent_pool: AgentPool[Agent[Any]], agent: Agent[Any], label: str,
+                 call_timeout: float) -> None:
+        """At the deadline of overrunning work: replace its agent, tell the caller."""
+        error = agent_pool.overran(agent, label, call_timeout)
+        if request.id is None:  # the task was called directly, not sent
+            return
+        # The request goes along: result backends that reply to the caller (rpc://) need
+        # its reply_to, and this runs on the watchdog's thread, not the task's.
+        task.backend.mark_as_failure(request.id, error, request=request)
+        if getattr(task, "warmpool_kind", None) == "cast":
+            self.dead_letter(request, error, may_have_run=True)
+
+    def dead_letter(self, request: Any, error: BaseException, *,
+                    may_have_run: bool = False) -> None:
+        """Send the cast of ``request`` to its pool's dead-letter queue."""
+        pool, signals = request.args[0], request.args[1]
+        self.runtime.dead_letter(pool, signals[0], error, task_id=request.id, pid=os.getpid(),
+                                 attempts=(request.retries or 0) + 1, may_have_run=may_have_run)
 
 
 def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> float | None:
@@ -96,18 +124,8 @@ def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> flo
     return left
 
 
-def _overran(task: Task, request: Any, agent_pool: AgentPool[Agent[Any]],  # type: ignore[type-arg]
-             agent: Agent[Any], label: str, call_timeout: float) -> None:
-    """At the deadline of overrunning work: replace its agent, tell the caller."""
-    error = agent_pool.overran(agent, label, call_timeout)
-    if request.id is not None:  # None when the task was called directly, not sent
-        # The request goes along: result backends that reply to the caller (rpc://) need
-        # its reply_to, and this runs on the watchdog's thread, not the task's.
-        task.backend.mark_as_failure(request.id, error, request=request)
-
-
-def register_handle_task(app: Celery, runtime: WorkerRuntime) -> Task:  # type: ignore[type-arg]
-    """Register, on ``app``, the task that runs signals on a pool's agents."""
+def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]
+    """Register, on ``app``, the tasks that run calls and casts on a pool's agents."""
     handler = CallHandler(runtime)
 
     def handle(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
@@ -116,7 +134,20 @@ def register_handle_task(app: Celery, runtime: WorkerRuntime) -> Task:  # type: 
         """Run ``signals`` on one agent of ``pool``; return the replies as JSON data."""
         return handler.handle(task, pool, signals, deadline, call_timeout, transaction)
 
-    registered: Task = app.task(  # type: ignore[type-arg]
-        name=HANDLE_TASK, bind=True, acks_late=True, throws=(WarmPoolError,), shared=False,
-    )(handle)
-    return registered
+    def cast(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
+             deadline: float | None = None, call_timeout: float | None = None,
+             transaction: bool = False) -> list[dict[str, Any]]:
+        """Run a cast's signal on one agent of ``pool``; dead-letter it if it fails."""
+        try:
+            return handler.handle(task, pool, signals, deadline, call_timeout, transaction)
+        except WarmPoolError as exc:
+            handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
+            raise
+
+    options: dict[str, Any] = {"bind": True, "acks_late": True, "throws": (WarmPoolError,),
+                               "shared": False, "Request": REQUEST}
+    call_task: Task = app.task(  # type: ignore[type-arg]
+        **{**options, "name": HANDLE_TASK, "warmpool_kind": "call"})(handle)
+    cast_task: Task = app.task(  # type: ignore[type-arg]
+        **{**options, "name": CAST_TASK, "warmpool_kind": "cast"})(cast)
+    return call_task, cast_task

@@ -11,6 +11,7 @@ from celery import Celery, Task
 
 from ..core.errors import ConfigurationError
 from ..core.spec import PoolSpec
+from .requests import REQUEST
 from .runtime import WorkerRuntime
 
 __all__ = ["pool_task"]
@@ -31,7 +32,9 @@ def pool_task(app: Celery, runtime: WorkerRuntime, spec: PoolSpec,
     # The pool's queue is the default destination; task_routes and queue= still win.
     queue = options.pop("queue", None) or spec.queue
     base = options.pop("base", None) or app.Task
-    options["base"] = type("PoolTask", (_PoolQueue, base), {"warmpool_queue": queue})
+    options["base"] = type("PoolTask", (_PoolQueue, base), {
+        "warmpool_queue": queue, "warmpool_pool": pool, "warmpool_kind": "task",
+        "Request": REQUEST})
     options.setdefault("acks_late", True)
     options.setdefault("shared", False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,6 +39,8 @@ class ProcessPools:
         self.failures: dict[str, PoolStartError] = {}
         #: Whether start() has finished: every pool is warm or has failed.
         self.started = False
+        #: Casts of each pool this process sent to the dead-letter queue.
+        self.dead_lettered: Counter[str] = Counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -116,8 +119,11 @@ class ProcessPools:
                     available=0, overflow=0, checked_out=0, waiting=0,
                     replacing=spec.size, counters=PoolCounters(),
                     last_error=str(failure) if failure else "starting")
+            counters = status.counters.model_copy(
+                update={"dead_lettered": self.dead_lettered[name]})
             found[name] = status.model_copy(update={
-                "node": self.node, "pid": self.pid, "process_index": self.process_index})
+                "node": self.node, "pid": self.pid, "process_index": self.process_index,
+                "counters": counters})
         return found
 
     def snapshot(self) -> dict[str, Any]:

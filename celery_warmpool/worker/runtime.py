@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any
 
+from ..client.dead_letters import DeadLetter, DeadLetters
 from ..configuration import PoolConfiguration
 from ..core.agent import Agent
 from ..core.errors import UnknownPool
@@ -37,9 +39,11 @@ SPARE_SLOTS = 64
 class WorkerRuntime:
     """The warm pools of one worker node of an app (inert outside a worker)."""
 
-    def __init__(self, app: Any, configuration: PoolConfiguration) -> None:
+    def __init__(self, app: Any, configuration: PoolConfiguration,
+                 dead_letters: DeadLetters) -> None:
         self.app = app
         self.configuration = configuration
+        self.dead_letters = dead_letters
         # Set in the worker's main process by prepare(); inherited by children on fork.
         self.node: str | None = None
         self.execution: ExecutionModel | None = None
@@ -49,6 +53,9 @@ class WorkerRuntime:
         #: Runs after each status write in a child (see ops.metrics).
         self.after_publish: Any = None
         self.pools: ProcessPools | None = None
+        #: Casts dead-lettered by this node's main process while its agents live in the
+        #: children (a cast whose child died too often): added to the node's counters.
+        self._node_dead_lettered: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     @property
@@ -178,6 +185,27 @@ class WorkerRuntime:
             logger.warning("warm pools: could not pre-connect the result backend",
                            exc_info=True)
 
+    def dead_letter(self, pool: str, signal: dict[str, Any], error: BaseException,
+                    **where: Any) -> None:
+        """Send a cast that cannot succeed to ``pool``'s dead-letter queue, and count it.
+
+        ``where`` says where it failed (``task_id``, ``pid``, ``attempts``,
+        ``may_have_run``). A broker that cannot be reached is logged, not raised: the
+        cast's own result still carries the error.
+        """
+        letter = DeadLetter.of(pool, signal, error, node=self.node, **where)
+        try:
+            self.dead_letters.send(self.configuration.spec(pool), letter)
+        except Exception:
+            logger.exception("pool %r: could not dead-letter cast %s (%s: %s)", pool,
+                             letter.task_id, letter.error_type, letter.error)
+            return
+        pools = self.pools
+        if pools is not None:
+            pools.dead_lettered[pool] += 1
+        else:
+            self._node_dead_lettered[pool] += 1
+
     # -- what the node reports ---------------------------------------------------------
 
     def process_statuses(self) -> list[PoolStatus]:
@@ -195,8 +223,15 @@ class WorkerRuntime:
         for status in self.process_statuses():
             if pool is None or status.pool == pool:
                 by_pool.setdefault(status.pool, []).append(status)
-        return {name: PoolStatus.combine(name, parts, node=self.node)
-                for name, parts in by_pool.items()}
+        combined = {name: PoolStatus.combine(name, parts, node=self.node)
+                    for name, parts in by_pool.items()}
+        for name, count in self._node_dead_lettered.items():
+            if name in combined:
+                status = combined[name]
+                counters = status.counters.model_copy(
+                    update={"dead_lettered": status.counters.dead_lettered + count})
+                combined[name] = status.model_copy(update={"counters": counters})
+        return combined
 
     def node_report(self, pool: str | None = None) -> dict[str, Any]:
         """:meth:`node_statuses` as JSON data, for the ``warmpool_status`` command."""
