@@ -18,6 +18,7 @@ from celery import Celery, Task
 
 from .client.calls import PoolClient, SignalLike
 from .client.dead_letters import DeadLetters
+from .client.delivery import make_results_resilient
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
 from .core.agent import Agent
@@ -27,6 +28,7 @@ from .core.spec import PoolSpec
 from .core.status import PoolStatus
 from .worker import control, prefork
 from .worker.bootstep import WarmPoolStep
+from .worker.consumers import PoolConsumers
 from .worker.handler import register_tasks
 from .worker.pool_tasks import pool_task
 from .worker.runtime import WorkerRuntime
@@ -71,10 +73,15 @@ class WarmPool:
         self.status_reader = StatusReader(app, self.configuration)
         app.warmpool = self  # type: ignore[attr-defined]
         app.steps["worker"].add(WarmPoolStep)
+        app.steps["consumer"].add(PoolConsumers)
         app.user_options["worker"].add(click.Option(
             ["--warmpool-pools"], default=None,
             help="Comma-separated warm pools this worker hosts (default: all)."))
         prefork.connect(self.runtime)
+        if getattr(app, "configured", False):  # its configuration is already read
+            make_results_resilient(app)
+        else:
+            app.on_after_configure.connect(_resilient_on_configure, weak=False)
 
     @property
     def specs(self) -> dict[str, PoolSpec]:
@@ -121,3 +128,7 @@ class WarmPool:
     def local_pool(self, pool: str) -> AgentPool[Agent[Any]]:
         """The pool ``pool`` in this process (built on first use outside a worker)."""
         return self.runtime.local_pool(pool)
+
+
+def _resilient_on_configure(sender: Any = None, **kwargs: Any) -> None:
+    make_results_resilient(sender)

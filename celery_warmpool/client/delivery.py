@@ -18,9 +18,9 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from ..core.errors import BrokerUnavailable
+from ..core.errors import BrokerUnavailable, WarmPoolError
 
-__all__ = ["Delivery"]
+__all__ = ["BACKEND_RETRY_POLICY", "Delivery", "make_results_resilient"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ T = TypeVar("T")
 #: Seconds between two tries while the broker is away: first and longest.
 RETRY_FIRST = 0.05
 RETRY_MOST = 0.5
+#: The longest single wait for a reply: each new wait reads the stored result again, so a
+#: notification missed while the result store was away costs at most this much.
+WAIT_SLICE = 1.0
 #: How a single publish retries by itself (kombu reconnects in between); our own loop
 #: repeats it until the caller's deadline.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.1,
@@ -56,8 +59,11 @@ class Delivery:
         except Exception:  # a backend without a URI form
             return str(maybe_sanitize_url(str(self.app.conf.result_backend)))
 
-    def outages(self) -> tuple[type[BaseException], ...]:
-        """The exceptions that mean "the broker or result store cannot be reached"."""
+    def outages(self, *more: type[BaseException]) -> tuple[type[BaseException], ...]:
+        """The exceptions that mean "the broker or result store cannot be reached".
+
+        ``more`` are added to them, for one ``except`` clause.
+        """
         if self._outages is None:
             connection = self.app.connection_for_write()
             try:
@@ -66,7 +72,7 @@ class Delivery:
                 connection.release()
             backend = getattr(self.app.backend, "connection_errors", ())
             self._outages = (OperationalError, ConnectionError, *found, *backend)
-        return self._outages
+        return (*self._outages, *more)
 
     def publish(self, send: Callable[[], T], deadline: float, timeout: float) -> T:
         """Run ``send()`` (a publish) until it works or ``deadline`` passes.
@@ -78,7 +84,14 @@ class Delivery:
         while True:
             try:
                 return send()
-            except self.outages() as exc:
+            except WarmPoolError:
+                raise
+            except self.outages(RuntimeError) as exc:
+                # Sending subscribes to the reply first: Celery's result consumer may give
+                # up reconnecting with a RuntimeError, caused by a lost connection.
+                if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__,
+                                                                    self.outages()):
+                    raise
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BrokerUnavailable(
@@ -111,12 +124,56 @@ class Delivery:
                         self.backend_url, window) from outage
                 raise no_reply()
             try:
-                return result.get(timeout=remaining, interval=0.02,
+                return result.get(timeout=min(remaining, WAIT_SLICE), interval=0.02,
                                   disable_sync_subtasks=False)
+            except WarmPoolError:
+                # The worker's answer. CheckoutTimeout is a TimeoutError, which transports
+                # count among their connection errors: it must not pass for an outage.
+                raise
             except CeleryTimeout:
                 outage = None  # reachable, just no answer yet: the deadline decides
-            except self.outages() as exc:
+            except self.outages(RuntimeError) as exc:
+                # Celery's result consumer gives up reconnecting with a RuntimeError (and
+                # starts afresh on the next wait): an outage too, if a lost connection
+                # caused it.
+                if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__,
+                                                                    self.outages()):
+                    raise
                 outage = exc
                 logger.debug("result store %s unreachable (%r); still waiting",
                              self.backend_url, exc)
                 time.sleep(min(RETRY_MOST, max(0.0, deadline - time.monotonic())))
+
+
+#: How long one result-store operation retries by itself before it fails: briefly, so
+#: that a caller's own deadline decides (Celery's default is 20 tries, about 20 s).
+BACKEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.2,
+                        "interval_max": 0.5}
+
+
+#: Celery's default longest sleep between two tries to store a result, and ours (ms).
+CELERY_MAX_SLEEP_MS = 10_000
+STORE_RETRY_MOST_MS = 1_000
+
+
+def make_results_resilient(app: Any) -> None:
+    """Make ``app``'s replies survive a result store that goes away for a while.
+
+    Unless ``app.conf.warmpool_resilient_results`` is false: a worker retries storing a
+    reply until the store is back (``result_backend_always_retry``), at most a second
+    apart (``result_backend_max_sleep_between_retries_ms``, Celery's default is 10 s),
+    and a single result-store operation gives up after a short retry (``retry_policy`` in
+    ``result_backend_transport_options``) so that callers keep their own deadlines; each
+    only if not set. Called when the app is configured, before its result backend exists.
+    """
+    conf = app.conf
+    if not conf.get("warmpool_resilient_results", True):
+        return
+    if not conf.result_backend_always_retry:
+        conf.result_backend_always_retry = True
+    if conf.result_backend_max_sleep_between_retries_ms == CELERY_MAX_SLEEP_MS:
+        conf.result_backend_max_sleep_between_retries_ms = STORE_RETRY_MOST_MS
+    options = dict(conf.result_backend_transport_options or {})
+    if "retry_policy" not in options:
+        options["retry_policy"] = dict(BACKEND_RETRY_POLICY)
+        conf.result_backend_transport_options = options

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .agent import Agent
     from .signal import Signal
 
-__all__ = ["Action", "ActionContext", "NoParams"]
+__all__ = ["Action", "ActionContext", "BatchAction", "NoParams", "Result"]
 
 
 class NoParams(BaseModel):
@@ -36,6 +36,23 @@ class ActionContext:
     agent: Agent[Any]
     state: Any
     event: Signal
+    #: Every signal of a batch (see :class:`BatchAction`); ``(event,)`` for one call.
+    events: tuple[Signal, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What an action may return instead of a dict of state updates.
+
+    ``value`` (JSON data) goes to the caller as ``reply.result`` and is not stored;
+    ``updates``, if given, are merged into the agent's state as a returned dict is::
+
+        return Result({"embedding": vector})                 # state unchanged
+        return Result(hits, updates={"queries": queries + 1})
+    """
+
+    value: Any = None
+    updates: Mapping[str, Any] | None = None
 
 
 class Action:
@@ -108,3 +125,65 @@ def _forbid_extra(model: type[BaseModel]) -> type[BaseModel]:
         {"model_config": ConfigDict(extra="forbid"), "__module__": model.__module__,
          "__qualname__": model.__qualname__})
     return strict
+
+
+class BatchAction(Action):
+    """An action that handles many signals in one go: a model's forward pass, say.
+
+    Signals routed to it from concurrent callers are grouped into batches of up to
+    ``max_batch_size``; a batch runs when it is full, or ``batch_wait_timeout`` seconds
+    after its first signal came, whichever is first. Implement :meth:`run_batch`::
+
+        class Embed(BatchAction):
+            name = "embed"
+            max_batch_size = 32
+            batch_wait_timeout = 0.01
+
+            class Params(BaseModel):
+                text: str
+
+            def run_batch(self, items, context):
+                vectors = context.agent.shared.encode([item.text for item in items])
+                return [vector.tolist() for vector in vectors]
+
+    Callers do not change: ``warm.call`` and ``warm.cast`` of a signal routed here are
+    batched. A batch reads the agent's state and never changes it.
+    """
+
+    #: The most signals in one batch.
+    max_batch_size: ClassVar[int] = 16
+    #: Seconds a batch waits for more signals after its first one came.
+    batch_wait_timeout: ClassVar[float] = 0.005
+    required_method: ClassVar[str] = "run_batch(items, context)"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        size, wait = cls.max_batch_size, cls.batch_wait_timeout
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigurationError(
+                f"{cls.__qualname__}.max_batch_size must be an int of at least 1, got "
+                f"{size!r}", field="max_batch_size")
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+            raise ConfigurationError(
+                f"{cls.__qualname__}.batch_wait_timeout must be seconds (0 or more), got "
+                f"{wait!r}", field="batch_wait_timeout")
+
+    def implemented(self) -> bool:
+        """Whether the class implements :meth:`run_batch`."""
+        return type(self).run_batch is not BatchAction.run_batch
+
+    def run_batch(self, items: list[Any], context: ActionContext) -> list[Any]:
+        """Handle ``items`` (validated ``Params``, in arrival order) at once.
+
+        Return one entry per item, in the same order: a JSON value (that caller's
+        ``reply.result``) or an exception instance (that caller alone gets
+        :class:`ActionFailed`).
+        """
+        raise NotImplementedError(f"action {self.name!r} must implement {self.required_method}")
+
+    def run(self, params: Any, context: ActionContext) -> Any:
+        """One signal on its own: a batch of one."""
+        [value] = self.run_batch([params], context)
+        if isinstance(value, BaseException):
+            raise value
+        return Result(value)

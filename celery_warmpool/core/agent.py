@@ -6,19 +6,19 @@ import copy
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from . import telemetry
-from .action import Action, ActionContext
-from .errors import ActionFailed, ConfigurationError
+from .action import Action, ActionContext, BatchAction, Result
+from .errors import ActionFailed, ConfigurationError, InvalidSignal, WarmPoolError
 from .reply import AgentReply
 from .routing import Routes
 from .signal import Signal
-from .validation import describe
+from .validation import describe, json_problem
 
 __all__ = ["Agent", "AgentState", "resource"]
 
@@ -101,6 +101,14 @@ class Agent(Generic[StateT]):
                 field="initial_state") from exc
         self.pool_name: str | None = None
         self.node: str | None = None
+        #: What :meth:`preload` returned for this agent's pool on this node (shared by
+        #: every agent of the pool there), or ``None``.
+        self.shared: Any = None
+        #: This process's slot among the node's prefork children (0..c-1, reused by a
+        #: replacement child); 0 in a process that is not a prefork child.
+        self.process_index: int = 0
+        #: Whether replies carry the agent's state (its pool's ``reply_state``).
+        self.reply_state = True
         # Set to the exception that broke this agent; its pool closes and replaces it.
         self.broken: BaseException | None = None
         self.discard_on: tuple[type[BaseException], ...] = ()
@@ -109,6 +117,19 @@ class Agent(Generic[StateT]):
         return f"<{type(self).__name__} {self.id} pool={self.pool_name}>"
 
     # -- hooks -------------------------------------------------------------------------
+
+    @classmethod
+    def preload(cls, options: Mapping[str, Any]) -> Any:
+        """Load, once per worker node, what every agent of a pool shares; return it.
+
+        Agents see the returned object as ``self.shared`` (in :meth:`setup`, and in
+        actions as ``context.agent.shared``). Under prefork it runs in the worker's main
+        process before the children fork, which then share its memory, replacement
+        children included; elsewhere once in the process. ``options`` are the pool's
+        ``worker_opts``. A model that must live on a GPU cannot cross a fork: load it in
+        :meth:`setup` (``self.process_index`` picks the device). Default: nothing.
+        """
+        return None
 
     def setup(self) -> None:
         """Warm up: load models, open clients. Called once, before the agent serves."""
@@ -128,6 +149,12 @@ class Agent(Generic[StateT]):
         return True
 
     # -- handling signals --------------------------------------------------------------
+
+    @classmethod
+    def largest_batch(cls) -> int:
+        """The most signals one agent of this class takes at once: its largest batch, or 1."""
+        return max((action.max_batch_size for action in cls._routes.actions()
+                    if isinstance(action, BatchAction)), default=1)
 
     @classmethod
     def route(cls, signal_type: str) -> Action:
@@ -156,35 +183,68 @@ class Agent(Generic[StateT]):
         if telemetry.call_start.receivers:
             telemetry.call_start.send(self, agent=self, event=event, action=action.name)
         try:
-            updates = action.run(params, ActionContext(self, self._working_state(), event))
-            new_state, result = self._merged(updates, action, event)
+            outcome = action.run(params, ActionContext(self, self._working_state(), event,
+                                                       (event,)))
+            new_state, result = self._merged(outcome, action, event)
             # Serialized before the state is committed: a state that cannot go over the
             # wire fails the call and leaves the agent as it was.
-            public = new_state.model_dump(mode="json")
-        except ActionFailed as exc:
-            self._failed(event, action, exc, started)
-            raise
+            public = new_state.model_dump(mode="json") if self.reply_state else None
         except Exception as exc:
-            self._failed(event, action, exc, started)
-            hint = (" (declare fields that hold objects, such as clients or models, with "
-                    "resource())" if isinstance(exc, PydanticSerializationError) else "")
-            raise ActionFailed(
-                f"action {action.name!r} failed on signal {event.type!r}: "
-                f"{type(exc).__name__}: {exc}{hint}", event.type, action.name,
-                f"{type(exc).__name__}: {exc}") from exc
+            failure = self._failure(event, action, exc, started)
+            if failure is exc:
+                raise
+            raise failure from exc
         self.state = new_state
-        reply = AgentReply(
-            pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
-            signal_id=event.id, signal_type=event.type, action=action.name, result=result,
-            state=public, duration=time.perf_counter() - started)
-        if telemetry.call_stop.receivers:
-            telemetry.call_stop.send(self, agent=self, event=event, action=action.name,
-                                     reply=reply, duration=reply.duration)
-        return reply
+        return self._replied(event, action, result, public, started)
+
+    def handle_batch(self, events: Sequence[Signal]) -> list[AgentReply | WarmPoolError]:
+        """Run the :class:`BatchAction` all of ``events`` route to, on all of them at once.
+
+        Returns one outcome per event, in order: its reply, or the error for that event
+        alone (:class:`InvalidSignal` for bad parameters, :class:`ActionFailed` for an
+        item the action failed). A batch never changes the agent's state.
+
+        Raises:
+            ConfigurationError: the events do not all route to one batch action.
+        """
+        started = time.perf_counter()
+        action = self.route(events[0].type)
+        if not isinstance(action, BatchAction) or any(
+                self.route(event.type) is not action for event in events):
+            raise ConfigurationError(
+                f"{type(self).__name__}.handle_batch() needs signals that all route to one "
+                "BatchAction", field="signal_routes")
+        outcomes: list[AgentReply | WarmPoolError | None] = [None] * len(events)
+        valid: list[tuple[int, Any]] = []
+        for index, event in enumerate(events):
+            try:
+                valid.append((index, action.validate_params(event.data, event.type)))
+            except InvalidSignal as exc:
+                outcomes[index] = exc
+        values = self._run_batch(action, events, [params for _, params in valid])
+        public = self.public_state() if self.reply_state else None
+        for (index, _), value in zip(valid, values, strict=True):
+            outcomes[index] = self._item_outcome(events[index], action, value, public, started)
+        done = [outcome for outcome in outcomes if outcome is not None]
+        if telemetry.batch_run.receivers:
+            telemetry.batch_run.send(
+                self, agent=self, action=action.name, size=len(done),
+                failed=sum(not isinstance(outcome, AgentReply) for outcome in done),
+                duration=time.perf_counter() - started)
+        return done
 
     def public_state(self) -> dict[str, Any]:
         """The state as JSON-compatible data, resource fields left out."""
         return self.state.model_dump(mode="json")
+
+    def note_failure(self, exc: BaseException) -> None:
+        """Mark the agent broken if ``exc`` (or its cause) is one of its ``discard_on``."""
+        if not self.discard_on:
+            return
+        for candidate in (exc, exc.__cause__):
+            if isinstance(candidate, self.discard_on):
+                self.broken = candidate
+                return
 
     def _working_state(self) -> BaseModel:
         # A private copy of plain fields, so an action that changes state in place cannot
@@ -196,14 +256,27 @@ class Agent(Generic[StateT]):
                 fields[name] = copy.deepcopy(value)
         return working
 
-    def _merged(self, updates: Any, action: Action,
-                event: Signal) -> tuple[StateT, dict[str, Any]]:
+    def _merged(self, outcome: Any, action: Action, event: Signal) -> tuple[StateT, Any]:
+        """The state after ``outcome`` (a Result, or a dict of updates), and the result."""
+        if isinstance(outcome, Result):
+            problem = json_problem(outcome.value, "result")
+            if problem:
+                raise ActionFailed(
+                    f"action {action.name!r} returned a result JSON cannot carry: {problem}",
+                    event.type, action.name, problem)
+            updates = self._updates(outcome.updates, action, event)
+            return self._with(updates, action, event), outcome.value
+        updates = self._updates(outcome, action, event)
+        new_state = self._with(updates, action, event)
+        return new_state, new_state.model_dump(mode="json", include=set(updates))
+
+    def _updates(self, updates: Any, action: Action, event: Signal) -> Mapping[str, Any]:
         if updates is None:
-            updates = {}
+            return {}
         if not isinstance(updates, Mapping):
             raise ActionFailed(
                 f"action {action.name!r} returned {type(updates).__name__}, "
-                "expected a dict of state updates", event.type, action.name,
+                "expected a dict of state updates or a Result", event.type, action.name,
                 f"returned {type(updates).__name__}")
         unknown = sorted(set(updates) - set(self.State.model_fields))
         if unknown:
@@ -211,32 +284,80 @@ class Agent(Generic[StateT]):
                 f"action {action.name!r} returned updates for unknown state fields "
                 f"{unknown} of {self.State.__name__}", event.type, action.name,
                 f"unknown state fields: {unknown}")
+        return updates
+
+    def _with(self, updates: Mapping[str, Any], action: Action, event: Signal) -> StateT:
+        if not updates:
+            return self.state
         merged = {name: getattr(self.state, name) for name in self.State.model_fields}
         merged.update(updates)
         try:
-            new_state = self.State.model_validate(merged)
+            new_state: StateT = self.State.model_validate(merged)  # type: ignore[assignment]
         except ValidationError as exc:
             raise ActionFailed(
-                f"action {action.name!r} produced an invalid state: {describe(exc)}", event.type,
-                action.name, describe(exc)) from exc
-        result = new_state.model_dump(mode="json", include=set(updates))
-        return new_state, result  # type: ignore[return-value]
+                f"action {action.name!r} produced an invalid state: {describe(exc)}",
+                event.type, action.name, describe(exc)) from exc
+        return new_state
 
-    def note_failure(self, exc: BaseException) -> None:
-        """Mark the agent broken if ``exc`` (or its cause) is one of its ``discard_on``."""
-        if not self.discard_on:
-            return
-        for candidate in (exc, exc.__cause__):
-            if isinstance(candidate, self.discard_on):
-                self.broken = candidate
-                return
+    def _replied(self, event: Signal, action: Action, result: Any,
+                 public: dict[str, Any] | None, started: float) -> AgentReply:
+        reply = AgentReply(
+            pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
+            signal_id=event.id, signal_type=event.type, action=action.name, result=result,
+            state=public, duration=time.perf_counter() - started)
+        if telemetry.call_stop.receivers:
+            telemetry.call_stop.send(self, agent=self, event=event, action=action.name,
+                                     reply=reply, duration=reply.duration)
+        return reply
 
-    def _failed(self, event: Signal, action: Action, exc: BaseException, started: float) -> None:
+    def _failure(self, event: Signal, action: Action, exc: Exception,
+                 started: float) -> ActionFailed:
+        """Record a failed call (telemetry, ``discard_on``); the caller's ActionFailed."""
         self.note_failure(exc)
         if telemetry.call_exception.receivers:
             telemetry.call_exception.send(
                 self, agent=self, event=event, action=action.name, exception=exc,
                 duration=time.perf_counter() - started)
+        if isinstance(exc, ActionFailed):
+            return exc
+        hint = (" (declare fields that hold objects, such as clients or models, with "
+                "resource())" if isinstance(exc, PydanticSerializationError) else "")
+        failed = ActionFailed(
+            f"action {action.name!r} failed on signal {event.type!r}: "
+            f"{type(exc).__name__}: {exc}{hint}", event.type, action.name,
+            f"{type(exc).__name__}: {exc}")
+        failed.__cause__ = exc
+        return failed
+
+    def _run_batch(self, action: BatchAction, events: Sequence[Signal],
+                   items: list[Any]) -> list[Any]:
+        """``run_batch`` on ``items``; if it raises, that error is every item's value."""
+        if not items:
+            return []
+        context = ActionContext(self, self._working_state(), events[0], tuple(events))
+        try:
+            values = action.run_batch(items, context)
+        except Exception as exc:
+            self.note_failure(exc)
+            return [exc] * len(items)
+        if not isinstance(values, list) or len(values) != len(items):
+            count = len(values) if isinstance(values, list) else type(values).__name__
+            problem = ValueError(f"run_batch returned {count} values for {len(items)} items")
+            return [problem] * len(items)
+        return values
+
+    def _item_outcome(self, event: Signal, action: Action, value: Any,
+                      public: dict[str, Any] | None,
+                      started: float) -> AgentReply | WarmPoolError:
+        if not isinstance(value, BaseException):
+            problem = json_problem(value, "result")
+            if problem is None:
+                return self._replied(event, action, value, public, started)
+            value = ValueError(f"a result JSON cannot carry: {problem}")
+        if isinstance(value, Exception):
+            return self._failure(event, action, value, started)
+        return ActionFailed(f"action {action.name!r} returned {value!r} for {event.type!r}",
+                            event.type, action.name, repr(value))
 
 
 def _state_from_generic(cls: type) -> type[BaseModel] | None:

@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 from . import telemetry
+from .action import BatchAction
 from .agent import Agent
+from .batching import Batcher
 from .errors import (
     CallTimeout,
     CheckoutTimeout,
@@ -27,6 +29,8 @@ from .errors import (
     PoolError,
     PoolExhausted,
     PoolStartError,
+    UnknownSignal,
+    WarmPoolError,
 )
 from .monitor import PoolMonitor
 from .reply import AgentReply
@@ -54,6 +58,8 @@ _COUNTERS = tuple(PoolCounters.model_fields)
 #: without a replacement ("dismissed"), or replaced (any other text: the reason).
 CLOSED: Final = "closed"
 DISMISSED: Final = "dismissed"
+#: ``from_spec`` without ``shared``: run the agent class's ``preload``.
+_PRELOAD: Final = object()
 #: A checkout's plan, besides an agent or a place in the queue.
 _BUILD: Final = "build"
 _EXHAUSTED: Final = "exhausted"
@@ -142,8 +148,11 @@ class AgentPool(Generic[AgentT]):
 
     def __init__(self, factory: Callable[[], AgentT], *, name: str = "pool",
                  node: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 **options: Any) -> None:
+                 shared: Any = None, process_index: int = 0, **options: Any) -> None:
         """Configure the pool; nothing is built until :meth:`start`.
+
+        ``shared`` is given to every agent as ``agent.shared`` (what its class's
+        ``preload`` returned), ``process_index`` as ``agent.process_index``.
 
         Raises:
             ConfigurationError: an option is unknown or invalid (names pool and field).
@@ -151,6 +160,8 @@ class AgentPool(Generic[AgentT]):
         self.options = validate_options(name, options)
         self.name = name
         self.node = node
+        self.shared = shared
+        self.process_index = process_index
         self.size = self.options.size
         self.max_overflow = self.options.max_overflow
         self._factory = factory
@@ -171,6 +182,8 @@ class AgentPool(Generic[AgentT]):
         self._last_error: str | None = None
         self._last_exception: BaseException | None = None
         self._runner = TimeboxedRunner(name)
+        self._agent_class: type[Agent[Any]] | None = None  # known once one is built
+        self._batchers: dict[int, Batcher] = {}
         self._started = False
         self._closed = False
         self._monitor: PoolMonitor | None = None
@@ -183,15 +196,21 @@ class AgentPool(Generic[AgentT]):
 
     @classmethod
     def from_spec(cls, spec: PoolSpec, *, node: str | None = None,
-                  clock: Callable[[], float] = time.monotonic) -> AgentPool[Agent[Any]]:
-        """A pool built from a :class:`PoolSpec` (its agent class, state and options)."""
+                  clock: Callable[[], float] = time.monotonic, shared: Any = _PRELOAD,
+                  process_index: int = 0) -> AgentPool[Agent[Any]]:
+        """A pool built from a :class:`PoolSpec` (its agent class, state and options).
+
+        Without ``shared``, the agent class's ``preload`` runs here, for this pool.
+        """
         agent_class, initial, worker_opts = spec.agent, spec.initial_state, spec.worker_opts
+        if shared is _PRELOAD:
+            shared = agent_class.preload(dict(worker_opts or {}))
 
         def factory() -> Agent[Any]:
             return agent_class(initial, options=worker_opts)
 
-        return AgentPool(factory, name=spec.name, node=node, clock=clock,
-                         **spec.options.model_dump())
+        return AgentPool(factory, name=spec.name, node=node, clock=clock, shared=shared,
+                         process_index=process_index, **spec.options.model_dump())
 
     def __repr__(self) -> str:
         return (f"<AgentPool {self.name!r} size={self.size} max_overflow={self.max_overflow} "
@@ -410,6 +429,9 @@ class AgentPool(Generic[AgentT]):
             CheckoutTimeout, CallTimeout, and what :meth:`Agent.handle` raises.
         """
         event = Signal.parse(signal)
+        batcher = self._batcher_for(event)
+        if batcher is not None:
+            return batcher.call(event, timeout, call_timeout)
         return self._run(lambda agent: self.run_signals(agent, [event])[0], event.type,
                          timeout, call_timeout)
 
@@ -441,6 +463,52 @@ class AgentPool(Generic[AgentT]):
             if transaction:
                 agent.state = before
             raise
+
+    def run_batch(self, agent: AgentT, events: list[Signal]) -> list[AgentReply | WarmPoolError]:
+        """Handle ``events`` (routed to one batch action) as one batch on ``agent``, counted.
+
+        ``agent`` is checked out by the caller. Returns one outcome per event, in order.
+        """
+        outcomes = agent.handle_batch(events)
+        failed = sum(not isinstance(outcome, AgentReply) for outcome in outcomes)
+        with self._lock:
+            self._counts["calls"] += len(outcomes)
+            self._counts["call_failures"] += failed
+            self._counts["batches"] += 1
+            self._counts["batched"] += len(outcomes)
+        return outcomes
+
+    def run_timeboxed(self, agent: AgentT, work: Callable[[], R], label: str,
+                      call_timeout: float | None) -> R:
+        """Run ``work`` (on ``agent``, checked out by the caller) within ``call_timeout``.
+
+        Raises:
+            CallTimeout: it overran; ``agent`` was abandoned (see :meth:`overran`) and must
+                not be checked in.
+        """
+        if call_timeout is None:
+            return work()
+        try:
+            return self._runner.run(work, call_timeout,
+                                    on_abandon=lambda: self.finish_abandoned(agent))
+        except Overran:
+            raise self.overran(agent, label, call_timeout) from None
+
+    def _batcher_for(self, event: Signal) -> Batcher | None:
+        agent_class = self._agent_class
+        if agent_class is None:
+            return None
+        try:
+            action = agent_class.route(event.type)
+        except UnknownSignal:
+            return None  # the normal path raises it, with the agent's routes
+        if not isinstance(action, BatchAction):
+            return None
+        with self._lock:
+            batcher = self._batchers.get(id(action))
+            if batcher is None:
+                batcher = self._batchers[id(action)] = Batcher(self, action)
+            return batcher
 
     def overran(self, agent: AgentT, label: str, call_timeout: float) -> CallTimeout:
         """Give up on ``agent``, whose work on ``label`` outlasted ``call_timeout``.
@@ -475,14 +543,11 @@ class AgentPool(Generic[AgentT]):
              call_timeout: float | None) -> R:
         agent = self.checkout(timeout=timeout)
         with self.lent(agent) as lease:
-            if call_timeout is None:
-                return work(agent)
             try:
-                return self._runner.run(lambda: work(agent), call_timeout,
-                                        on_abandon=lambda: self.finish_abandoned(agent))
-            except Overran:
+                return self.run_timeboxed(agent, lambda: work(agent), label, call_timeout)
+            except CallTimeout:
                 lease.abandoned = True
-                raise self.overran(agent, label, call_timeout) from None
+                raise
 
     def _count_call(self, agent: AgentT, signal: Signal) -> AgentReply:
         try:
@@ -805,6 +870,9 @@ class AgentPool(Generic[AgentT]):
             agent.pool_name = self.name
             agent.node = self.node
             agent.discard_on = self.options.discard_on
+            agent.reply_state = self.options.reply_state
+            agent.shared = self.shared
+            agent.process_index = self.process_index
             agent.setup()
         except BaseException as exc:
             with self._lock:
@@ -819,6 +887,7 @@ class AgentPool(Generic[AgentT]):
                 telemetry.agent_setup_failed.send(self, exception=exc, attempt=attempt,
                                                   retry_in=retry_in)
             raise
+        self._agent_class = type(agent)
         if telemetry.agent_started.receivers:
             telemetry.agent_started.send(self, agent=agent, overflow=overflow,
                                          duration=time.perf_counter() - started)

@@ -12,8 +12,10 @@ __all__ = ["AgentReply"]
 class AgentReply(BaseModel):
     """The outcome of one signal handled by one agent.
 
-    ``result`` is what the action returned (the state updates, resource fields left out);
-    ``state`` is the agent's public state after the call.
+    ``result`` is what the action returned for the caller: the ``value`` of a
+    :class:`~celery_warmpool.core.action.Result`, or the state updates of a returned dict
+    (resource fields left out). ``state`` is the agent's public state after the call, or
+    ``None`` when its pool leaves state out of replies (``reply_state=False``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -25,8 +27,8 @@ class AgentReply(BaseModel):
     signal_id: str
     signal_type: str
     action: str
-    result: dict[str, Any]
-    state: dict[str, Any]
+    result: Any
+    state: dict[str, Any] | None
     duration: float
 
     def to_wire(self) -> dict[str, Any]:

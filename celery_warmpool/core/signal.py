@@ -9,7 +9,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidSignal
-from .validation import describe, error_details
+from .validation import describe, error_details, json_problem
 
 __all__ = ["Signal"]
 
@@ -62,7 +62,7 @@ class Signal(BaseModel):
     def _json_data(cls, value: Any) -> Any:
         if isinstance(value, BaseModel):
             return value.model_dump(mode="json")
-        problem = _not_json(value, "data")
+        problem = json_problem(value, "data")
         if problem:
             raise ValueError(f"signals carry JSON data only: {problem}")
         return value
@@ -106,30 +106,6 @@ class Signal(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The signal as a JSON-compatible mapping, for a task's arguments."""
         return self.model_dump(mode="json", exclude_none=True)
-
-
-_JSON_SCALARS = (str, int, float, bool, type(None))
-
-
-def _not_json(value: Any, path: str) -> str | None:
-    """Where ``value`` holds something JSON cannot carry, or ``None`` if it is all JSON."""
-    if isinstance(value, _JSON_SCALARS):
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path} has a non-string key {key!r}"
-            problem = _not_json(item, f"{path}.{key}")
-            if problem:
-                return problem
-        return None
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            problem = _not_json(item, f"{path}[{index}]")
-            if problem:
-                return problem
-        return None
-    return f"{path} is a {type(value).__name__}"
 
 
 def _invalid(exc: ValidationError, signal_type: str | None) -> InvalidSignal:

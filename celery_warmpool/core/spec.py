@@ -46,6 +46,7 @@ class PoolOptions(BaseModel):
     health_check_interval: float | None = Field(
         default=None, ge=0, description="check_health() before handing out an agent idle this long")
     reset_on_checkin: bool = Field(default=False, description="call reset() on checkin")
+    reply_state: bool = Field(default=True, description="replies carry the agent's state")
     discard_on: tuple[type[BaseException], ...] = Field(
         default=(), description="exception types that mean an agent is broken")
     start_timeout: float = Field(default=60.0, gt=0, description="seconds start() may take")

@@ -27,6 +27,9 @@ class PoolCounters(BaseModel):
     failures: int = 0
     calls: int = 0
     call_failures: int = 0
+    #: Batches run, and the signals they held (calls / batches: the mean batch size).
+    batches: int = 0
+    batched: int = 0
     #: Casts sent to the pool's dead-letter queue (see celery_warmpool.client.dead_letters).
     dead_lettered: int = 0
 

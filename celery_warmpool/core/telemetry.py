@@ -36,6 +36,7 @@ __all__ = [
     "agent_replaced",
     "agent_setup_failed",
     "agent_started",
+    "batch_run",
     "call_exception",
     "call_start",
     "call_stop",
@@ -172,6 +173,13 @@ call_exception = TelemetrySignal(
     "Handling ``event`` failed: ``action``, ``exception`` and ``duration``; the agent's "
     "state is unchanged.",
     ("agent", "event", "action", "exception", "duration"))
+
+batch_run = TelemetrySignal(
+    "warmpool_batch_run",
+    "An agent ran a batch of ``action``: ``size`` (signals), ``failed`` (those that got an "
+    "error) and ``duration`` (seconds). Each signal also sends call_stop or "
+    "call_exception.",
+    ("agent", "action", "size", "failed", "duration"))
 
 agent_started = TelemetrySignal(
     "warmpool_agent_started",

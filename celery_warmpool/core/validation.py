@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["Problem", "describe", "error_details", "problems"]
+__all__ = ["Problem", "describe", "error_details", "json_problem", "problems"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +41,30 @@ def problems(exc: ValidationError, *, root: str = "<value>") -> list[Problem]:
 def describe(exc: ValidationError, *, root: str = "<value>") -> str:
     """Every error of ``exc`` on one line: ``field: message, other.field: message``."""
     return ", ".join(str(problem) for problem in problems(exc, root=root))
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def json_problem(value: Any, path: str) -> str | None:
+    """Where ``value`` holds something JSON cannot carry, or ``None`` if it is all JSON.
+
+    ``path`` names ``value`` in the answer: ``"data.vector[3] is a float32"``.
+    """
+    if isinstance(value, _JSON_SCALARS):
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a non-string key {key!r}"
+            problem = json_problem(item, f"{path}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = json_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    return f"{path} is a {type(value).__name__}"

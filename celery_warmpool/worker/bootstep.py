@@ -4,13 +4,13 @@ It runs in the worker's main process, after the execution pool has started and b
 the consumer takes any message:
 
 - in ``__init__`` (before prefork children are forked): validates the pools, picks the
-  pools this node hosts, makes the worker consume their queues, raises Celery's
+  pools this node hosts, raises Celery's
   ``worker_proc_alive_timeout`` so slow warm-ups are not killed, and makes the status
   board the children will write to;
 - in ``start``: under threads, gevent and eventlet builds the pools in this process;
   under prefork waits until every child reports its agents warm (children build them at
-  ``worker_process_init``, see :mod:`.prefork`); then bounds the consumer's prefetch to
-  the pools' capacity;
+  ``worker_process_init``, see :mod:`.prefork`). Each pool's queue is then consumed with
+  its own bound (see :mod:`.consumers`);
 - in ``info``: adds the pools to the worker's stats (``celery inspect stats``, Flower;
   see :mod:`.stats`).
 """
@@ -79,7 +79,6 @@ class WarmPoolStep(bootsteps.StartStopStep):
             runtime.wait_for_children(worker)
         else:
             runtime.start_process(index=0)
-        self._bound_prefetch(worker, runtime)
         if runtime.process_specs and getattr(worker, "timer", None) is not None:
             LateCalls(worker.app).start(worker.timer)
         if self.metrics is not None:
@@ -87,23 +86,6 @@ class WarmPoolStep(bootsteps.StartStopStep):
         logger.info("warm pools ready on %s in %.2fs: %s", runtime.node,
                     time.monotonic() - started,
                     ", ".join(sorted(runtime.process_specs)) or "none")
-
-    def _bound_prefetch(self, worker: Any, runtime: WorkerRuntime) -> None:
-        # Late acks keep running tasks unacknowledged, so the prefetch count bounds
-        # running + reserved messages: capacity running and at most as many waiting.
-        if not worker.app.conf.get("warmpool_limit_prefetch", True) or not runtime.process_specs:
-            return
-        consumer = getattr(worker, "consumer", None)
-        if consumer is None or not consumer.initial_prefetch_count:
-            return
-        assert runtime.execution is not None
-        concurrency = worker.max_concurrency or worker.concurrency
-        capacity = runtime.execution.capacity(runtime.process_specs.values(), concurrency)
-        bound = 2 * capacity
-        if consumer.initial_prefetch_count > bound:
-            logger.info("warm pools: prefetch bounded from %d to %d (capacity %d)",
-                        consumer.initial_prefetch_count, bound, capacity)
-            consumer.initial_prefetch_count = bound
 
     def stop(self, worker: Any) -> None:
         # Warm shutdown: this step stops before the execution pool has drained, and

@@ -52,6 +52,8 @@ class WorkerRuntime:
         self.publisher: StatusPublisher | None = None
         #: Runs after each status write in a child (see ops.metrics).
         self.after_publish: Any = None
+        #: The per-pool consumers of this node's main process (see .consumers).
+        self.consumers: Any = None
         self.pools: ProcessPools | None = None
         #: Casts dead-lettered by this node's main process while its agents live in the
         #: children (a cast whose child died too often): added to the node's counters.
@@ -81,7 +83,6 @@ class WorkerRuntime:
             for warning in warnings:
                 logger.warning("warm pools: %s", warning)
             self.process_specs[name] = spec
-            worker.app.amqp.queues.select_add(spec.queue)
         if self.execution.in_children:
             self.board = StatusBoard(slots=max(most, concurrency) + SPARE_SLOTS)
             self.publisher = StatusPublisher(self.board)

@@ -1,0 +1,179 @@
+"""Batching: concurrent calls to one :class:`BatchAction` run as one batch.
+
+A batch opens with its first signal and closes when it holds ``max_batch_size`` signals or
+``batch_wait_timeout`` seconds have passed, whichever is first. The caller whose signal
+opened it then runs it on one agent and hands every other caller its own outcome; the
+signals that arrive meanwhile open the next batch. A signal whose ``timeout`` passes
+before its batch gets an agent is answered with :class:`CheckoutTimeout` and never runs.
+
+This is the in-process side (threads or greenlets calling :meth:`AgentPool.call`); in a
+Celery worker the messages of a pool are grouped before they reach a process (see
+``celery_warmpool.worker.batches``), with :class:`BatchWindow` deciding when.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .action import BatchAction
+from .errors import CallTimeout, CheckoutTimeout, WarmPoolError
+from .reply import AgentReply
+from .signal import Signal
+
+if TYPE_CHECKING:
+    from .pool import AgentPool
+
+__all__ = ["BatchWindow", "Batcher"]
+
+
+class BatchWindow:
+    """When a batch of one action closes: full, or its first item has waited long enough."""
+
+    def __init__(self, action: BatchAction, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = action.max_batch_size
+        self.wait = float(action.batch_wait_timeout)
+        self._clock = clock
+        self.opened_at: float | None = None
+        self.count = 0
+
+    def add(self) -> bool:
+        """Count one more item; say whether the batch is now full."""
+        if self.count == 0:
+            self.opened_at = self._clock()
+        self.count += 1
+        return self.count >= self.size
+
+    def remaining(self) -> float:
+        """Seconds until the batch closes by time (0 once due)."""
+        if self.opened_at is None:
+            return self.wait
+        return max(0.0, self.opened_at + self.wait - self._clock())
+
+    def reset(self) -> None:
+        """Start the next batch."""
+        self.opened_at, self.count = None, 0
+
+
+class _Item:
+    """One caller's signal in a batch, and what became of it."""
+
+    __slots__ = ("call_timeout", "deadline", "done", "event", "outcome")
+
+    def __init__(self, event: Signal, deadline: float | None,
+                 call_timeout: float | None) -> None:
+        self.event = event
+        self.deadline = deadline
+        self.call_timeout = call_timeout
+        self.done = threading.Event()
+        self.outcome: AgentReply | BaseException | None = None
+
+    def finish(self, outcome: AgentReply | BaseException) -> None:
+        self.outcome = outcome
+        self.done.set()
+
+
+class Batcher:
+    """Groups one pool's concurrent calls to one batch action (see the module)."""
+
+    def __init__(self, pool: AgentPool[Any], action: BatchAction) -> None:
+        self.pool = pool
+        self.action = action
+        self._ready = threading.Condition(threading.Lock())
+        self._window = BatchWindow(action)
+        self._open: list[_Item] = []
+
+    def call(self, event: Signal, timeout: float | None,
+             call_timeout: float | None = None) -> AgentReply:
+        """Handle ``event`` in a batch; return its reply or raise its error.
+
+        ``call_timeout`` bounds the batch it runs in (the shortest of its callers').
+
+        Raises:
+            CheckoutTimeout: no agent was free for its batch within ``timeout``.
+            CallTimeout: its batch overran; the agent is replaced.
+            ActionFailed, InvalidSignal: for this signal alone.
+        """
+        item = _Item(event, None if timeout is None else time.monotonic() + timeout,
+                     call_timeout)
+        with self._ready:
+            leads = not self._open
+            self._open.append(item)
+            if self._window.add():
+                self._ready.notify_all()
+            if leads:
+                batch = self._collect_locked()
+        if leads:
+            self._run(batch)
+        item.done.wait()
+        if isinstance(item.outcome, BaseException):
+            raise item.outcome
+        assert item.outcome is not None
+        return item.outcome
+
+    def _collect_locked(self) -> list[_Item]:
+        """As the leader: wait for the batch to fill or its time to run out; take it."""
+        while self._window.count < self._window.size:
+            remaining = self._window.remaining()
+            if remaining <= 0:
+                break
+            self._ready.wait(remaining)
+        batch, self._open = self._open, []
+        self._window.reset()
+        return batch
+
+    def _run(self, batch: list[_Item]) -> None:
+        """Run ``batch`` on one agent; give every caller its outcome, whatever happens."""
+        try:
+            agent, live = self._checkout(batch)
+        except BaseException as exc:
+            _finish_all(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not live:  # every one of them came too late
+            return
+        bounds = [item.call_timeout for item in live if item.call_timeout is not None]
+        label = f"a batch of {len(live)} {self.action.name!r} signals"
+        try:
+            outcomes: list[AgentReply | WarmPoolError] = self.pool.run_timeboxed(
+                agent, lambda: self.pool.run_batch(agent, [item.event for item in live]),
+                label, min(bounds) if bounds else None)
+        except CallTimeout as exc:  # the agent was abandoned: it is not checked in
+            _finish_all(live, exc)
+            return
+        except BaseException as exc:
+            self.pool.checkin(agent)
+            _finish_all(live, exc)
+            raise
+        self.pool.checkin(agent)
+        for item, outcome in zip(live, outcomes, strict=True):
+            item.finish(outcome)
+
+    def _checkout(self, batch: list[_Item]) -> tuple[Any, list[_Item]]:
+        """An agent for the batch, and its items still in time (the late ones answered)."""
+        deadlines = [item.deadline for item in batch]
+        timeout = (None if None in deadlines
+                   else max(0.0, max(d for d in deadlines if d is not None) - time.monotonic()))
+        started = time.monotonic()
+        agent = self.pool.checkout(timeout=timeout)
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.deadline is not None and item.deadline < now:
+                item.finish(CheckoutTimeout(
+                    f"pool {self.pool.name!r}: no agent free for the batch after waiting "
+                    f"{now - started:.3f}s; the signal was not run", self.pool.name,
+                    now - started, self.pool.size, self.pool.max_overflow))
+            else:
+                live.append(item)
+        if not live:
+            self.pool.checkin(agent)
+        return agent, live
+
+
+def _finish_all(items: list[_Item], outcome: BaseException) -> None:
+    for item in items:
+        item.finish(outcome)

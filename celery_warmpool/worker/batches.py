@@ -1,0 +1,307 @@
+"""Batches in a worker: a pool's batch signals are grouped before they reach a process.
+
+A pool whose agent class routes signals to a :class:`BatchAction` has its messages pass
+through :class:`PoolBatches` in the worker's main process. A call or cast whose one signal
+routes to a batch action waits in that action's buffer; any other message goes on to
+Celery's own task handler. A buffer is sent to the execution pool as one job when it
+holds ``max_batch_size`` messages, or ``batch_wait_timeout`` after its first came: one
+prefork child (or one thread) runs the whole batch on one agent, stores every caller's
+reply or error under that caller's own task id, and only then are the messages
+acknowledged.
+
+- A signal whose deadline (the caller's ``timeout``) passes before its batch starts is
+  answered with :class:`CheckoutTimeout` and never runs.
+- A process that dies mid-batch loses no message: each goes back to the queue (a batch
+  action reads state and changes none, so running it again is safe), up to the pool's
+  ``max_redeliveries``; past that its caller gets :class:`AgentLost`, and a cast is
+  dead-lettered.
+- Batched calls are not Celery requests of the worker: ``inspect active`` does not list
+  them, and no task events are sent for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from billiard.exceptions import WorkerLostError
+from celery.app.task import Context
+from celery.worker import state as worker_state
+
+from ..core.action import BatchAction
+from ..core.batching import BatchWindow
+from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, WarmPoolError
+from ..core.signal import Signal
+from .handler import CAST_TASK, HANDLE_TASK
+
+if TYPE_CHECKING:
+    from ..core.spec import PoolSpec
+    from .runtime import WorkerRuntime
+
+__all__ = ["PoolBatches", "run_batch_job"]
+
+logger = logging.getLogger(__name__)
+
+#: The worker's runtime per app, for the batch jobs run in its processes (set in the main
+#: process before the fork, so prefork children have it too).
+RUNTIMES: dict[str, WorkerRuntime] = {}
+
+
+class _Buffer:
+    """The messages waiting for one batch action's next batch."""
+
+    def __init__(self, action: BatchAction) -> None:
+        self.action = action
+        self.window = BatchWindow(action)
+        self.messages: list[tuple[Any, dict[str, Any]]] = []
+        self.timer: Any = None
+
+
+class _Job:
+    """A batch handed to the execution pool, until it ends."""
+
+    def __init__(self, messages: list[tuple[Any, dict[str, Any]]]) -> None:
+        self.messages = messages
+        self.accepted = False
+        self.done = False
+
+
+class PoolBatches:
+    """Groups one pool queue's batch messages before they reach a process."""
+
+    def __init__(self, runtime: WorkerRuntime, spec: PoolSpec) -> None:
+        self.runtime = runtime
+        self.spec = spec
+        self._buffers: dict[str, _Buffer] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._attempts: Counter[str] = Counter()  # deliveries of a task id lost with a child
+        self._consumer: Any = None
+        self._handler: Any = None
+        self._channel: Any = None
+        RUNTIMES[runtime.app.main or ""] = runtime
+
+    def start(self, consumer: Any, channel: Any, handler: Any) -> None:
+        """Take messages from ``channel``; the others go to Celery's ``handler``."""
+        self._consumer, self._channel, self._handler = consumer, channel, handler
+        self._buffers = {}
+
+    def stop(self, discards_unaccepted: bool) -> None:
+        """Stop batching (a reconnection or a shutdown); buffered messages stay unacked.
+
+        The broker takes those back when the channel closes (or they are put back after a
+        reconnection); batches the execution pool will never run (prefork drops work not
+        yet given to a child) are forgotten the same way.
+        """
+        for buffer in self._buffers.values():
+            if buffer.timer is not None:
+                buffer.timer.cancel()
+        self._buffers = {}
+        if discards_unaccepted:
+            self._jobs = {key: job for key, job in self._jobs.items() if job.accepted}
+
+    def held(self) -> list[tuple[Any, Any]]:
+        """``(channel, consumer tag)`` of every message buffered or in a running batch."""
+        messages = [message for buffer in self._buffers.values()
+                    for message, _ in buffer.messages]
+        messages += [message for job in self._jobs.values() for message, _ in job.messages]
+        return [(message.channel, message.delivery_info.get("consumer_tag"))
+                for message in messages]
+
+    def running(self) -> set[tuple[int, Any]]:
+        """``(id(channel), delivery tag)`` of the messages a process is working on."""
+        return {(id(message.channel), message.delivery_tag) for job in self._jobs.values()
+                if job.accepted for message, _ in job.messages}
+
+    # -- taking messages -------------------------------------------------------------------
+
+    def on_message(self, message: Any) -> None:
+        """A message of the pool's queue: buffer it for a batch, or hand it to Celery."""
+        found = self._batchable(message)
+        if found is None:
+            self._handler(message)
+            return
+        action, item = found
+        buffer = self._buffers.get(action.name)
+        if buffer is None:
+            buffer = self._buffers[action.name] = _Buffer(action)
+        buffer.messages.append((message, item))
+        if buffer.window.add():
+            self._flush(buffer)
+        elif buffer.timer is None:
+            buffer.timer = self._consumer.timer.call_after(
+                buffer.window.remaining(), self._flush, (buffer,))
+
+    def _batchable(self, message: Any) -> tuple[BatchAction, dict[str, Any]] | None:
+        """The batch action and job item of a one-signal call or cast to one, else None."""
+        kind = {HANDLE_TASK: "call", CAST_TASK: "cast"}.get(message.headers.get("task"))
+        if kind is None:
+            return None
+        try:
+            args, _, _ = message.decode()
+            _, signals, deadline, call_timeout, transaction = (*args, None, None, False)[:5]
+            if transaction or len(signals) != 1:
+                return None
+            action = self.spec.agent.route(signals[0]["type"])
+        except Exception:  # anything odd: Celery's handler gives the proper error
+            return None
+        if not isinstance(action, BatchAction):
+            return None
+        properties = message.properties or {}
+        return action, {
+            "id": message.headers["id"], "kind": kind, "pool": self.spec.name,
+            "signal": signals[0],
+            "deadline": deadline, "call_timeout": call_timeout,
+            "reply_to": properties.get("reply_to"),
+            "correlation_id": properties.get("correlation_id") or message.headers["id"],
+            "retries": message.headers.get("retries") or 0}
+
+    # -- running batches ------------------------------------------------------------------
+
+    def _flush(self, buffer: _Buffer) -> None:
+        if buffer.timer is not None:
+            buffer.timer.cancel()
+            buffer.timer = None
+        messages, buffer.messages = buffer.messages, []
+        buffer.window.reset()
+        messages = [(message, item) for message, item in messages if self._in_time(message, item)]
+        if not messages:
+            return
+        job = _Job(messages)
+        self._jobs[id(job)] = job
+        self._consumer.pool.apply_async(
+            run_batch_job, args=(self.runtime.app.main or "", self.spec.name,
+                                 [item for _, item in messages]),
+            accept_callback=lambda *args: setattr(job, "accepted", True),
+            callback=lambda outcome: self._consumer.call_soon(self._finished, job, outcome),
+            error_callback=lambda info: self._consumer.call_soon(self._lost, job, info))
+
+    def _in_time(self, message: Any, item: dict[str, Any]) -> bool:
+        """False (and the caller answered) for a revoked call or one past its deadline."""
+        if item["id"] in worker_state.revoked:
+            message.ack_log_error(logger, self._consumer.connection_errors)
+            return False
+        deadline = item["deadline"]
+        if deadline is None or time.time() <= deadline:
+            return True
+        late = time.time() - deadline
+        store(self.runtime, item, CheckoutTimeout(
+            f"pool {self.spec.name!r}: the call waited {late:.3f}s past its checkout timeout "
+            "for its batch; it was not run", self.spec.name, late, self.spec.size,
+            self.spec.max_overflow))
+        message.ack_log_error(logger, self._consumer.connection_errors)
+        return False
+
+    def _finished(self, job: _Job, outcome: Any) -> None:
+        """The job ended and stored every reply (event-loop thread): acknowledge."""
+        if job.done:
+            return
+        job.done = True
+        self._jobs.pop(id(job), None)
+        if isinstance(outcome, BaseException):  # a threads pool hands errors over here
+            self._lost(job, outcome)
+            return
+        for message, item in job.messages:
+            self._attempts.pop(item["id"], None)
+            message.ack_log_error(logger, self._consumer.connection_errors)
+
+    def _lost(self, job: _Job, info: Any) -> None:
+        """The process running the batch died (or the job failed): deliver it again."""
+        job.done = True
+        self._jobs.pop(id(job), None)
+        exc = getattr(getattr(info, "exception", info), "exc", getattr(info, "exception", info))
+        for message, item in job.messages:
+            self._attempts[item["id"]] += 1
+            if self._attempts[item["id"]] <= self.spec.max_redeliveries:
+                message.reject_log_error(logger, self._consumer.connection_errors,
+                                         requeue=True)
+                continue
+            self._attempts.pop(item["id"], None)
+            lost = AgentLost(
+                f"pool {self.spec.name!r}: the worker process running a batch of "
+                f"{item['signal'].get('type')} on {self.runtime.node} died "
+                f"{self.spec.max_redeliveries + 1} times ({type(exc).__name__}); the work may "
+                "have run", self.spec.name, self.runtime.node, None,
+                str(item["signal"].get("type")), True)
+            store(self.runtime, item, lost)
+            message.ack_log_error(logger, self._consumer.connection_errors)
+        if not isinstance(exc, WorkerLostError):
+            logger.error("pool %r: a batch job failed: %r", self.spec.name, exc)
+
+
+def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:
+    """Store one batched caller's reply (or error) under its own task id."""
+    backend = runtime.app.backend
+    request = Context(id=item["id"], reply_to=item["reply_to"],
+                      correlation_id=item["correlation_id"], retries=item["retries"])
+    if isinstance(outcome, BaseException):
+        backend.mark_as_failure(item["id"], outcome, request=request)
+        if item["kind"] == "cast" and isinstance(outcome, WarmPoolError):
+            runtime.dead_letter(item["pool"], item["signal"], outcome, task_id=item["id"],
+                                attempts=item["retries"] + 1,
+                                may_have_run=isinstance(outcome, AgentLost | CallTimeout))
+        return
+    backend.mark_as_done(item["id"], [outcome.to_wire()], request=request)
+
+
+def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
+    """Run one batch in this process and store every caller's outcome; return how many.
+
+    Never raises (a threads pool would swallow it): a failure of the batch as a whole is
+    stored as every caller's error.
+    """
+    runtime = RUNTIMES[app]
+    try:
+        outcomes = _run(runtime, pool, items)
+    except Exception as exc:
+        outcomes = [exc] * len(items)
+    for item, outcome in zip(items, outcomes, strict=True):
+        try:
+            store(runtime, item, outcome)
+        except Exception:
+            logger.exception("pool %r: could not store the reply of %s", pool, item["id"])
+    return len(items)
+
+
+def _run(runtime: WorkerRuntime, pool: str, items: list[dict[str, Any]]) -> list[Any]:
+    """The outcome of each item: a reply or an error, in order."""
+    agent_pool = runtime.local_pool(pool)
+    outcomes: list[Any] = [None] * len(items)
+    events: list[tuple[int, Signal]] = []
+    for index, item in enumerate(items):
+        try:
+            events.append((index, Signal.parse(item["signal"])))
+        except WarmPoolError as exc:
+            outcomes[index] = exc
+    deadlines = [items[index]["deadline"] for index, _ in events]
+    timeout = (None if None in deadlines
+               else max(0.0, max(deadlines) - time.time()))
+    agent = agent_pool.checkout(timeout=timeout)
+    try:
+        now = time.time()
+        live = []
+        for index, event in events:
+            deadline = items[index]["deadline"]
+            if deadline is not None and deadline < now:
+                outcomes[index] = CheckoutTimeout(
+                    f"pool {pool!r}: no agent came free for the batch in time; the signal "
+                    "was not run", pool, now - deadline, agent_pool.size,
+                    agent_pool.max_overflow)
+            else:
+                live.append((index, event))
+        bounds = [items[index]["call_timeout"] for index, _ in live
+                  if items[index]["call_timeout"] is not None]
+        if live:
+            results = agent_pool.run_timeboxed(
+                agent, lambda: agent_pool.run_batch(agent, [event for _, event in live]),
+                f"a batch of {len(live)} signals", min(bounds) if bounds else None)
+            for (index, _), result in zip(live, results, strict=True):
+                outcomes[index] = result
+    except CallTimeout as exc:  # the agent was abandoned: not checked in
+        return [exc if outcome is None else outcome for outcome in outcomes]
+    except BaseException:
+        agent_pool.checkin(agent)
+        raise
+    agent_pool.checkin(agent)
+    return outcomes

@@ -1,0 +1,131 @@
+"""Broker outages: callers wait out short ones, get BrokerUnavailable for long ones, and
+workers survive them with their agents.
+
+Each test runs its broker and result store on a redis-server of its own (the
+``private_redis`` fixture), which it stops and restarts; the shared one is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from celery_warmpool import BrokerUnavailable, WarmPool
+from tests.conftest import ROOT, PrivateRedis
+from tests.flower_page import free_port
+from tests.test_worker import INCREMENT, counter, work
+
+pytestmark = pytest.mark.integration
+
+
+def private_urls(server: PrivateRedis) -> tuple[str, str]:
+    return f"{server.url}/0", f"{server.url}/1"
+
+
+def calls_until(stop: threading.Event, warm: WarmPool, callers: int, timeout: float,
+                ) -> tuple[list[threading.Thread], list[Any]]:
+    """``callers`` threads calling until ``stop`` is set; every outcome kept."""
+    outcomes: list[Any] = []
+
+    def caller() -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(warm.call("counter", INCREMENT, timeout=timeout))
+            except Exception as exc:
+                outcomes.append(exc)
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
+@pytest.mark.parametrize("execution", ["threads", "prefork"])
+def test_a_broker_restart_is_waited_out_and_the_same_agents_serve(private_redis, start_worker,
+                                                                  client, execution):
+    broker, backend = private_urls(private_redis)
+    specs = counter(2)
+    worker = start_worker(specs, pool=execution, concurrency=2, broker=broker,
+                          backend=backend)
+    _, warm = client(specs, broker=broker, backend=backend)
+    agents = {warm.call("counter", work(0.3)).agent_id for _ in range(6)}
+
+    stop = threading.Event()
+    threads, outcomes = calls_until(stop, warm, callers=4, timeout=15)
+    time.sleep(0.5)
+    before_outage = len(outcomes)
+    private_redis.restart(down=3.0)
+    back = len(outcomes)
+    time.sleep(3.0)  # calls flow again
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+
+    errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    assert errors == []
+    assert before_outage > 0 and len(outcomes) > back  # calls before and after the outage
+    assert not worker.exited(), worker.log_tail()
+    after = {warm.call("counter", work(0.3)).agent_id for _ in range(6)}
+    assert after <= agents  # no agent was rebuilt
+    assert "Unrecoverable error" not in worker.log()
+
+
+def test_an_outage_longer_than_the_timeout_is_broker_unavailable(private_redis, start_worker,
+                                                                client):
+    broker, backend = private_urls(private_redis)
+    worker = start_worker(counter(1), pool="threads", concurrency=2, broker=broker,
+                          backend=backend)
+    _, warm = client(counter(1), broker=broker, backend=backend)
+    assert warm.call("counter", INCREMENT).state["count"] == 1
+    private_redis.stop()
+
+    for attempt in (
+            lambda: warm.call("counter", INCREMENT, timeout=2.0, call_timeout=1.0),
+            lambda: warm.transaction("counter", [INCREMENT], timeout=2.0, call_timeout=1.0),
+            lambda: warm.cast("counter", INCREMENT, timeout=2.0),
+            lambda: warm.status("counter", timeout=2.0)):
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as caught:
+            attempt()
+        assert time.monotonic() - started <= 2.0 + 1.0
+        assert f"127.0.0.1:{private_redis.port}" in str(caught.value)
+
+    private_redis.start()
+    assert warm.call("counter", INCREMENT, timeout=10).state["count"] == 2
+    assert not worker.exited()
+
+
+def test_broker_unavailable_masks_the_password():
+    from tests.integration_app import make_app
+
+    port = free_port()  # nothing listens there
+    _, warm = make_app(f"redis://:s3cret@127.0.0.1:{port}/0",
+                       f"redis://:s3cret@127.0.0.1:{port}/1", counter(1))
+    with pytest.raises(BrokerUnavailable) as caught:
+        warm.call("counter", INCREMENT, timeout=0.5)
+    assert "s3cret" not in str(caught.value)
+    assert caught.value.url is not None and "s3cret" not in caught.value.url
+    assert f"127.0.0.1:{port}" in caught.value.url
+
+
+def test_status_command_says_in_one_line_that_the_broker_is_unreachable():
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "WARMPOOL_BROKER_URL": f"redis://:s3cret@127.0.0.1:{port}/0",
+           "WARMPOOL_RESULT_BACKEND": f"redis://127.0.0.1:{port}/1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
+         "--timeout", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+        check=False)
+    assert done.returncode == 69
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "could not reach the broker" in lines[0]
+    assert f"127.0.0.1:{port}" in lines[0] and "s3cret" not in lines[0]
+    assert "Traceback" not in done.stderr
