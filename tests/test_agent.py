@@ -218,7 +218,7 @@ def test_action_returning_no_dict_is_action_failed() -> None:
         agent.handle(Signal.new("wrong"))
 
     assert str(caught.value) == (
-        "action 'Wrong' returned list, expected a dict of state updates")
+        "action 'Wrong' returned list, expected a dict of state updates or a Result")
     assert agent.state.count == 0
 
 

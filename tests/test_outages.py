@@ -129,3 +129,36 @@ def test_status_command_says_in_one_line_that_the_broker_is_unreachable():
     assert "could not reach the broker" in lines[0]
     assert f"127.0.0.1:{port}" in lines[0] and "s3cret" not in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def close_rabbitmq_connections() -> None:
+    """Drop every client connection of the shared RabbitMQ (it keeps running)."""
+    subprocess.run(["rabbitmqctl", "close_all_connections", "test"], check=True,
+                   capture_output=True, timeout=60)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("execution", ["threads", "prefork"])
+def test_dropped_rabbitmq_connections_are_waited_out_with_the_same_agents(
+        start_worker, client, execution):
+    from tests.conftest import RABBITMQ_BROKER
+
+    specs = counter(2)
+    worker = start_worker(specs, pool=execution, concurrency=2, broker=RABBITMQ_BROKER)
+    _, warm = client(specs, broker=RABBITMQ_BROKER)
+    agents = {warm.call("counter", work(0.3)).agent_id for _ in range(6)}
+
+    stop = threading.Event()
+    threads, outcomes = calls_until(stop, warm, callers=4, timeout=15)
+    time.sleep(0.5)
+    close_rabbitmq_connections()
+    back = len(outcomes)
+    time.sleep(3.0)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert [outcome for outcome in outcomes if isinstance(outcome, Exception)] == []
+    assert len(outcomes) > back
+    assert not worker.exited(), worker.log_tail()
+    assert {warm.call("counter", work(0.3)).agent_id for _ in range(6)} <= agents

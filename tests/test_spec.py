@@ -16,9 +16,11 @@ def test_defaults_are_the_documented_ones() -> None:
     assert spec.model_dump() == {
         "name": "search", "agent": CounterAgent, "size": 5, "max_overflow": 0,
         "strategy": "lifo", "overflow_ttl": 0.0, "max_uses": None, "max_age": None,
-        "health_check_interval": None, "reset_on_checkin": False, "discard_on": (),
+        "health_check_interval": None, "reset_on_checkin": False, "reply_state": True,
+        "discard_on": (),
         "start_timeout": 60.0, "monitor_interval": None, "initial_state": None,
         "worker_opts": None, "queue": "warmpool.search",
+        "dead_letter_queue": "warmpool.search.dead", "max_redeliveries": 3,
     }
 
 

@@ -8,7 +8,7 @@ an :class:`AgentPool` serves threads and greenlets of any program. The Celery si
 from __future__ import annotations
 
 from . import telemetry
-from .action import Action, ActionContext, NoParams
+from .action import Action, ActionContext, BatchAction, NoParams, Result
 from .agent import Agent, AgentState, resource
 from .errors import (
     ActionFailed,
@@ -43,6 +43,7 @@ __all__ = [
     "AgentPool",
     "AgentReply",
     "AgentState",
+    "BatchAction",
     "BrokerUnavailable",
     "CallTimeout",
     "CheckoutTimeout",
@@ -58,6 +59,7 @@ __all__ = [
     "PoolSpec",
     "PoolStartError",
     "PoolStatus",
+    "Result",
     "Signal",
     "SignalError",
     "UnknownPool",

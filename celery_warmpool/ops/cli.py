@@ -174,7 +174,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
 
 @click.group(name="warmpool")
 def warmpool(**kwargs: Any) -> None:
-    """Warm agent pools: status of every pool on every worker, dead letters."""
+    """Warm agent pools: status and dead letters."""
 
 
 @warmpool.command(cls=CeleryCommand)

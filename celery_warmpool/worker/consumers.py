@@ -42,6 +42,7 @@ from .broker_workarounds import (
     restore_orphans,
     restore_prefetch_on_loop,
 )
+from .prefork import replace_dead_children
 
 if TYPE_CHECKING:
     from ..core.spec import PoolSpec
@@ -100,6 +101,7 @@ class PoolConsumers(bootsteps.StartStopStep):
         self.loop_ready = False
         self._handler: Callable[[Any], None] | None = None
         self._timer: Any = None
+        self._replacer: Any = None
         self._old_channels: list[tuple[PoolQueue, Any]] = []
         if self.queues:
             # After -Q/-X were applied: this wins over both.
@@ -146,6 +148,8 @@ class PoolConsumers(bootsteps.StartStopStep):
         # Timers made while the consumer starts are cancelled at every reconnection:
         # make it anew each time.
         self._timer = c.timer.call_repeatedly(RECONCILE_INTERVAL, self.reconcile_all)
+        if self.runtime.execution is not None and self.runtime.execution.in_children:
+            self._replacer = replace_dead_children(c)
         if c.hub is None:
             self.register_with_event_loop(c, None)
 
@@ -161,9 +165,10 @@ class PoolConsumers(bootsteps.StartStopStep):
     def stop(self, c: Any) -> None:
         """Stop consuming (warm shutdown, and every reconnection); keep held work."""
         self.loop_ready = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._replacer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._replacer = None
         self._old_channels = []
         for queue in self.queues.values():
             for slot, _ in queue.slots:

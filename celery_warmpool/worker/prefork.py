@@ -18,12 +18,14 @@ from celery import signals
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
 
-__all__ = ["connect"]
+__all__ = ["REPLACE_EVERY", "connect", "replace_dead_children"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a terminated child gives its agents' teardown before it dies.
 TERMINATE_TEARDOWN_SECONDS = 5.0
+#: Seconds between two looks for dead children to replace.
+REPLACE_EVERY = 0.2
 
 
 def _process_index() -> int:
@@ -54,6 +56,21 @@ def _close_on_terminate(runtime: WorkerRuntime) -> None:
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, on_terminate)
+
+
+def replace_dead_children(consumer: Any) -> Any:
+    """Look for dead prefork children to replace every 0.2 s; return the timer entry.
+
+    Celery replaces a child when its sentinel says it exited, but a SIGKILLed child's
+    sentinel can fire a moment before the process can be waited for: the pool then sees
+    no exit, stops watching that child, and replaces it only at its next 5-second check
+    (measured: 2 of 10 kills took 3 to 3.5 s to get a new child, the rest 0.15 s).
+    """
+    pool = getattr(consumer.pool, "_pool", None)
+    maintain = getattr(pool, "maintain_pool", None)
+    if maintain is None:
+        return None
+    return consumer.timer.call_repeatedly(REPLACE_EVERY, maintain)
 
 
 def connect(runtime: WorkerRuntime) -> None:
