@@ -23,10 +23,12 @@ their current status at scrape time. Every metric has the labels ``pool`` and ``
   no agent and no overflow room), ``warmpool_overflow_agents_created_total``,
   ``warmpool_overflow_agents_dismissed_total``, ``warmpool_agent_replacements_total``,
   ``warmpool_agent_setup_failures_total``, ``warmpool_calls_total``,
-  ``warmpool_call_failures_total``;
+  ``warmpool_call_failures_total``, ``warmpool_dead_lettered_total``,
+  ``warmpool_batches_total``;
 - histograms: ``warmpool_checkout_wait_seconds`` (time waited for an agent) and
   ``warmpool_call_duration_seconds`` (time an agent took to handle a signal), in the
-  buckets of :data:`BUCKETS`.
+  buckets of :data:`BUCKETS`; ``warmpool_batch_size`` (signals per batch, for pools with
+  a :class:`BatchAction`), in :data:`BATCH_BUCKETS`.
 
 Counters follow each process's own pool counters (the numbers ``warmpool status`` shows):
 a prefork child brings them up to date each time it publishes its status (on every
@@ -85,7 +87,11 @@ COUNTERS = (
     ("warmpool_agent_setup_failures", "failures", "Agent setup() calls that failed."),
     ("warmpool_calls", "calls", "Signals handled by the pool's agents."),
     ("warmpool_call_failures", "call_failures", "Signals whose handling failed."),
+    ("warmpool_dead_lettered", "dead_lettered", "Casts sent to the dead-letter queue."),
+    ("warmpool_batches", "batches", "Batches run by the pool's agents."),
 )
+#: Upper bounds of the batch size histogram (signals per batch).
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LABELS = ("pool", "node")
 
 
@@ -132,19 +138,28 @@ class ProcessMetrics:
         self.call_duration = Histogram(
             "warmpool_call_duration_seconds", "Seconds an agent took to handle a signal.",
             LABELS, buckets=BUCKETS, registry=None)
+        self.batch_size = Histogram(
+            "warmpool_batch_size", "Signals per batch run by an agent.", LABELS,
+            buckets=BATCH_BUCKETS, registry=None)
         self._synced: dict[str, PoolCounters] = {}
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
         telemetry.agent_checkout.connect(self._on_checkout, weak=False)
         telemetry.call_stop.connect(self._on_call, weak=False)
         telemetry.call_exception.connect(self._on_call, weak=False)
+        telemetry.batch_run.connect(self._on_batch, weak=False)
 
-    def sync(self, statuses: Iterable[PoolStatus]) -> None:
-        """Bring the counters up to this process's pool counters."""
+    def sync(self, statuses: Iterable[PoolStatus], scope: str = "pools") -> None:
+        """Bring the counters up to these pool counters of this process.
+
+        ``scope`` keeps apart counts kept in different places of one process (its pools,
+        and a prefork main process's own dead letters).
+        """
         with self._lock:
             for status in statuses:
                 labels = (status.pool, self.node)
-                before = self._synced.get(status.pool)
+                key = f"{scope}:{status.pool}"
+                before = self._synced.get(key)
                 if before is None:
                     # Every series exists from the start, at zero, not from its first event.
                     before = PoolCounters()
@@ -155,7 +170,7 @@ class ProcessMetrics:
                     grown = getattr(status.counters, counter) - getattr(before, counter)
                     if grown > 0:
                         series.inc(grown)
-                self._synced[status.pool] = status.counters
+                self._synced[key] = status.counters
 
     def _forget(self) -> None:
         # A new child starts from zero in files of its own.
@@ -166,6 +181,11 @@ class ProcessMetrics:
         pool = getattr(sender, "name", None)
         if pool is not None:
             self.checkout_wait.labels(pool, self.node).observe(wait)
+
+    def _on_batch(self, sender: Any = None, size: int = 0, **kwargs: Any) -> None:
+        pool = getattr(sender, "pool_name", None)
+        if pool is not None:
+            self.batch_size.labels(pool, self.node).observe(size)
 
     def _on_call(self, sender: Any = None, duration: float = 0.0, **kwargs: Any) -> None:
         # Call events are sent by the agent, which knows its pool once a pool built it.
@@ -187,6 +207,7 @@ class PoolGauges:
 
         if self.runtime.pools is not None:  # the agents live in this process
             self.metrics.sync(self.runtime.pools.statuses().values())
+        self.metrics.sync(self.runtime.main_process_counts(), scope="main")
         node = self.runtime.node or ""
         pools = sorted(self.runtime.node_statuses().items())
         agents = GaugeMetricFamily("warmpool_agents", "Agents alive, by state.",

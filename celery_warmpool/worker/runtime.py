@@ -22,7 +22,7 @@ from ..core.agent import Agent
 from ..core.errors import UnknownPool
 from ..core.pool import AgentPool
 from ..core.spec import PoolSpec
-from ..core.status import PoolStatus
+from ..core.status import PoolCounters, PoolStatus
 from .execution import ExecutionModel, execution_model_of
 from .process_pools import ProcessPools
 from .status_board import STALE_AFTER, StatusBoard, StatusPublisher
@@ -208,6 +208,13 @@ class WorkerRuntime:
             self._node_dead_lettered[pool] += 1
 
     # -- what the node reports ---------------------------------------------------------
+
+    def main_process_counts(self) -> list[PoolStatus]:
+        """What this node's main process counted itself (dead letters of lost children)."""
+        return [PoolStatus(pool=name, state="ready", size=0, max_overflow=0, available=0,
+                           overflow=0, checked_out=0, waiting=0,
+                           counters=PoolCounters(dead_lettered=count))
+                for name, count in self._node_dead_lettered.items()]
 
     def process_statuses(self) -> list[PoolStatus]:
         """Every process's pool statuses on this node (read from children under prefork)."""
