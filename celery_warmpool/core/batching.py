@@ -75,6 +75,16 @@ class _Item:
         self.done.set()
 
 
+class _Batch:
+    """The items of one batch while it fills."""
+
+    __slots__ = ("items", "window")
+
+    def __init__(self, action: BatchAction) -> None:
+        self.items: list[_Item] = []
+        self.window = BatchWindow(action)
+
+
 class Batcher:
     """Groups one pool's concurrent calls to one batch action (see the module)."""
 
@@ -82,8 +92,9 @@ class Batcher:
         self.pool = pool
         self.action = action
         self._ready = threading.Condition(threading.Lock())
-        self._window = BatchWindow(action)
-        self._open: list[_Item] = []
+        #: The batch callers join now; a full one is closed at once, so that the next
+        #: caller opens (and leads) the next batch.
+        self._filling: _Batch | None = None
 
     def call(self, event: Signal, timeout: float | None,
              call_timeout: float | None = None) -> AgentReply:
@@ -99,30 +110,31 @@ class Batcher:
         item = _Item(event, None if timeout is None else time.monotonic() + timeout,
                      call_timeout)
         with self._ready:
-            leads = not self._open
-            self._open.append(item)
-            if self._window.add():
+            batch, leads = self._filling, self._filling is None
+            if batch is None:
+                batch = self._filling = _Batch(self.action)
+            batch.items.append(item)
+            if batch.window.add():
+                self._filling = None
                 self._ready.notify_all()
-            if leads:
-                batch = self._collect_locked()
+            elif leads:
+                self._wait_until_closed(batch)
         if leads:
-            self._run(batch)
+            self._run(batch.items)
         item.done.wait()
         if isinstance(item.outcome, BaseException):
             raise item.outcome
         assert item.outcome is not None
         return item.outcome
 
-    def _collect_locked(self) -> list[_Item]:
-        """As the leader: wait for the batch to fill or its time to run out; take it."""
-        while self._window.count < self._window.size:
-            remaining = self._window.remaining()
+    def _wait_until_closed(self, batch: _Batch) -> None:
+        """As its leader: wait until ``batch`` is full or its time has run out."""
+        while self._filling is batch:
+            remaining = batch.window.remaining()
             if remaining <= 0:
-                break
+                self._filling = None
+                return
             self._ready.wait(remaining)
-        batch, self._open = self._open, []
-        self._window.reset()
-        return batch
 
     def _run(self, batch: list[_Item]) -> None:
         """Run ``batch`` on one agent; give every caller its outcome, whatever happens."""

@@ -30,8 +30,10 @@ class ProcessPools:
     """
 
     def __init__(self, specs: Iterable[PoolSpec], *, node: str | None = None,
-                 process_index: int | None = None) -> None:
+                 process_index: int | None = None,
+                 shared: dict[str, Any] | None = None) -> None:
         self.specs = {spec.name: spec for spec in specs}
+        self.shared = shared or {}
         self.node = node
         self.process_index = process_index
         self.pid = os.getpid()
@@ -59,7 +61,8 @@ class ProcessPools:
                              name=f"warmpool-{name}-restart").start()
 
     def _start_one(self, spec: PoolSpec) -> None:
-        pool = AgentPool.from_spec(spec, node=self.node)
+        pool = AgentPool.from_spec(spec, node=self.node, shared=self.shared.get(spec.name),
+                                   process_index=self.process_index or 0)
         try:
             pool.start()
         except PoolStartError as exc:

@@ -24,6 +24,7 @@ from ..core.pool import AgentPool
 from ..core.spec import PoolSpec
 from ..core.status import PoolCounters, PoolStatus
 from .execution import ExecutionModel, execution_model_of
+from .preload import preload
 from .process_pools import ProcessPools
 from .status_board import STALE_AFTER, StatusBoard, StatusPublisher
 
@@ -55,6 +56,8 @@ class WorkerRuntime:
         #: The per-pool consumers of this node's main process (see .consumers).
         self.consumers: Any = None
         self.pools: ProcessPools | None = None
+        #: What each hosted pool's ``preload`` returned, by pool (shared across the fork).
+        self.shared: dict[str, Any] = {}
         #: Casts dead-lettered by this node's main process while its agents live in the
         #: children (a cast whose child died too often): added to the node's counters.
         self._node_dead_lettered: Counter[str] = Counter()
@@ -83,6 +86,8 @@ class WorkerRuntime:
             for warning in warnings:
                 logger.warning("warm pools: %s", warning)
             self.process_specs[name] = spec
+        self.shared = preload(self.process_specs.values(),
+                              before_fork=self.execution.in_children)
         if self.execution.in_children:
             self.board = StatusBoard(slots=max(most, concurrency) + SPARE_SLOTS)
             self.publisher = StatusPublisher(self.board)
@@ -125,7 +130,8 @@ class WorkerRuntime:
             assert self.execution is not None, "start_process() before prepare()"
             pools = self.pools = ProcessPools(
                 self.process_specs.values(), node=self.node,
-                process_index=index if self.execution.in_children else None)
+                process_index=index if self.execution.in_children else None,
+                shared=self.shared)
         if self.publisher is not None:
             self.publisher.start(index, pools.snapshot, self.after_publish)
         pools.start()
@@ -169,7 +175,9 @@ class WorkerRuntime:
             if self.pools is None:
                 # Published only once started: other threads wait on the lock.
                 self.process_specs = dict(self.configuration.specs)
-                started = ProcessPools(self.process_specs.values(), node=self.node)
+                self.shared = preload(self.process_specs.values(), before_fork=False)
+                started = ProcessPools(self.process_specs.values(), node=self.node,
+                                       shared=self.shared)
                 started.start()
                 self.pools = started
             return self.pools
