@@ -147,7 +147,7 @@ def running_worker(app: Celery, module: str, choice: BrokerChoice, *, pool: str 
               flush=True)
         yield worker
     finally:
-        code = _shut_down(app, worker)
+        code = worker.shutdown(app)
         print(f"worker stopped (exit status {code})", flush=True)
         log = worker.log()
         worker.log_path.unlink(missing_ok=True)
@@ -155,22 +155,6 @@ def running_worker(app: Celery, module: str, choice: BrokerChoice, *, pool: str 
             shutil.rmtree(choice.directory, ignore_errors=True)
     if code != 0:
         raise RuntimeError(f"the worker did not shut down cleanly (exit status {code}):\n{log}")
-
-
-def _shut_down(app: Celery, worker: WorkerProcess) -> int | None:
-    """Warm shutdown through the ``shutdown`` control command, else SIGTERM.
-
-    On a polling transport (the embedded broker) the worker notices SIGTERM only when its
-    2-second drain loop comes round; the control command arrives as a message at once.
-    """
-    if worker.process is None or worker.process.poll() is not None:
-        return worker.stop()
-    try:
-        app.control.shutdown(destination=[worker.hostname])
-        return worker.process.wait(timeout=30)
-    except Exception as exc:  # the broker is gone, or the worker did not stop in time
-        print(f"  shutdown command failed ({exc!r}); sending SIGTERM", flush=True)
-        return worker.stop()
 
 
 def _python_path() -> str:

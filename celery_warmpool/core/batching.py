@@ -1,9 +1,10 @@
 """Batching: concurrent calls to one :class:`BatchAction` run as one batch.
 
-A batch opens with its first signal and closes when it holds ``max_batch_size`` signals or
-``batch_wait_timeout`` seconds have passed, whichever is first. The caller whose signal
-opened it then runs it on one agent and hands every other caller its own outcome; the
-signals that arrive meanwhile open the next batch. A signal whose ``timeout`` passes
+A batch opens with its first signal and closes when it holds ``max_batch_size`` signals,
+or when ``batch_wait_timeout`` seconds have passed and an agent is free to run it: while
+every agent is busy, it keeps filling. The caller whose signal opened it runs it on one
+agent and hands every other caller its own outcome; the signals that arrive after it
+closed open the next batch. A signal whose ``timeout`` passes
 before its batch gets an agent is answered with :class:`CheckoutTimeout` and never runs.
 
 This is the in-process side (threads or greenlets calling :meth:`AgentPool.call`); in a
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .action import BatchAction
-from .errors import CallTimeout, CheckoutTimeout, WarmPoolError
+from .errors import CallTimeout, CheckoutTimeout, PoolExhausted, WarmPoolError
 from .reply import AgentReply
 from .signal import Signal
 
@@ -60,10 +61,11 @@ class BatchWindow:
 class _Item:
     """One caller's signal in a batch, and what became of it."""
 
-    __slots__ = ("call_timeout", "deadline", "done", "event", "outcome")
+    __slots__ = ("arrived", "call_timeout", "deadline", "done", "event", "outcome")
 
     def __init__(self, event: Signal, deadline: float | None,
                  call_timeout: float | None) -> None:
+        self.arrived = time.monotonic()
         self.event = event
         self.deadline = deadline
         self.call_timeout = call_timeout
@@ -118,34 +120,41 @@ class Batcher:
                 self._filling = None
                 self._ready.notify_all()
             elif leads:
-                self._wait_until_closed(batch)
+                self._wait_until_due(batch)
         if leads:
-            self._run(batch.items)
+            self._run(batch)
         item.done.wait()
         if isinstance(item.outcome, BaseException):
             raise item.outcome
         assert item.outcome is not None
         return item.outcome
 
-    def _wait_until_closed(self, batch: _Batch) -> None:
-        """As its leader: wait until ``batch`` is full or its time has run out."""
+    def _wait_until_due(self, batch: _Batch) -> None:
+        """As its leader: wait until ``batch`` is full or its wait is over."""
         while self._filling is batch:
             remaining = batch.window.remaining()
             if remaining <= 0:
-                self._filling = None
                 return
             self._ready.wait(remaining)
 
-    def _run(self, batch: list[_Item]) -> None:
-        """Run ``batch`` on one agent; give every caller its outcome, whatever happens."""
+    def _close(self, batch: _Batch) -> list[_Item]:
+        with self._ready:
+            if self._filling is batch:
+                self._filling = None
+            return list(batch.items)
+
+    def _run(self, batch: _Batch) -> None:
+        """Get an agent, close ``batch``, run it; every caller gets its outcome."""
         try:
-            agent, live = self._checkout(batch)
+            agent = self._agent_for(batch)
         except BaseException as exc:
-            _finish_all(batch, exc)
+            _finish_all(self._close(batch), exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        live = self._in_time(self._close(batch))
         if not live:  # every one of them came too late
+            self.pool.checkin(agent)
             return
         bounds = [item.call_timeout for item in live if item.call_timeout is not None]
         label = f"a batch of {len(live)} {self.action.name!r} signals"
@@ -164,26 +173,31 @@ class Batcher:
         for item, outcome in zip(live, outcomes, strict=True):
             item.finish(outcome)
 
-    def _checkout(self, batch: list[_Item]) -> tuple[Any, list[_Item]]:
-        """An agent for the batch, and its items still in time (the late ones answered)."""
-        deadlines = [item.deadline for item in batch]
+    def _agent_for(self, batch: _Batch) -> Any:
+        """An agent at once if one is free; else wait for one while the batch keeps filling."""
+        try:
+            return self.pool.checkout(block=False)
+        except PoolExhausted:
+            pass
+        deadlines = [item.deadline for item in batch.items]
         timeout = (None if None in deadlines
                    else max(0.0, max(d for d in deadlines if d is not None) - time.monotonic()))
-        started = time.monotonic()
-        agent = self.pool.checkout(timeout=timeout)
+        return self.pool.checkout(timeout=timeout)
+
+    def _in_time(self, items: list[_Item]) -> list[_Item]:
+        """The items whose deadline has not passed; the others are answered."""
         now = time.monotonic()
         live = []
-        for item in batch:
+        for item in items:
             if item.deadline is not None and item.deadline < now:
+                waited = now - item.arrived
                 item.finish(CheckoutTimeout(
                     f"pool {self.pool.name!r}: no agent free for the batch after waiting "
-                    f"{now - started:.3f}s; the signal was not run", self.pool.name,
-                    now - started, self.pool.size, self.pool.max_overflow))
+                    f"{waited:.3f}s; the signal was not run", self.pool.name, waited,
+                    self.pool.size, self.pool.max_overflow))
             else:
                 live.append(item)
-        if not live:
-            self.pool.checkin(agent)
-        return agent, live
+        return live
 
 
 def _finish_all(items: list[_Item], outcome: BaseException) -> None:

@@ -4,10 +4,12 @@ A pool whose agent class routes signals to a :class:`BatchAction` has its messag
 through :class:`PoolBatches` in the worker's main process. A call or cast whose one signal
 routes to a batch action waits in that action's buffer; any other message goes on to
 Celery's own task handler. A buffer is sent to the execution pool as one job when it
-holds ``max_batch_size`` messages, or ``batch_wait_timeout`` after its first came: one
-prefork child (or one thread) runs the whole batch on one agent, stores every caller's
-reply or error under that caller's own task id, and only then are the messages
-acknowledged.
+holds ``max_batch_size`` messages, or once ``batch_wait_timeout`` has passed since its first
+came and a process is free to run it: while every process of the pool is busy with a
+batch, the buffer keeps filling, so that a loaded node runs fewer, fuller batches instead
+of queueing small ones. One prefork child (or one thread) runs the whole batch on one
+agent, stores every caller's reply or error under that caller's own task id, and only then
+are the messages acknowledged.
 
 - A signal whose deadline (the caller's ``timeout``) passes before its batch starts is
   answered with :class:`CheckoutTimeout` and never runs.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from billiard.exceptions import WorkerLostError
@@ -57,6 +60,8 @@ class _Buffer:
         self.window = BatchWindow(action)
         self.messages: list[tuple[Any, dict[str, Any]]] = []
         self.timer: Any = None
+        #: Its wait is over, but every process was busy: it goes when one is free.
+        self.due = False
 
 
 class _Job:
@@ -71,9 +76,12 @@ class _Job:
 class PoolBatches:
     """Groups one pool queue's batch messages before they reach a process."""
 
-    def __init__(self, runtime: WorkerRuntime, spec: PoolSpec) -> None:
+    def __init__(self, runtime: WorkerRuntime, spec: PoolSpec,
+                 capacity: Callable[[], int]) -> None:
         self.runtime = runtime
         self.spec = spec
+        #: How many batches of the pool the node runs at once (its processes or agents).
+        self.capacity = capacity
         self._buffers: dict[str, _Buffer] = {}
         self._jobs: dict[int, _Job] = {}
         self._attempts: Counter[str] = Counter()  # deliveries of a task id lost with a child
@@ -129,9 +137,23 @@ class PoolBatches:
         buffer.messages.append((message, item))
         if buffer.window.add():
             self._flush(buffer)
-        elif buffer.timer is None:
+        elif buffer.timer is None and not buffer.due:
             buffer.timer = self._consumer.timer.call_after(
-                buffer.window.remaining(), self._flush, (buffer,))
+                buffer.window.remaining(), self._when_due, (buffer,))
+
+    def _when_due(self, buffer: _Buffer) -> None:
+        """The buffer's wait is over: run it now if a process is free, else when one is."""
+        buffer.timer = None
+        if len(self._jobs) < self.capacity():
+            self._flush(buffer)
+        else:
+            buffer.due = True
+
+    def _flush_due(self) -> None:
+        """A process came free: run the buffers whose wait is over."""
+        for buffer in list(self._buffers.values()):
+            if buffer.due and buffer.messages and len(self._jobs) < self.capacity():
+                self._flush(buffer)
 
     def _batchable(self, message: Any) -> tuple[BatchAction, dict[str, Any]] | None:
         """The batch action and job item of a one-signal call or cast to one, else None."""
@@ -163,7 +185,11 @@ class PoolBatches:
         if buffer.timer is not None:
             buffer.timer.cancel()
             buffer.timer = None
+        buffer.due = False
         messages, buffer.messages = buffer.messages, []
+        logger.debug("pool %r: a batch of %d %r signals, %.1f ms after its first",
+                     self.spec.name, len(messages), buffer.action.name,
+                     (buffer.window.wait - buffer.window.remaining()) * 1000)
         buffer.window.reset()
         messages = [(message, item) for message, item in messages if self._in_time(message, item)]
         if not messages:
@@ -205,6 +231,7 @@ class PoolBatches:
         for message, item in job.messages:
             self._attempts.pop(item["id"], None)
             message.ack_log_error(logger, self._consumer.connection_errors)
+        self._flush_due()
 
     def _lost(self, job: _Job, info: Any) -> None:
         """The process running the batch died (or the job failed): deliver it again."""
@@ -228,6 +255,7 @@ class PoolBatches:
             message.ack_log_error(logger, self._consumer.connection_errors)
         if not isinstance(exc, WorkerLostError):
             logger.error("pool %r: a batch job failed: %r", self.spec.name, exc)
+        self._flush_due()
 
 
 def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:

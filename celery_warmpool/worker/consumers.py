@@ -23,6 +23,7 @@ Tasks with an ETA or countdown hold a place in their pool's window until they ru
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -96,7 +97,8 @@ class PoolConsumers(bootsteps.StartStopStep):
                        for spec in self.runtime.process_specs.values()}
         for queue in self.queues.values():
             if queue.batch_size > 1:
-                queue.batches = PoolBatches(self.runtime, queue.spec)
+                queue.batches = PoolBatches(self.runtime, queue.spec,
+                                            functools.partial(self.capacity, queue))
         self.generation = 0
         self.loop_ready = False
         self._handler: Callable[[Any], None] | None = None
