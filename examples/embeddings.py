@@ -42,8 +42,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SENTENCES = 500
 CALLERS = 32
-WORDS = ("the red fox jumps over a lazy dog while bright stars shine on quiet hills "
-         "and old ships sail past warm harbours full of busy people").split()
+WORDS = ["the", "red", "fox", "jumps", "over", "a", "lazy", "dog", "while", "bright",
+         "stars", "shine", "on", "quiet", "hills", "and", "old", "ships", "sail", "past",
+         "warm", "harbours", "full", "of", "busy", "people"]
 
 
 def load_model() -> Any:

@@ -107,6 +107,20 @@ def test_ml_inference_is_warm_from_the_first_call(tmp_path: Path) -> None:
     cold = number(r"3 cold calls .*median (\d+) ms", output)
     assert warm < cold and first < cold, output
     assert "pool status: 2 agents over 2 processes, calls=21" in output
+    assert "by the worker's main process" in output  # trained once, by preload()
+
+
+def test_embeddings_serves_the_real_model_batched_from_one_copy(tmp_path: Path) -> None:
+    output = run_example("embeddings", cwd=tmp_path, limit=90)
+    assert "a vector of 384 floats" in output
+    throughput = number(r"500 sentences from 32 threads in [\d.]+ s: (\d+) sentences/s",
+                        output)
+    assert throughput > 0
+    batches = number(r"the worker ran (\d+) batches", output)
+    assert batches < 500  # calls were batched together
+    memory = number(r"holds (\d+) MB in all", output)
+    # One copy of the model for the node: a copy per child would be well over 800 MB.
+    assert memory < 800, output
 
 
 def test_state_semantics_and_isolation_patterns(tmp_path: Path) -> None:

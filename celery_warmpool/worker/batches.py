@@ -38,6 +38,7 @@ from ..core.batching import BatchWindow
 from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, WarmPoolError
 from ..core.signal import Signal
 from .handler import CAST_TASK, HANDLE_TASK
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from ..core.spec import PoolSpec
@@ -285,6 +286,8 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
     except Exception as exc:
         outcomes = [exc] * len(items)
     for item, outcome in zip(items, outcomes, strict=True):
+        if outcome is _ANSWERED:
+            continue
         try:
             store(runtime, item, outcome)
         except Exception:
@@ -292,8 +295,12 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
     return len(items)
 
 
+#: An item whose caller was answered already (its batch overran its call_timeout).
+_ANSWERED: Any = object()
+
+
 def _run(runtime: WorkerRuntime, pool: str, items: list[dict[str, Any]]) -> list[Any]:
-    """The outcome of each item: a reply or an error, in order."""
+    """The outcome of each item: a reply, an error, or ``_ANSWERED``; in order."""
     agent_pool = runtime.local_pool(pool)
     outcomes: list[Any] = [None] * len(items)
     events: list[tuple[int, Signal]] = []
@@ -303,33 +310,61 @@ def _run(runtime: WorkerRuntime, pool: str, items: list[dict[str, Any]]) -> list
         except WarmPoolError as exc:
             outcomes[index] = exc
     deadlines = [items[index]["deadline"] for index, _ in events]
-    timeout = (None if None in deadlines
-               else max(0.0, max(deadlines) - time.time()))
+    timeout = None if None in deadlines else max(0.0, max(deadlines) - time.time())
     agent = agent_pool.checkout(timeout=timeout)
-    try:
-        now = time.time()
-        live = []
-        for index, event in events:
-            deadline = items[index]["deadline"]
-            if deadline is not None and deadline < now:
-                outcomes[index] = CheckoutTimeout(
-                    f"pool {pool!r}: no agent came free for the batch in time; the signal "
-                    "was not run", pool, now - deadline, agent_pool.size,
-                    agent_pool.max_overflow)
-            else:
-                live.append((index, event))
-        bounds = [items[index]["call_timeout"] for index, _ in live
-                  if items[index]["call_timeout"] is not None]
-        if live:
-            results = agent_pool.run_timeboxed(
-                agent, lambda: agent_pool.run_batch(agent, [event for _, event in live]),
-                f"a batch of {len(live)} signals", min(bounds) if bounds else None)
-            for (index, _), result in zip(live, results, strict=True):
-                outcomes[index] = result
-    except CallTimeout as exc:  # the agent was abandoned: not checked in
-        return [exc if outcome is None else outcome for outcome in outcomes]
-    except BaseException:
+    live = _in_time(agent_pool, items, events, outcomes)
+    if not live:
         agent_pool.checkin(agent)
-        raise
-    agent_pool.checkin(agent)
+        return outcomes
+    bounds = [items[index]["call_timeout"] for index, _ in live
+              if items[index]["call_timeout"] is not None]
+    with agent_pool.lent(agent) as lease:
+        results = _watched(runtime, agent_pool, agent, [items[index] for index, _ in live],
+                           [event for _, event in live], min(bounds) if bounds else None)
+        lease.abandoned = results is None
+    if results is None:  # it overran: its callers had their CallTimeout at the deadline
+        agent_pool.finish_abandoned(agent)
+        results = [_ANSWERED] * len(live)
+    for (index, _), result in zip(live, results, strict=True):
+        outcomes[index] = result
     return outcomes
+
+
+def _in_time(agent_pool: Any, items: list[dict[str, Any]], events: list[tuple[int, Signal]],
+             outcomes: list[Any]) -> list[tuple[int, Signal]]:
+    """The events still in time; those past their deadline are answered in ``outcomes``."""
+    now = time.time()
+    live = []
+    for index, event in events:
+        deadline = items[index]["deadline"]
+        if deadline is not None and deadline < now:
+            outcomes[index] = CheckoutTimeout(
+                f"pool {agent_pool.name!r}: no agent came free for the batch in time; the "
+                "signal was not run", agent_pool.name, now - deadline, agent_pool.size,
+                agent_pool.max_overflow)
+        else:
+            live.append((index, event))
+    return live
+
+
+def _watched(runtime: WorkerRuntime, agent_pool: Any, agent: Any, items: list[dict[str, Any]],
+             events: list[Signal], bound: float | None) -> list[Any] | None:
+    """Run the batch inline, the watchdog answering its callers if it outlasts ``bound``.
+
+    Returns the outcomes, or ``None`` if it overran (the agent is abandoned).
+    """
+    if bound is None:
+        return list(agent_pool.run_batch(agent, events))
+    watchdog = Watchdog.of_this_process()
+
+    def overran() -> None:
+        error = agent_pool.overran(agent, f"a batch of {len(events)} signals", bound)
+        for item in items:
+            store(runtime, item, error)
+
+    token = watchdog.watch(bound, overran)
+    try:
+        outcomes = list(agent_pool.run_batch(agent, events))
+    finally:
+        in_time = watchdog.done(token)
+    return outcomes if in_time else None
