@@ -301,7 +301,8 @@ class Agent(Generic[StateT]):
 
     def _replied(self, event: Signal, action: Action, result: Any,
                  public: dict[str, Any] | None, started: float) -> AgentReply:
-        reply = AgentReply(
+        # Built from values made here, all of the right types: not validated again.
+        reply = AgentReply.model_construct(
             pool=self.pool_name, agent_id=self.id, node=self.node, pid=os.getpid(),
             signal_id=event.id, signal_type=event.type, action=action.name, result=result,
             state=public, duration=time.perf_counter() - started)

@@ -20,17 +20,18 @@ class AgentReply(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    pool: str | None
+    pool: str | None = None
     agent_id: str
-    node: str | None
+    node: str | None = None
     pid: int
     signal_id: str
     signal_type: str
     action: str
-    result: Any
-    state: dict[str, Any] | None
+    result: Any = None
+    state: dict[str, Any] | None = None
     duration: float
 
     def to_wire(self) -> dict[str, Any]:
-        """The reply as JSON-compatible data (every field already is)."""
-        return dict(self.__dict__)
+        """The reply as JSON-compatible data (every field already is), empty fields left
+        out: a state the pool does not send, say."""
+        return {name: value for name, value in self.__dict__.items() if value is not None}

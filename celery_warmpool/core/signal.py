@@ -14,6 +14,10 @@ from .validation import describe, error_details, json_problem
 __all__ = ["Signal"]
 
 SPECVERSION = "1.0"
+DEFAULT_SOURCE = "/celery_warmpool"
+#: Attributes left out of the wire form when they hold these values.
+_WIRE_DEFAULTS = {"source": DEFAULT_SOURCE, "specversion": SPECVERSION,
+                  "datacontenttype": "application/json"}
 
 
 def _now() -> datetime:
@@ -104,8 +108,17 @@ class Signal(BaseModel):
         return self.model_dump_json(exclude_none=True)
 
     def to_wire(self) -> dict[str, Any]:
-        """The signal as a JSON-compatible mapping, for a task's arguments."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The signal as a JSON-compatible mapping, for a task's arguments.
+
+        Attributes left at their defaults (``specversion``, ``datacontenttype``, the
+        default ``source``) are left out: :meth:`parse` restores them, and every call
+        carries less.
+        """
+        # Compared by hand: pydantic's exclude_defaults would make a new id and time for
+        # every dump, just to compare them.
+        skip = {name for name, default in _WIRE_DEFAULTS.items()
+                if getattr(self, name) == default}
+        return self.model_dump(mode="json", exclude_none=True, exclude=skip)
 
 
 def _invalid(exc: ValidationError, signal_type: str | None) -> InvalidSignal:

@@ -158,7 +158,9 @@ class StatusPublisher:
             self._index = None
 
     def _on_change(self, sender: Any = None, **kwargs: Any) -> None:
-        self._changed.set()
+        # Read first: a checkout and its checkin wake the publisher once, not twice.
+        if not self._changed.is_set():
+            self._changed.set()
 
     def _loop(self, index: int, snapshot: Callable[[], dict[str, Any]],
               after_write: Callable[[], None] | None, stop: threading.Event) -> None:
