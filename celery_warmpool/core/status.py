@@ -60,6 +60,9 @@ class PoolStatus(BaseModel):
     checked_out: int
     waiting: int
     replacing: int = 0
+    #: Per node: the messages of the pool's queue it holds (running or reserved), and the
+    #: most it may hold (its window). Empty in one process's status.
+    reservations: dict[str, tuple[int, int]] = Field(default_factory=dict)
     counters: PoolCounters = Field(default_factory=PoolCounters)
     last_error: str | None = None
     node: str | None = None
@@ -67,6 +70,16 @@ class PoolStatus(BaseModel):
     process_index: int | None = None
     updated_at: float | None = None
     processes: list[PoolStatus] = Field(default_factory=list)
+
+    @property
+    def taken(self) -> int:
+        """Messages of the pool's queue held by the nodes (running or reserved)."""
+        return sum(taken for taken, _ in self.reservations.values())
+
+    @property
+    def window(self) -> int:
+        """The most messages of the pool's queue the nodes may hold."""
+        return sum(window for _, window in self.reservations.values())
 
     @property
     def alive(self) -> int:
@@ -79,7 +92,9 @@ class PoolStatus(BaseModel):
         by_node: dict[str, list[PoolStatus]] = {}
         for process in self.processes or [self]:
             by_node.setdefault(process.node or "", []).append(process)
-        return {node: PoolStatus.combine(self.pool, parts, node=node or None)
+        return {node: PoolStatus.combine(self.pool, parts, node=node or None).model_copy(
+                    update={"reservations": {name: reserved for name, reserved
+                                             in self.reservations.items() if name == node}})
                 for node, parts in by_node.items()}
 
     @classmethod
@@ -93,10 +108,13 @@ class PoolStatus(BaseModel):
         total = {name: sum(getattr(leaf, name) for leaf in leaves) for name in (
             "size", "max_overflow", "available", "overflow", "checked_out", "waiting",
             "replacing")}
+        reservations = {node_name: reserved for part in parts
+                        for node_name, reserved in part.reservations.items()}
         errors = [leaf.last_error for leaf in leaves if leaf.last_error]
         return cls(
             pool=pool, state=_combined_state(leaves), counters=counters,
-            last_error=errors[-1] if errors else None, node=node, processes=leaves, **total)
+            last_error=errors[-1] if errors else None, node=node, processes=leaves,
+            reservations=reservations, **total)
 
 
 def _combined_state(leaves: list[PoolStatus]) -> PoolState:

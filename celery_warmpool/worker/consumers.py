@@ -208,6 +208,11 @@ class PoolConsumers(bootsteps.StartStopStep):
             except Exception:
                 logger.exception("pool queue %s: could not update its window", queue.name)
 
+    def reservations(self) -> dict[str, tuple[int, int]]:
+        """Per pool: the messages of its queue this node holds, and its window."""
+        return {queue.spec.name: (len(self.held(queue)), queue.window)
+                for queue in self.queues.values()}
+
     def held(self, queue: PoolQueue) -> list[tuple[Any, Any]]:
         """``(channel, consumer tag)`` of every message of ``queue`` this node holds."""
         held = queue.batches.held() if queue.batches is not None else []

@@ -241,6 +241,11 @@ class WorkerRuntime:
                 by_pool.setdefault(status.pool, []).append(status)
         combined = {name: PoolStatus.combine(name, parts, node=self.node)
                     for name, parts in by_pool.items()}
+        if self.consumers is not None:
+            for name, (taken, window) in self.consumers.reservations().items():
+                if name in combined:
+                    combined[name] = combined[name].model_copy(
+                        update={"reservations": {self.node or "": (taken, window)}})
         for name, count in self._node_dead_lettered.items():
             if name in combined:
                 status = combined[name]
