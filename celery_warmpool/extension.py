@@ -19,6 +19,7 @@ from celery import Celery, Task
 from .client.calls import PoolClient, SignalLike
 from .client.dead_letters import DeadLetters
 from .client.delivery import make_results_resilient
+from .client.membership import NodeRecord
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
 from .core.agent import Agent
@@ -124,6 +125,10 @@ class WarmPool:
     def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
         """``pool``'s status over every node hosting it; see :meth:`StatusReader.status`."""
         return self.status_reader.status(pool, timeout=timeout)
+
+    def nodes(self, pool: str | None = None, timeout: float = 1.0) -> list[NodeRecord]:
+        """The live nodes hosting ``pool``; see :meth:`StatusReader.nodes`."""
+        return self.status_reader.nodes(pool, timeout=timeout)
 
     def local_pool(self, pool: str) -> AgentPool[Agent[Any]]:
         """The pool ``pool`` in this process (built on first use outside a worker)."""

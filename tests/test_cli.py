@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from celery_warmpool.core.status import PoolCounters, PoolStatus
-from celery_warmpool.ops.cli import render_status_json, render_status_table
 from celery_warmpool.ops.processes import WorkerProcess
+from celery_warmpool.ops.tables import render_status_json, render_status_table
 from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT
 
 INCREMENT = {"type": "counter.increment", "data": {"by": 1}}

@@ -1,20 +1,39 @@
-"""Reading pool status from the worker nodes that host the pools."""
+"""Reading pool status from the worker nodes that host the pools.
+
+With membership records (see :mod:`.membership`) the live nodes are asked by name, and the
+answer is complete as soon as each has answered: a node that is recorded but does not
+answer within the timeout is reported as not answering, not left out. Without them every
+node is asked and the whole timeout is waited out.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..configuration import PoolConfiguration
 from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
 from .delivery import Delivery
+from .membership import Membership, NodeRecord
 
-__all__ = ["StatusReader"]
+__all__ = ["StatusReader", "StatusReport"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StatusReport:
+    """What the nodes said, by pool, and who was asked but did not answer."""
+
+    pools: dict[str, list[PoolStatus]] = field(default_factory=dict)
+    #: Nodes that are recorded as alive (hosting the pool asked about) and did not answer.
+    not_answering: list[NodeRecord] = field(default_factory=list)
+    #: Whether the nodes to ask came from membership records (else: whoever answered).
+    from_membership: bool = False
 
 
 class StatusReader:
@@ -24,45 +43,104 @@ class StatusReader:
         self.app = app
         self.configuration = configuration
         self.delivery = Delivery(app)
+        self.membership = Membership(app)
 
     def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
         """``pool``'s status summed over every node that hosts it, per node inside.
+
+        Recorded nodes that did not answer are listed in ``not_answering``.
 
         Raises:
             UnknownPool: the pool is not configured, or no worker answered for it.
             BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
         self.configuration.spec(pool)
-        parts = self.collect(pool, timeout=timeout).get(pool, [])
+        report = self.report(pool, timeout=timeout)
+        parts = report.pools.get(pool, [])
+        silent = [record.node for record in report.not_answering]
         if not parts:
-            raise UnknownPool(f"no worker hosting pool {pool!r} answered within {timeout}s",
-                              pool)
-        return PoolStatus.combine(pool, parts)
+            why = f" (recorded but silent: {', '.join(silent)})" if silent else ""
+            raise UnknownPool(f"no worker hosting pool {pool!r} answered within "
+                              f"{timeout}s{why}", pool)
+        return PoolStatus.combine(pool, parts).model_copy(update={"not_answering": silent})
+
+    def nodes(self, pool: str | None = None, timeout: float = 1.0) -> list[NodeRecord]:
+        """The live nodes hosting ``pool`` (every pool, if ``None``), by name.
+
+        From membership records; without them, from the nodes that answer a status
+        broadcast within ``timeout``.
+        """
+        if pool is not None:
+            self.configuration.spec(pool)
+        live = self.membership.live(pool)
+        if live is not None:
+            return live
+        return [NodeRecord(node=node, pools=sorted(pools), execution_pool="unknown",
+                           started_at=0.0, pid=0)
+                for node, pools in sorted(self._answering(pool, timeout).items())]
 
     def collect(self, pool: str | None = None, timeout: float = 1.0,
                 destination: Sequence[str] | None = None) -> dict[str, list[PoolStatus]]:
         """Every node's status of ``pool`` (or of all pools), by pool name.
 
-        With ``destination`` (node names) only those nodes are asked, and the wait ends
-        as soon as each has answered.
+        Raises:
+            BrokerUnavailable: the broker could not be reached within ``timeout``.
+        """
+        return self.report(pool, timeout, destination).pools
+
+    def report(self, pool: str | None = None, timeout: float = 1.0,
+               destination: Sequence[str] | None = None) -> StatusReport:
+        """What the nodes say of ``pool`` (or of all pools), and who did not answer.
+
+        Only the nodes in ``destination`` are asked if it is given; else the live nodes
+        from membership records, if there are any. Either way the wait ends as soon as
+        each has answered.
 
         Raises:
             BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
+        records: dict[str, NodeRecord] = {}
         nodes = list(destination) if destination else None
-        replies = self.delivery.publish(
-            lambda: self.app.control.broadcast(
-                "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
-                destination=nodes, limit=len(nodes) if nodes else None),
-            time.monotonic() + timeout, timeout)
-        found: dict[str, list[PoolStatus]] = {}
-        for reply in replies or []:
-            for node, report in reply.items():
-                if not isinstance(report, dict):
+        if nodes is None:
+            live = self.membership.live(pool)
+            if live is not None:
+                records = {record.node: record for record in live}
+                nodes = list(records)
+                if not nodes:
+                    return StatusReport(from_membership=True)
+        replies = self._broadcast(pool, timeout, nodes)
+        report = StatusReport(from_membership=bool(records))
+        answered = set()
+        for reply in replies:
+            for node, answer in reply.items():
+                if not isinstance(answer, dict):
                     # A worker of another app on the same broker, which has no such
                     # command, answers with an error text.
-                    logger.debug("node %s gave no pool status: %r", node, report)
+                    logger.debug("node %s gave no pool status: %r", node, answer)
                     continue
-                for name, data in report.items():
-                    found.setdefault(name, []).append(PoolStatus.model_validate(data))
-        return found
+                answered.add(node)
+                for name, data in answer.items():
+                    report.pools.setdefault(name, []).append(PoolStatus.model_validate(data))
+        report.not_answering = [records.get(node) or _unrecorded(node)
+                                for node in nodes or () if node not in answered]
+        return report
+
+    def _broadcast(self, pool: str | None, timeout: float,
+                   nodes: list[str] | None) -> list[dict[str, Any]]:
+        replies: list[dict[str, Any]] = self.delivery.publish(
+            lambda: self.app.control.broadcast(
+                "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
+                destination=nodes, limit=len(nodes) if nodes else None) or [],
+            time.monotonic() + timeout, timeout)
+        return replies
+
+    def _answering(self, pool: str | None, timeout: float) -> dict[str, set[str]]:
+        pools: dict[str, set[str]] = {}
+        for name, statuses in self.report(pool, timeout).pools.items():
+            for status in statuses:
+                pools.setdefault(status.node or "", set()).add(name)
+        return pools
+
+
+def _unrecorded(node: str) -> NodeRecord:
+    return NodeRecord(node=node, pools=[], execution_pool="unknown", started_at=0.0, pid=0)

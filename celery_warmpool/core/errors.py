@@ -158,3 +158,12 @@ class BrokerUnavailable(WarmPoolError):
         super().__init__(message, url, waited)
         self.url = url
         self.waited = waited
+
+
+class HandedBack(PoolError):
+    """The pool gives its waiting callers back: its node is draining or shutting down.
+
+    Raised to a caller queued for an agent when :meth:`AgentPool.hand_back` is called,
+    and to checkouts that would wait after it: a worker puts their messages back on the
+    broker for other nodes to serve.
+    """

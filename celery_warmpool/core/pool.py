@@ -24,6 +24,7 @@ from .batching import Batcher
 from .errors import (
     CallTimeout,
     CheckoutTimeout,
+    HandedBack,
     NotCheckedOut,
     PoolClosed,
     PoolError,
@@ -186,6 +187,7 @@ class AgentPool(Generic[AgentT]):
         self._batchers: dict[int, Batcher] = {}
         self._started = False
         self._closed = False
+        self._handing_back = False
         self._monitor: PoolMonitor | None = None
         # Precomputed so the common paths test one attribute, not several options.
         self._vetting = (self.options.max_age is not None
@@ -563,6 +565,80 @@ class AgentPool(Generic[AgentT]):
             for name in names:
                 self._counts[name] += 1
 
+    # -- changing size, handing back -----------------------------------------------------
+
+    def resize(self, size: int | None = None, max_overflow: int | None = None) -> None:
+        """Change ``size`` and ``max_overflow`` while the pool serves.
+
+        New base agents are built (warm) in the background and count once warm; surplus
+        idle agents close now, checked-out surplus ones when they come back.
+
+        Raises:
+            ConfigurationError: the new values are invalid; nothing changed.
+        """
+        options = validate_options(self.name, {
+            **self.options.model_dump(),
+            **({} if size is None else {"size": size}),
+            **({} if max_overflow is None else {"max_overflow": max_overflow})})
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed", self.name)
+            self.options, self.size, self.max_overflow = (
+                options, options.size, options.max_overflow)
+            missing = self.size - self._base_count_locked()
+            if missing > 0:
+                self._replacing += missing
+            surplus = self._surplus_idle_locked()
+        for index in range(max(missing, 0)):
+            self._spawn(self._rebuild, None, "resize",
+                        name=f"warmpool-{self.name}-grow-{index}")
+        for slot in surplus:
+            self._dismiss(slot, idle=self._clock() - slot.returned)
+        logger.info("pool %r resized to size=%d max_overflow=%d", self.name, self.size,
+                    self.max_overflow)
+
+    def hand_back(self) -> int:
+        """Give every queued caller :class:`HandedBack`, and every later one that would
+        wait; agents in use finish their work. Returns how many callers were queued."""
+        with self._lock:
+            self._handing_back = True
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = HandedBack(
+                    f"pool {self.name!r} is handing its waiting calls back: its node takes "
+                    "no more work", self.name)
+                waiter.wake()
+        return len(waiters)
+
+    def resume(self) -> None:
+        """Queue callers again after :meth:`hand_back`."""
+        with self._lock:
+            self._handing_back = False
+
+    def _base_count_locked(self) -> int:
+        """Base agents alive or being built."""
+        return len(self._slots) - self._overflow + self._replacing
+
+    def _surplus_idle_locked(self) -> list[_Slot]:
+        """Take idle agents beyond the size (and overflow beyond max_overflow) out."""
+        surplus: list[_Slot] = []
+        base_extra = self._base_count_locked() - self.size
+        overflow_extra = self._overflow - self.max_overflow
+        for slot in list(self._idle):
+            extra = overflow_extra if slot.overflow else base_extra
+            if extra <= 0:
+                continue
+            self._idle.remove(slot)
+            self._remove_locked(slot)
+            self._counts["dismissed"] += 1
+            surplus.append(slot)
+            if slot.overflow:
+                overflow_extra -= 1
+            else:
+                base_extra -= 1
+        return surplus
+
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> PoolStatus:
@@ -623,6 +699,9 @@ class AgentPool(Generic[AgentT]):
             return _BUILD
         if count_exhausted:
             self._counts["exhausted"] += 1
+        if self._handing_back:
+            raise HandedBack(f"pool {self.name!r} is handing its waiting calls back: its "
+                             "node takes no more work", self.name)
         if not block:
             return _EXHAUSTED
         waiter = _Waiter()
@@ -784,6 +863,8 @@ class AgentPool(Generic[AgentT]):
     def _retire_reason(self, slot: _Slot) -> str | None:
         if self._closed:
             return CLOSED
+        if self._surplus_locked(slot):
+            return DISMISSED
         if slot.agent.broken is not None:
             return f"broken: {type(slot.agent.broken).__name__}: {slot.agent.broken}"
         if self._recycling:
@@ -794,12 +875,18 @@ class AgentPool(Generic[AgentT]):
                 return f"max_age={max_age}s reached"
         return None
 
+    def _surplus_locked(self, slot: _Slot) -> bool:
+        """Whether a returned agent is one more than the (resized) pool keeps."""
+        if slot.overflow:
+            return self._overflow > self.max_overflow
+        return self._base_count_locked() > self.size
+
     def _retire_locked(self, slot: _Slot, reason: str) -> str:
         """Take a slot out of the pool for good; say what becomes of it (see CLOSED)."""
         self._remove_locked(slot)
         if self._closed:
             return CLOSED
-        if slot.overflow:
+        if slot.overflow or reason == DISMISSED:
             self._counts["dismissed"] += 1
             return DISMISSED
         self._replacing += 1
@@ -912,7 +999,8 @@ class AgentPool(Generic[AgentT]):
                 continue
             with self._lock:
                 self._replacing -= 1
-                placed = not self._closed
+                # Not placed if the pool closed, or shrank while this agent was built.
+                placed = not self._closed and self._base_count_locked() < self.size
                 if placed:
                     self._place_locked(slot)
             if not placed:

@@ -63,6 +63,8 @@ class PoolStatus(BaseModel):
     #: Per node: the messages of the pool's queue it holds (running or reserved), and the
     #: most it may hold (its window). Empty in one process's status.
     reservations: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    #: Nodes recorded as hosting the pool that did not answer (in an aggregate).
+    not_answering: list[str] = Field(default_factory=list)
     counters: PoolCounters = Field(default_factory=PoolCounters)
     last_error: str | None = None
     node: str | None = None

@@ -38,9 +38,9 @@ from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.status import PoolStatus
 from ..extension import WarmPool
-from ..ops.cli import render_status_table
 from ..ops.embedded import is_embedded
 from ..ops.processes import WorkerProcess
+from ..ops.tables import render_status_table
 
 __all__ = ["main"]
 

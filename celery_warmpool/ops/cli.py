@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -37,115 +37,23 @@ from celery.bin.base import (
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 
-from ..client.dead_letters import DeadLetter
+from ..client.status import StatusReport
 from ..core.errors import BrokerUnavailable, UnknownPool
-from ..core.status import PoolStatus
-
-__all__ = ["render_status_json", "render_status_table", "status_report", "warmpool"]
-
-#: The table's columns after the node / process one: header and how to read the value.
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("state", "state"),
-    ("size", "size"),
-    ("available", "available"),
-    ("checked out", "checked_out"),
-    ("overflow", "overflow"),
-    ("waiting", "waiting"),
-    ("checkouts", "counters.checkouts"),
-    ("timeouts", "counters.timeouts"),
-    ("replacements", "counters.replacements"),
-    ("failures", "counters.failures"),
+from .tables import (
+    render_dead_letters,
+    render_not_answering,
+    render_status_json,
+    render_status_table,
 )
 
-
-#: Fields that describe one process, empty on a node's or a pool's total.
-PROCESS_FIELDS = {"pid", "process_index", "updated_at"}
-
-
-def _value(status: PoolStatus, path: str) -> str:
-    found: Any = status
-    for name in path.split("."):
-        found = getattr(found, name)
-    return str(found)
-
-
-def _rows(status: PoolStatus) -> list[tuple[str, PoolStatus]]:
-    """The table's rows for one pool: each node, its processes under prefork, a total."""
-    nodes = status.nodes
-    rows: list[tuple[str, PoolStatus]] = []
-    for name in sorted(nodes):
-        node = nodes[name]
-        rows.append((name or "(this process)", node))
-        # Prefork children report their slot; threads and solo hold one process per node.
-        for process in sorted(node.processes, key=lambda leaf: leaf.process_index or 0):
-            if process.process_index is not None:
-                rows.append((f"  process {process.process_index} (pid {process.pid})",
-                             process))
-    if len(nodes) > 1:
-        rows.append(("total", status))
-    return rows
-
-
-def _table(rows: Sequence[tuple[str, PoolStatus]]) -> list[str]:
-    headers = ["node / process", *(header for header, _ in COLUMNS)]
-    cells = [[label, *(_value(status, path) for _, path in COLUMNS)]
-             for label, status in rows]
-    widths = [max(len(line[column]) for line in [headers, *cells])
-              for column in range(len(headers))]
-    text_columns = {0, 1}  # labels and states read left to right; numbers align right
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(value.ljust(width) if column in text_columns else value.rjust(width)
-                         for column, (value, width) in enumerate(zip(values, widths,
-                                                                     strict=True))).rstrip()
-
-    return [line(headers), *(line(values) for values in cells)]
-
-
-def render_status_table(report: Mapping[str, Iterable[PoolStatus]]) -> str:
-    """The status of each pool as text tables, one per pool, sorted by pool name.
-
-    ``report`` maps a pool's name to its statuses as nodes report them (what
-    :meth:`StatusReader.collect` returns). Each table has a row per node, a row per
-    process under prefork, and a total row when more than one node hosts the pool.
-    """
-    blocks: list[str] = []
-    for name in sorted(report):
-        status = PoolStatus.combine(name, report[name])
-        nodes = len(status.nodes)
-        heading = (f"pool {name}: {status.state}, {status.available} of {status.alive} "
-                   f"agents available, {nodes} {'node' if nodes == 1 else 'nodes'}")
-        lines = [heading, *(f"  {line}" for line in _table(_rows(status)))]
-        failing = [leaf for leaf in status.processes or [status] if leaf.last_error]
-        if failing:
-            # The most recent report last, with where it came from, so it can be acted on.
-            leaf = failing[-1]
-            where = ", ".join(part for part in (leaf.node, leaf.pid and f"pid {leaf.pid}")
-                              if part)
-            lines.append(f"  last error{f' ({where})' if where else ''}: {leaf.last_error}")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n" if blocks else ""
-
-
-def render_status_json(report: Mapping[str, Iterable[PoolStatus]]) -> dict[str, Any]:
-    """The status of each pool as JSON data: totals, then each node with its processes."""
-    document: dict[str, Any] = {}
-    for name in sorted(report):
-        status = PoolStatus.combine(name, report[name])
-        nodes = status.nodes
-        document[name] = {
-            **status.model_dump(mode="json", exclude={"processes", "node", *PROCESS_FIELDS}),
-            "nodes": {node: nodes[node].model_dump(mode="json", exclude=PROCESS_FIELDS)
-                      for node in sorted(nodes)},
-        }
-    return document
-
+__all__ = ["status_report", "warmpool"]
 
 def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
-                  destination: Sequence[str] | None = None) -> dict[str, list[PoolStatus]]:
-    """Every answering node's status of ``pool`` (or of every pool), by pool name.
+                  destination: Sequence[str] | None = None) -> StatusReport:
+    """Every answering node's status of ``pool`` (or of every pool), and silent nodes.
 
-    With ``destination`` only the named nodes are asked.
+    With ``destination`` only the named nodes are asked; else the live nodes from the
+    membership records, if there are any.
 
     Raises:
         click.BadParameter: ``pool`` is not one of the app's pools.
@@ -159,13 +67,14 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
         except UnknownPool as exc:
             raise click.BadParameter(str(exc), param_hint="'--pool'") from None
     try:
-        report: dict[str, list[PoolStatus]] = warm.status_reader.collect(
-            pool, timeout=timeout, destination=destination)
+        report: StatusReport = warm.status_reader.report(pool, timeout, destination)
     except BrokerUnavailable as exc:
         raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
-    if not report:
+    if not report.pools:
         hosting = f"hosting pool {pool!r} " if pool else "with warm pools "
-        among = f" (asked: {', '.join(destination)})" if destination else ""
+        silent = [record.node for record in report.not_answering]
+        among = (f" (asked: {', '.join(destination)})" if destination
+                 else f" (recorded but silent: {', '.join(silent)})" if silent else "")
         raise CeleryCommandException(
             message=f"no worker {hosting}answered within {timeout}s{among}",
             exit_code=EX_UNAVAILABLE)
@@ -222,12 +131,18 @@ def status(ctx: click.Context, pool: str | None, as_json: bool, watch: float | N
         return
 
 
-def _print_status(cli: CLIContext, report: Mapping[str, Iterable[PoolStatus]],
-                  as_json: bool) -> None:
+def _print_status(cli: CLIContext, report: StatusReport, as_json: bool) -> None:
     if as_json:
-        cli.echo(json.dumps(render_status_json(report), sort_keys=True))
-    else:
-        cli.echo(render_status_table(report), nl=False)
+        document = render_status_json(report.pools)
+        for record in report.not_answering:
+            for name in record.pools:
+                if name in document:
+                    document[name].setdefault("not_answering", []).append(record.node)
+        cli.echo(json.dumps(document, sort_keys=True))
+        return
+    cli.echo(render_status_table(report.pools), nl=False)
+    if report.not_answering:
+        cli.echo(render_not_answering(report.not_answering), nl=False)
 
 
 def _warm_pool_of(app: Celery) -> Any:
@@ -237,21 +152,6 @@ def _warm_pool_of(app: Celery) -> Any:
             message=f"the app {app.main!r} has no warm pools: create WarmPool(app) in the "
                     "module given to -A", exit_code=EX_UNAVAILABLE)
     return warm
-
-
-def render_dead_letters(letters: Sequence[DeadLetter]) -> str:
-    """Dead letters as a table, oldest first: when, task, signal, attempts, error."""
-    headers = ("dead at", "task", "signal", "attempts", "node", "error")
-    rows = [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.dead_at)),
-             letter.task_id or "-", str(letter.signal.get("type")), str(letter.attempts),
-             letter.node or "-", f"{letter.error_type}: {letter.error}")
-            for letter in letters]
-    widths = [max(len(line[column]) for line in [headers, *rows])
-              for column in range(len(headers) - 1)]
-    lines = ["  ".join([*(value.ljust(width) for value, width in zip(line, widths,
-                                                                    strict=False)),
-                        line[-1]]).rstrip() for line in [headers, *rows]]
-    return "\n".join(lines) + "\n"
 
 
 @warmpool.command(name="dead-letters", cls=CeleryCommand)

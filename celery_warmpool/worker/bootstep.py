@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
 
+from ..client.membership import Membership
 from ..ops import metrics
+from .heartbeat import Heartbeat
 from .late_calls import LateCalls
 from .stats import worker_stats
 
@@ -68,6 +70,7 @@ class WarmPoolStep(bootsteps.StartStopStep):
             worker.app.conf.worker_proc_alive_timeout = wanted
         # Before the fork, so that prefork children record metrics too.
         self.metrics = metrics.exporter_for(runtime)
+        self.heartbeat: Heartbeat | None = None
         signals.worker_shutdown.connect(_close_after_drain(runtime), weak=False)
         super().__init__(worker, **kwargs)
 
@@ -83,6 +86,9 @@ class WarmPoolStep(bootsteps.StartStopStep):
             LateCalls(worker.app).start(worker.timer)
         if self.metrics is not None:
             self.metrics.start()
+        if runtime.process_specs:
+            self.heartbeat = Heartbeat(Membership(worker.app), runtime.node_record)
+            self.heartbeat.start()
         logger.info("warm pools ready on %s in %.2fs: %s", runtime.node,
                     time.monotonic() - started,
                     ", ".join(sorted(runtime.process_specs)) or "none")
@@ -90,15 +96,21 @@ class WarmPoolStep(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         # Warm shutdown: this step stops before the execution pool has drained, and
         # tasks still running or waiting need their agents. The pools close at
-        # worker_shutdown, sent once the pool has stopped (see __init__).
-        if self.metrics is not None:
-            self.metrics.stop()
+        # worker_shutdown, sent once the pool has stopped (see __init__). The node leaves
+        # membership now: it takes no more work.
+        self._leave()
 
     def terminate(self, worker: Any) -> None:
         # Cold shutdown: running tasks are being killed anyway; close the pools now.
+        self._leave()
+        _runtime(worker).stop_process()
+
+    def _leave(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
         if self.metrics is not None:
             self.metrics.stop()
-        _runtime(worker).stop_process()
 
     def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]
         return worker_stats(_runtime(worker))

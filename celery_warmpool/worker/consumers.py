@@ -208,6 +208,10 @@ class PoolConsumers(bootsteps.StartStopStep):
             except Exception:
                 logger.exception("pool queue %s: could not update its window", queue.name)
 
+    def capacities(self) -> dict[str, int]:
+        """Per pool: the calls this node runs at once, now."""
+        return {queue.spec.name: queue.capacity for queue in self.queues.values()}
+
     def reservations(self) -> dict[str, tuple[int, int]]:
         """Per pool: the messages of its queue this node holds, and its window."""
         return {queue.spec.name: (len(self.held(queue)), queue.window)

@@ -11,12 +11,14 @@ through the status board, which answers the ``warmpool_status`` command from the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from typing import Any
 
 from ..client.dead_letters import DeadLetter, DeadLetters
+from ..client.membership import NodeRecord
 from ..configuration import PoolConfiguration
 from ..core.agent import Agent
 from ..core.errors import UnknownPool
@@ -47,6 +49,7 @@ class WorkerRuntime:
         self.dead_letters = dead_letters
         # Set in the worker's main process by prepare(); inherited by children on fork.
         self.node: str | None = None
+        self.started_at = 0.0
         self.execution: ExecutionModel | None = None
         self.process_specs: dict[str, PoolSpec] = {}
         self.board: StatusBoard | None = None
@@ -73,6 +76,7 @@ class WorkerRuntime:
     def prepare(self, worker: Any, hosted: str | None = None) -> None:
         """Decide what this node hosts and how; make the children's status board."""
         self.node = worker.hostname
+        self.started_at = time.time()
         self.execution = execution_model_of(worker.pool_cls)
         autoscale = tuple(worker.autoscale) if getattr(worker, "autoscale", None) else None
         # Under --autoscale=max,min the worker starts min children: size is compared with
@@ -214,6 +218,16 @@ class WorkerRuntime:
             pools.dead_lettered[pool] += 1
         else:
             self._node_dead_lettered[pool] += 1
+
+    def node_record(self) -> NodeRecord:
+        """What this node says of itself in its membership record."""
+        assert self.execution is not None
+        capacity = (self.consumers.capacities() if self.consumers is not None
+                    else {name: spec.size + spec.max_overflow
+                          for name, spec in self.process_specs.items()})
+        return NodeRecord(node=self.node or "", pools=sorted(self.process_specs),
+                          execution_pool=self.execution.name, capacity=capacity,
+                          started_at=self.started_at, pid=os.getpid())
 
     # -- what the node reports ---------------------------------------------------------
 
