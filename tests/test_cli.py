@@ -99,7 +99,7 @@ def leaf(node: str, pid: int, index: int | None, **numbers: Any) -> PoolStatus:
 def test_celery_help_lists_the_warmpool_command():
     result = celery("--help", app="")
     assert result.returncode == 0
-    assert "warmpool  Warm agent pools: status and dead letters." in result.stdout
+    assert "warmpool  Warm agent pools: status, resize, drain, dead letters." in result.stdout
     assert celery("warmpool", "status", "--help", app="").returncode == 0
 
 

@@ -8,6 +8,8 @@ appears in ``celery --help``::
     celery -A proj warmpool status --json           # for machines
     celery -A proj warmpool status --watch 2        # refresh every 2 s until Ctrl-C
     celery -A proj warmpool status -d w1@host       # only these nodes (comma separated)
+    celery -A proj warmpool resize search --size 4  # a new size on every node hosting it
+    celery -A proj warmpool drain search -d w1@host # take a node out without losing a call
     celery -A proj warmpool dead-letters search     # casts that could not succeed
     celery -A proj warmpool dead-letters search --replay   # cast them again
     celery -A proj warmpool dead-letters search --purge    # drop them
@@ -83,7 +85,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
 
 @click.group(name="warmpool")
 def warmpool(**kwargs: Any) -> None:
-    """Warm agent pools: status and dead letters."""
+    """Warm agent pools: status, resize, drain, dead letters."""
 
 
 @warmpool.command(cls=CeleryCommand)
@@ -197,3 +199,127 @@ def dead_letters(ctx: click.Context, pool: str, as_json: bool, replay: bool, pur
         raise CeleryCommandException(
             message=f"could not reach the broker {warm.status_reader.delivery.broker_url}: "
                     f"{type(exc).__name__}: {exc}", exit_code=EX_UNAVAILABLE) from None
+
+
+def _nodes_for(warm: Any, pool: str, destination: list[str] | None) -> list[str] | None:
+    """The nodes to send a pool's command to: those given, else the live hosts of the pool
+    (membership), else ``None`` (every node)."""
+    if destination:
+        return destination
+    live = warm.status_reader.membership.live(pool)
+    return None if live is None else [record.node for record in live]
+
+
+def _command(cli: CLIContext, warm: Any, name: str, pool: str, arguments: dict[str, Any],
+             destination: list[str] | None, timeout: float) -> dict[str, dict[str, Any]]:
+    """Send a control command about ``pool``; print and return each node's answer."""
+    try:
+        warm.spec(pool)
+    except UnknownPool as exc:
+        raise click.BadParameter(str(exc), param_hint="'POOL'") from None
+    nodes = _nodes_for(warm, pool, destination)
+    if nodes == []:
+        raise CeleryCommandException(message=f"no live node hosts pool {pool!r}",
+                                     exit_code=EX_UNAVAILABLE)
+    try:
+        replies = warm.status_reader.delivery.publish(
+            lambda: cli.app.control.broadcast(
+                name, arguments={"pool": pool, **arguments}, reply=True, timeout=timeout,
+                destination=nodes, limit=len(nodes) if nodes else None) or [],
+            time.monotonic() + timeout, timeout)
+    except BrokerUnavailable as exc:
+        raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
+    answers = {node: answer for reply in replies for node, answer in reply.items()
+               if isinstance(answer, dict)}
+    if not answers:
+        raise CeleryCommandException(
+            message=f"no worker hosting pool {pool!r} answered within {timeout}s",
+            exit_code=EX_UNAVAILABLE)
+    for node in sorted(answers):
+        answer = answers[node]
+        cli.echo(f"{node}: {answer['ok']}" if "ok" in answer
+                 else f"{node}: refused: {answer.get('error')}")
+    for node in sorted(set(nodes or ()) - set(answers)):
+        cli.echo(f"{node}: no answer within {timeout}s")
+    return answers
+
+
+@warmpool.command(cls=CeleryCommand)
+@click.argument("pool")
+@click.option("-s", "--size", cls=CeleryOption, type=click.IntRange(min=1), required=True,
+              help_group="Resize Options", help="The pool's new size on each node.")
+@click.option("-m", "--max-overflow", cls=CeleryOption, type=click.IntRange(min=0),
+              default=None, help_group="Resize Options",
+              help="The pool's new max_overflow (threads, gevent, eventlet).")
+@click.option("-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST,
+              default=None, help_group="Resize Options",
+              help="Comma separated list of nodes (default: every node hosting POOL).")
+@click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(min=0.0),
+              default=2.0, help_group="Resize Options",
+              help="Seconds to wait for nodes to answer.")
+@click.pass_context
+@handle_preload_options
+def resize(ctx: click.Context, pool: str, size: int, max_overflow: int | None,
+           destination: list[str] | None, timeout: float, **kwargs: Any) -> None:
+    """Change a pool's size on its nodes while they serve (prefork: the children)."""
+    cli: CLIContext = ctx.obj
+    answers = _command(cli, _warm_pool_of(cli.app), "warmpool_resize", pool,
+                       {"size": size, "max_overflow": max_overflow}, destination, timeout)
+    if any("ok" not in answer for answer in answers.values()):
+        ctx.exit(1)
+
+
+@warmpool.command(cls=CeleryCommand)
+@click.argument("pool")
+@click.option("-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST,
+              default=None, help_group="Drain Options",
+              help="Comma separated list of nodes (default: every node hosting POOL).")
+@click.option("--resume", cls=CeleryOption, is_flag=True, help_group="Drain Options",
+              help="Take the pool's work again.")
+@click.option("--wait/--no-wait", cls=CeleryOption, default=True, help_group="Drain Options",
+              help="Wait until the pool is idle on those nodes (the default).")
+@click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(min=0.0),
+              default=300.0, help_group="Drain Options",
+              help="Seconds to wait for the pool to be idle.")
+@click.pass_context
+@handle_preload_options
+def drain(ctx: click.Context, pool: str, destination: list[str] | None, resume: bool,
+          wait: bool, timeout: float, **kwargs: Any) -> None:
+    """Stop nodes taking a pool's work, let running work finish, say when it is idle."""
+    cli: CLIContext = ctx.obj
+    warm = _warm_pool_of(cli.app)
+    answers = _command(cli, warm, "warmpool_drain", pool, {"resume": resume}, destination,
+                       min(timeout, 5.0))
+    draining = sorted(node for node, answer in answers.items() if "ok" in answer)
+    if resume or not wait or not draining:
+        if len(draining) < len(answers):
+            ctx.exit(1)
+        return
+    if not _wait_until_idle(cli, warm, pool, draining, timeout):
+        ctx.exit(1)
+
+
+def _wait_until_idle(cli: CLIContext, warm: Any, pool: str, nodes: list[str],
+                     timeout: float) -> bool:
+    """Report each node's work left for ``pool`` until none holds any; False on timeout."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, int] = {}
+    while True:
+        busy: dict[str, int] = {}
+        for status in warm.status_reader.collect(pool, timeout=2.0, destination=nodes).get(
+                pool, []):
+            node = status.node or ""
+            taken = status.reservations.get(node, (0, 0))[0]
+            busy[node] = max(taken, status.checked_out)
+        for node in nodes:
+            left = busy.get(node)
+            if left is not None and left != last.get(node):
+                cli.echo(f"{node}: pool {pool!r} is idle: the node can be stopped"
+                         if left == 0 else f"{node}: {left} calls of pool {pool!r} left")
+                last[node] = left
+        if all(busy.get(node) == 0 for node in nodes):
+            return True
+        if time.monotonic() >= deadline:
+            cli.error(f"pool {pool!r} was not idle on every node within {timeout:g}s")
+            return False
+        time.sleep(0.5)

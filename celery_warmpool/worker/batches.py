@@ -35,7 +35,7 @@ from celery.worker import state as worker_state
 
 from ..core.action import BatchAction
 from ..core.batching import BatchWindow
-from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, WarmPoolError
+from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, HandedBack, WarmPoolError
 from ..core.signal import Signal
 from .handler import CAST_TASK, HANDLE_TASK
 from .watchdog import Watchdog
@@ -229,6 +229,11 @@ class PoolBatches:
         if isinstance(outcome, BaseException):  # a threads pool hands errors over here
             self._lost(job, outcome)
             return
+        if outcome == HANDED_BACK:
+            for message, _ in job.messages:
+                message.reject_log_error(logger, self._consumer.connection_errors,
+                                         requeue=True)
+            return
         for message, item in job.messages:
             self._attempts.pop(item["id"], None)
             message.ack_log_error(logger, self._consumer.connection_errors)
@@ -283,6 +288,8 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
     runtime = RUNTIMES[app]
     try:
         outcomes = _run(runtime, pool, items)
+    except HandedBack:
+        return HANDED_BACK  # nothing ran: the messages go back to the broker
     except Exception as exc:
         outcomes = [exc] * len(items)
     for item, outcome in zip(items, outcomes, strict=True):
@@ -297,6 +304,8 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
 
 #: An item whose caller was answered already (its batch overran its call_timeout).
 _ANSWERED: Any = object()
+#: What a batch job returns when its pool handed it back (the node is draining).
+HANDED_BACK = -1
 
 
 def _run(runtime: WorkerRuntime, pool: str, items: list[dict[str, Any]]) -> list[Any]:

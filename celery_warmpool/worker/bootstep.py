@@ -25,6 +25,7 @@ from celery import bootsteps, signals
 
 from ..client.membership import Membership
 from ..ops import metrics
+from . import scaling
 from .heartbeat import Heartbeat
 from .late_calls import LateCalls
 from .stats import worker_stats
@@ -45,6 +46,14 @@ def _close_after_drain(runtime: WorkerRuntime) -> Any:
         runtime.stop_process()
 
     return close
+
+
+def _hand_back_on_shutdown(runtime: WorkerRuntime) -> Any:
+    def hand_back(sender: Any = None, **kwargs: Any) -> None:
+        # Calls still waiting for an agent go back to the broker, for other nodes.
+        scaling.hand_back_all(runtime)
+
+    return hand_back
 
 
 def _runtime(worker: Any) -> WorkerRuntime:
@@ -72,6 +81,7 @@ class WarmPoolStep(bootsteps.StartStopStep):
         self.metrics = metrics.exporter_for(runtime)
         self.heartbeat: Heartbeat | None = None
         signals.worker_shutdown.connect(_close_after_drain(runtime), weak=False)
+        signals.worker_shutting_down.connect(_hand_back_on_shutdown(runtime), weak=False)
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:

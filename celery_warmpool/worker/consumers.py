@@ -208,6 +208,13 @@ class PoolConsumers(bootsteps.StartStopStep):
             except Exception:
                 logger.exception("pool queue %s: could not update its window", queue.name)
 
+    def queue_of(self, pool: str) -> PoolQueue | None:
+        """The queue of ``pool`` on this node, if it hosts it."""
+        for queue in self.queues.values():
+            if queue.spec.name == pool:
+                return queue
+        return None
+
     def capacities(self) -> dict[str, int]:
         """Per pool: the calls this node runs at once, now."""
         return {queue.spec.name: queue.capacity for queue in self.queues.values()}

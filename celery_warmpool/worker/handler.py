@@ -24,10 +24,10 @@ import time
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from ..core.agent import Agent
-from ..core.errors import ActionFailed, CheckoutTimeout, WarmPoolError
+from ..core.errors import ActionFailed, CheckoutTimeout, HandedBack, WarmPoolError
 from ..core.pool import AgentPool
 from ..core.signal import Signal
 from .requests import REQUEST
@@ -54,7 +54,11 @@ class CallHandler:
         """Run ``signals`` on one agent of ``pool``; return the replies as JSON data."""
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in signals]
-        agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
+        try:
+            agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
+        except HandedBack:
+            # The node is draining or stopping: back to the broker, for another node.
+            raise Reject(requeue=True) from None
         if call_timeout is None:
             with agent_pool.lent(agent):
                 replies = agent_pool.run_signals(agent, events, transaction=transaction)

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 
-from ..core.errors import ConfigurationError
+from ..core.errors import ConfigurationError, HandedBack
 from ..core.spec import PoolSpec
 from .requests import REQUEST
 from .runtime import WorkerRuntime
@@ -40,7 +41,13 @@ def pool_task(app: Celery, runtime: WorkerRuntime, spec: PoolSpec,
 
     @functools.wraps(function)
     def run(task: Task, *args: Any, **kwargs: Any) -> Any:  # type: ignore[type-arg]
-        with runtime.local_pool(pool).agent(timeout=checkout_timeout) as agent:
+        agent_pool = runtime.local_pool(pool)
+        try:
+            agent = agent_pool.checkout(timeout=checkout_timeout)
+        except HandedBack:
+            # The node is draining or stopping: back to the broker, for another node.
+            raise Reject(requeue=True) from None
+        with agent_pool.lent(agent):
             if bind:
                 return function(task, agent, *args, **kwargs)
             return function(agent, *args, **kwargs)
