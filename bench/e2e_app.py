@@ -54,7 +54,7 @@ def bare() -> dict[str, int]:
 @warm.task(pool="trivial", name="bench.pooled")
 def pooled(agent: TrivialAgent) -> dict[str, int]:
     """A pool-aware task on a warm agent."""
-    return agent.handle(TOUCH).result
+    return dict(agent.handle(TOUCH).result)
 
 
 @app.task(name="bench.spawn", acks_late=True, shared=False)
@@ -63,7 +63,7 @@ def spawn() -> dict[str, Any]:
     agent = CostlyAgent()
     agent.setup()
     try:
-        return agent.handle(TOUCH).result
+        return dict(agent.handle(TOUCH).result)
     finally:
         agent.teardown()
 
