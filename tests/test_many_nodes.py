@@ -175,3 +175,19 @@ def test_drain_lets_running_work_finish_and_loses_no_call(start_worker, client):
     late = warm.cast("counter", work(0.1)).get(timeout=10)[0]
     assert late["node"] == other.hostname  # the drained node takes nothing new
     assert warmpool_cli("drain", "counter", "-d", drained.hostname, "--resume").returncode == 0
+
+
+def test_without_membership_records_status_waits_out_the_timeout_and_says_so_once(
+        start_worker, client, caplog):
+    worker = start_worker(counter(1), pool="solo", concurrency=1, backend="rpc://")
+    _, warm = client(counter(1), backend="rpc://")
+    with caplog.at_level("INFO", logger="celery_warmpool.client.membership"):
+        started = time.monotonic()
+        first = warm.status("counter", timeout=0.6)
+        waited = time.monotonic() - started
+        warm.status("counter", timeout=0.6)
+    assert set(first.nodes) == {worker.hostname}
+    assert waited >= 0.6  # nobody to expect: the whole timeout is waited out
+    assert warm.nodes("counter")[0].node == worker.hostname
+    said = [record.message for record in caplog.records if "membership" in record.message]
+    assert len(said) == 1 and "waits out its timeout" in said[0]
