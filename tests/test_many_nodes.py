@@ -53,6 +53,10 @@ def test_a_new_node_appears_at_once_and_a_killed_one_drops_out_within_its_expiry
     wait_until(lambda: node_names(warm) == {first.hostname},
                EXPIRES_AFTER * HEARTBEAT + 2, "the killed node dropped out")
     assert time.monotonic() - killed <= EXPIRES_AFTER * HEARTBEAT + 2
+    membership = warm.status_reader.membership
+    records = f"{membership.key}:records"
+    wait_until(lambda: not membership.store().hexists(records, second.hostname),
+               HEARTBEAT + 1, "the live node's heartbeat forgot the dead node's record")
 
 
 def test_status_stops_waiting_once_every_live_node_has_answered(start_worker, client):

@@ -32,6 +32,17 @@ HEARTBEAT = 2.0
 EXPIRES_AFTER = 3
 
 
+#: Drops the expired nodes' names and records in one step (KEYS: names, records; ARGV: now).
+_FORGET_EXPIRED = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+    redis.call('HDEL', KEYS[2], unpack(expired))
+end
+return #expired
+"""
+
+
 class NodeRecord(BaseModel):
     """What a node says of itself."""
 
@@ -88,7 +99,7 @@ class Membership:
         pipe = client.pipeline()
         pipe.zadd(self.key, {record.node: now + EXPIRES_AFTER * self.heartbeat})
         pipe.hset(f"{self.key}:records", record.node, data)
-        pipe.zremrangebyscore(self.key, "-inf", now)  # forget the long dead, now and then
+        pipe.eval(_FORGET_EXPIRED, 2, self.key, f"{self.key}:records", now)
         pipe.execute()
         return True
 
