@@ -2,8 +2,9 @@
 
 With membership records (see :mod:`.membership`) the live nodes are asked by name, and the
 answer is complete as soon as each has answered: a node that is recorded but does not
-answer within the timeout is reported as not answering, not left out. Without them every
-node is asked and the whole timeout is waited out.
+answer within the timeout is reported as not answering, not left out. Without records
+(a result backend that keeps none, or no node recorded for the pool) every node is asked
+and the whole timeout is waited out.
 """
 
 from __future__ import annotations
@@ -102,12 +103,10 @@ class StatusReader:
         records: dict[str, NodeRecord] = {}
         nodes = list(destination) if destination else None
         if nodes is None:
-            live = self.membership.live(pool)
-            if live is not None:
-                records = {record.node: record for record in live}
-                nodes = list(records)
-                if not nodes:
-                    return StatusReport(from_membership=True)
+            # No records at all (no node running, or none that keeps records under this
+            # app's key): ask whoever listens, and wait out the timeout.
+            records = {record.node: record for record in self.membership.live(pool) or ()}
+            nodes = list(records) or None
         replies = self._broadcast(pool, timeout, nodes)
         report = StatusReport(from_membership=bool(records))
         answered = set()
