@@ -108,24 +108,25 @@ def test_table_has_a_row_per_node_and_per_prefork_process_and_a_total():
         leaf("a@host", 101, 0, counters=PoolCounters(checkouts=5)),
         leaf("a@host", 102, 1, state="full", available=0, checked_out=1,
              counters=PoolCounters(checkouts=7, timeouts=1)),
-    ], node="a@host")
+    ], node="a@host").model_copy(update={"reservations": {"a@host": (1, 4)}})
     threads = leaf("b@host", 201, None, state="full", size=4, max_overflow=2, available=0,
                    checked_out=5, overflow=1, waiting=2, last_error="ConnectionError: refused",
-                   counters=PoolCounters(checkouts=30, replacements=2, failures=1))
+                   counters=PoolCounters(checkouts=30, replacements=2, failures=1),
+                   reservations={"b@host": (7, 12)})
     assert render_status_table({"search": [prefork, threads]}) == (
         "pool search: ready, 1 of 7 agents available, 2 nodes\n"
         "  node / process         state  size  available  checked out  overflow  waiting"
-        "  checkouts  timeouts  replacements  failures\n"
+        "  held / window  checkouts  timeouts  replacements  failures\n"
         "  a@host                 ready     2          1            1         0        0"
-        "         12         1             0         0\n"
+        "            1/4         12         1             0         0\n"
         "    process 0 (pid 101)  ready     1          1            0         0        0"
-        "          5         0             0         0\n"
+        "                         5         0             0         0\n"
         "    process 1 (pid 102)  full      1          0            1         0        0"
-        "          7         1             0         0\n"
+        "                         7         1             0         0\n"
         "  b@host                 full      4          0            5         1        2"
-        "         30         0             2         1\n"
+        "           7/12         30         0             2         1\n"
         "  total                  ready     6          1            6         1        2"
-        "         42         1             2         1\n"
+        "           8/16         42         1             2         1\n"
         "  last error (b@host, pid 201): ConnectionError: refused\n")
 
 
@@ -157,14 +158,15 @@ def test_status_prints_each_pool_per_node_and_process(start_worker, client):
     assert "pool ledger: ready, 2 of 2 agents available, 1 node" in output
     counter, ledger = output.split("\n\n")
     node = table_rows(counter)[worker.hostname]
-    #              state    size available checked out overflow waiting checkouts timeouts
-    #              replacements failures
-    assert node == [worker.hostname, "ready", "2", "2", "0", "0", "0", "3", "0", "0", "0"]
+    #              state    size available checked out overflow waiting held/window
+    #              checkouts timeouts replacements failures
+    assert node == [worker.hostname, "ready", "2", "2", "0", "0", "0", "0/4", "3", "0", "0",
+                    "0"]
     processes = [table_rows(counter)[f"process {index}"] for index in (0, 1)]
     assert {process[0].split("pid ")[1].rstrip(")") for process in processes} == {
         str(pid) for pid in worker.children()}
     assert sum(int(process[7]) for process in processes) == 3
-    assert table_rows(ledger)[worker.hostname][7] == "0"
+    assert table_rows(ledger)[worker.hostname][8] == "0"
     assert "total" not in table_rows(counter)
 
 
@@ -286,7 +288,7 @@ def test_status_works_on_the_embedded_broker(tmp_path):
     assert "pool catalog: ready, 2 of 2 agents available, 1 node" in result.stdout
     assert "pool signer: ready, 2 of 2 agents available, 1 node" in result.stdout
     assert table_rows(result.stdout)[worker.hostname] == [
-        worker.hostname, "ready", "2", "2", "0", "0", "0", "0", "0", "0", "0"]
+        worker.hostname, "ready", "2", "2", "0", "0", "0", "0/4", "0", "0", "0", "0"]
 
 
 @pytest.mark.integration
@@ -299,8 +301,8 @@ def test_watch_prints_a_fresh_table_each_time(start_worker):
     # Each refresh: a time stamp line, a blank line, the table (3 lines), a blank line.
     assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[0])
     assert lines[1:3] == ["\n", "pool ledger: ready, 2 of 2 agents available, 1 node\n"]
-    assert lines[4].split() == [worker.hostname, "ready", "2", "2", "0", "0", "0", "0", "0",
-                                "0", "0"]
+    assert lines[4].split() == [worker.hostname, "ready", "2", "2", "0", "0", "0", "0/4", "0",
+                                "0", "0", "0"]
     assert lines[5] == "\n"
     assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[6])
     assert "counter" not in "".join(lines) + rest

@@ -75,7 +75,8 @@ def assert_full_run(result: subprocess.CompletedProcess[str], seconds: float,
         assert f"pool {pool}: ready, 2 of 2 agents available, 1 node" in output
     node_rows = [line.split() for line in output.splitlines()
                  if line.startswith(f"  {node[1]} ")]
-    assert node_rows == [[node[1], "ready", "2", "2", "0", "0", "0", "40", "0", "0", "0"]] * 2
+    assert node_rows == [[node[1], "ready", "2", "2", "0", "0", "0", "0/4", "40", "0", "0",
+                          "0"]] * 2
     assert len(re.findall(r"    process [01] \(pid \d+\)  ready", output)) == 4
     # A clean end: warm shutdown, nothing left running, nothing left on disk.
     assert "worker stopped, exit status 0" in output

@@ -21,6 +21,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("checked out", "checked_out"),
     ("overflow", "overflow"),
     ("waiting", "waiting"),
+    ("held / window", "held"),
     ("checkouts", "counters.checkouts"),
     ("timeouts", "counters.timeouts"),
     ("replacements", "counters.replacements"),
@@ -33,6 +34,8 @@ PROCESS_FIELDS = {"pid", "process_index", "updated_at"}
 
 
 def _value(status: PoolStatus, path: str) -> str:
+    if path == "held":  # the pool's messages a node holds, of the most it may (per node)
+        return f"{status.taken}/{status.window}" if status.reservations else ""
     found: Any = status
     for name in path.split("."):
         found = getattr(found, name)
