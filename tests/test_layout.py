@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,13 @@ def test_every_public_name_is_still_exported():
     assert set(celery_warmpool.__all__) >= PUBLIC_NAMES
     for name in PUBLIC_NAMES:
         assert getattr(celery_warmpool, name) is not None, name
+
+
+def test_every_module_is_in_the_readme_layout_table():
+    package = Path(celery_warmpool.__file__).parent
+    readme = (package.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    modules = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
+               if path.name not in ("__init__.py", "__main__.py")}
+    missing = sorted(module for module in modules if f"`{module}`" not in layout)
+    assert not missing, f"modules the README's layout table does not name: {missing}"
