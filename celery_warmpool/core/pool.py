@@ -43,6 +43,8 @@ from .status import PoolCounters, PoolState, PoolStatus
 __all__ = ["AgentPool"]
 
 logger = logging.getLogger(__name__)
+#: The clock of the hot paths, looked up once (a measurable share of a 1 us cycle).
+_now = time.monotonic
 
 AgentT = TypeVar("AgentT", bound=Agent[Any])
 R = TypeVar("R")
@@ -195,6 +197,11 @@ class AgentPool(Generic[AgentT]):
         self._recycling = self.options.max_uses is not None or self.options.max_age is not None
         self._stamping = (self.options.health_check_interval is not None
                           or self.options.overflow_ttl > 0)
+        # A checkin with nothing to decide: no recycling, stamping or reset.
+        self._resetting = self.options.reset_on_checkin
+        self._plain_checkin = not (self._recycling or self._stamping or self._resetting)
+        # Whether the pool may hold more base agents than its size (after a resize).
+        self._shrinking = False
 
     @classmethod
     def from_spec(cls, spec: PoolSpec, *, node: str | None = None,
@@ -330,7 +337,28 @@ class AgentPool(Generic[AgentT]):
             PoolClosed: the pool was closed.
             PoolError: the pool was never started.
         """
-        started = time.monotonic()
+        # The common case inlined (an idle agent, nothing to vet): with the steps below
+        # as method calls a cycle cost 1.9-2.1 us against 1.0-1.1 us inlined
+        # (bench/local_pool.py, one thread).
+        with self._lock:
+            if self._idle and not self._closed:
+                slot: _Slot | None = self._take()
+                slot.out = True  # type: ignore[union-attr]
+                slot.uses += 1  # type: ignore[union-attr]
+                slot.lent_at = started = _now()  # type: ignore[union-attr]
+                self._counts["checkouts"] += 1
+            else:
+                slot, started = None, time.monotonic()
+        if slot is None or (self._vetting and not self._vet(slot)):
+            slot = self._checkout_slowly(block, timeout, started)
+        if telemetry.agent_checkout.receivers:
+            telemetry.agent_checkout.send(self, agent=slot.agent, overflow=slot.overflow,
+                                          wait=time.monotonic() - started)
+        agent: AgentT = slot.agent
+        return agent
+
+    def _checkout_slowly(self, block: bool, timeout: float | None, started: float) -> _Slot:
+        """Lend an agent once none was idle (or the idle one failed its vetting)."""
         overflow_allowed, exhausted = True, False
         while True:
             with self._lock:
@@ -353,11 +381,7 @@ class AgentPool(Generic[AgentT]):
                 plan = built
             if self._vetting and not self._vet(plan):
                 continue  # too old or unhealthy: retired; try again within the same deadline
-            if telemetry.agent_checkout.receivers:
-                telemetry.agent_checkout.send(self, agent=plan.agent, overflow=plan.overflow,
-                                              wait=time.monotonic() - started)
-            agent: AgentT = plan.agent
-            return agent
+            return plan
 
     def checkin(self, agent: AgentT) -> None:
         """Give back an agent that :meth:`checkout` handed out.
@@ -379,9 +403,16 @@ class AgentPool(Generic[AgentT]):
                     "(already checked in, or never handed out by it)", self.name)
             # Not out any more: a second checkin of this agent fails from here on.
             slot.out = False
-            held = time.monotonic() - slot.lent_at
-            fate = None if self.options.reset_on_checkin else self._return_locked(slot)
-        if self.options.reset_on_checkin:
+            held = _now() - slot.lent_at
+            if (self._plain_checkin and not self._waiters and not slot.overflow
+                    and agent.broken is None and not self._closed and not self._shrinking):
+                # The common case inlined (see checkout): back to the idle agents.
+                self._counts["checkins"] += 1
+                self._idle.append(slot)
+                fate = None
+            elif not self._resetting:
+                fate = self._return_locked(slot)
+        if self._resetting:
             fate = self._reset_and_return(slot)
         if telemetry.agent_checkin.receivers:
             telemetry.agent_checkin.send(self, agent=agent, held=held)
@@ -589,6 +620,7 @@ class AgentPool(Generic[AgentT]):
             if missing > 0:
                 self._replacing += missing
             surplus = self._surplus_idle_locked()
+            self._shrinking = self._base_count_locked() > self.size
         for index in range(max(missing, 0)):
             self._spawn(self._rebuild, None, "resize",
                         name=f"warmpool-{self.name}-grow-{index}")
@@ -844,7 +876,9 @@ class AgentPool(Generic[AgentT]):
         self._counts["checkins"] += 1
         reason = self._retire_reason(slot)
         if reason is not None:
-            return self._retire_locked(slot, reason)
+            fate = self._retire_locked(slot, reason)
+            self._shrinking = self._base_count_locked() > self.size
+            return fate
         if self._stamping:
             # Also before a hand-over: an agent passed from caller to caller was never
             # idle, so health_check_interval must not count from its last idle spell.
