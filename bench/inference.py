@@ -17,7 +17,8 @@ gains far more). Workers run on the local Redis (databases 14 and 15). In one ru
 - the node's memory (the proportional set size of the worker and its children, after each
   child served sentences) at -c 2 and -c 4: the model preloaded once per node, against a
   copy per child, against one process holding the app and the model;
-- the first call after the worker is ready, against the steady p50.
+- the first call after the worker is ready, against the p50 of the lone calls after it, on
+  three prefork nodes just started (-c 2 twice, -c 4).
 
 The exit status is 0 when every target is met.
 """
@@ -151,13 +152,9 @@ def throughput(pool: str, concurrency: int, texts: list[str], results: dict[str,
     node = worker(pool, concurrency, WARMPOOL_BENCH_BATCHES="1" if pool == "prefork" else "0")
     try:
         if first:
-            warm_up_client()
-            started = time.perf_counter()
-            call("text.embed_one")("the first sentence after the worker is ready")
-            results["first call"] = time.perf_counter() - started
+            first_call(results)
             batched, unbatched = lone_p50s([call("text.embed"), call("text.embed_one")], 100)
             results["lone batched p50"], results["lone unbatched p50"] = batched, unbatched
-            results["steady p50"] = unbatched
         results[f"{pool} unbatched"] = concurrently(call("text.embed_one"), texts)
         results[f"{pool} batched"] = concurrently(call("text.embed"), texts)
         if pool == "prefork":
@@ -166,11 +163,24 @@ def throughput(pool: str, concurrency: int, texts: list[str], results: dict[str,
         node.stop()
 
 
+def first_call(results: dict[str, Any]) -> None:
+    """The first call to a node just ready, and the p50 of the 20 lone calls after it."""
+    warm_up_client()
+    send = call("text.embed_one")
+    started = time.perf_counter()
+    send("the first sentence after the worker is ready")
+    first = time.perf_counter() - started
+    steady = lone_p50s([send], 20)[0]
+    results.setdefault("first calls", []).append((first, steady))
+
+
 def memory(concurrency: int, results: dict[str, Any]) -> None:
     for label, env, pool in (("preload", {}, "prefork"),
                              ("copy per child", {"WARMPOOL_BENCH_COPIES": "1"}, "prefork")):
         node = worker(pool, concurrency, WARMPOOL_BENCH_BATCHES="0", **env)
         try:
+            if not env:
+                first_call(results)
             # Every child encodes: 100 sentences per child, from many callers at once.
             concurrently(pooled_call("text.embed_one", "copies" if env else "embedder"),
                          sentences(100 * concurrency))
@@ -220,8 +230,10 @@ def report(results: dict[str, Any]) -> int:
     print()
     lone_b, lone_u = results["lone batched p50"], results["lone unbatched p50"]
     print(f"  lone call p50: batched {lone_b * 1000:.1f} ms, unbatched {lone_u * 1000:.1f} ms")
-    first, steady = results["first call"], results["steady p50"]
-    print(f"  first call after ready {first * 1000:.1f} ms, steady p50 {steady * 1000:.1f} ms")
+    firsts = results["first calls"]
+    first_ratio = statistics.median(first / steady for first, steady in firsts)
+    print(f"  first call after ready / steady p50, {len(firsts)} nodes: " + ", ".join(
+        f"{first * 1000:.1f} / {steady * 1000:.1f} ms" for first, steady in firsts))
     print()
     print(f"  {'node memory (PSS)':<34} {'MB':>7}  / one process")
     one = results["one process"]
@@ -241,7 +253,7 @@ def report(results: dict[str, Any]) -> int:
         ("lone batched - unbatched p50 (ms)", (lone_b - lone_u) * 1000, "<=",
          (WAIT + 0.002) * 1000),
         ("-c 4 preload / one process", results["-c 4 preload"] / one, "<=", 1.2),
-        ("first call / steady p50", first / steady, "<=", 1.5),
+        ("first call / steady p50 (median)", first_ratio, "<=", 1.5),
     ]
     met = True
     print("targets")
