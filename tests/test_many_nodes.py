@@ -195,3 +195,21 @@ def test_without_membership_records_status_waits_out_the_timeout_and_says_so_onc
     assert warm.nodes("counter")[0].node == worker.hostname
     said = [record.message for record in caplog.records if "membership" in record.message]
     assert len(said) == 1 and "waits out its timeout" in said[0]
+
+
+def test_with_the_result_store_down_status_asks_every_node_and_the_node_keeps_its_agents(
+        private_redis, start_worker, client):
+    backend = f"{private_redis.url}/1"
+    worker = start_worker(counter(1), pool="threads", concurrency=2, backend=backend)
+    _, warm = client(counter(1), backend=backend)
+    agents = {warm.call("counter", INCREMENT).agent_id for _ in range(4)}
+    assert node_names(warm) == {worker.hostname}
+    private_redis.stop()  # the broker (the shared Redis) stays up
+    status = warm.status("counter", timeout=1.0)
+    assert set(status.nodes) == {worker.hostname}
+    assert [node.node for node in warm.nodes("counter")] == [worker.hostname]
+    time.sleep(HEARTBEAT + 0.5)  # a heartbeat fails while the store is down
+    private_redis.start()
+    assert warm.call("counter", INCREMENT, timeout=10).agent_id in agents
+    wait_until(lambda: node_names(warm) == {worker.hostname}, HEARTBEAT + 2,
+               "the node recorded itself again once the store was back")

@@ -89,6 +89,10 @@ class Membership:
             return None
         return client
 
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        errors = getattr(self.app.backend, "connection_errors", ())
+        return tuple(errors) or (OSError,)
+
     def announce(self, record: NodeRecord) -> bool:
         """Record ``record`` as alive for three heartbeats; say whether it was stored."""
         client = self.store()
@@ -118,12 +122,17 @@ class Membership:
         client = self.store()
         if client is None:
             return None
-        names = [name.decode() if isinstance(name, bytes) else str(name)
-                 for name in client.zrangebyscore(self.key, time.time(), "+inf")]
-        if not names:
-            return []
+        try:
+            names = [name.decode() if isinstance(name, bytes) else str(name)
+                     for name in client.zrangebyscore(self.key, time.time(), "+inf")]
+            raws = client.hmget(f"{self.key}:records", names) if names else []
+        except self._connection_errors() as exc:
+            # The result store is down; the broker may not be: readers ask everyone.
+            logger.info("warm pools: membership records unreadable (%s): asking every "
+                    "node instead", exc)
+            return None
         records = []
-        for raw in client.hmget(f"{self.key}:records", names):
+        for raw in raws:
             if raw is None:
                 continue
             record = NodeRecord.model_validate(json.loads(raw))
