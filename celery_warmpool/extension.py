@@ -18,7 +18,7 @@ from celery import Celery, Task
 
 from .client.calls import PoolClient, SignalLike
 from .client.dead_letters import DeadLetters
-from .client.delivery import make_results_resilient
+from .client.delivery import confirm_publishes, make_results_resilient
 from .client.membership import NodeRecord
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
@@ -80,7 +80,7 @@ class WarmPool:
             help="Comma-separated warm pools this worker hosts (default: all)."))
         prefork.connect(self.runtime)
         if getattr(app, "configured", False):  # its configuration is already read
-            make_results_resilient(app)
+            _make_resilient(app)
         else:
             app.on_after_configure.connect(_resilient_on_configure, weak=False)
 
@@ -135,5 +135,11 @@ class WarmPool:
         return self.runtime.local_pool(pool)
 
 
+def _make_resilient(app: Any) -> None:
+    """Replies that survive a result store going away; publishes that fail, not vanish."""
+    make_results_resilient(app)
+    confirm_publishes(app)
+
+
 def _resilient_on_configure(sender: Any = None, **kwargs: Any) -> None:
-    make_results_resilient(sender)
+    _make_resilient(sender)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,27 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_BROKER = "redis://127.0.0.1:6379/2"
 REDIS_BACKEND = "redis://127.0.0.1:6379/3"
 RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def at_once(call: Callable[[Any], Any], items: list[Any], within: float = 30) -> list[Any]:
+    """``call(item)`` for each item, all from their own threads at once; each outcome (a
+    value or the exception raised) in the items' order."""
+    outcomes: list[Any] = [None] * len(items)
+    start = threading.Barrier(len(items))
+
+    def run(index: int) -> None:
+        start.wait()
+        try:
+            outcomes[index] = call(items[index])
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(within)
+    return outcomes
 
 
 def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:

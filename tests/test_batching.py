@@ -22,6 +22,7 @@ from celery_warmpool import (
     Result,
     telemetry,
 )
+from tests.conftest import at_once
 from tests.core_agents import receiving
 
 
@@ -63,22 +64,7 @@ def pool():
 
 def call_at_once(pool: AgentPool[Any], texts: list[str], **options: Any) -> list[Any]:
     """Call ``pool`` with each text from its own thread, all at once; outcomes in order."""
-    outcomes: list[Any] = [None] * len(texts)
-    start = threading.Barrier(len(texts))
-
-    def call(index: int) -> None:
-        start.wait()
-        try:
-            outcomes[index] = pool.call(upper(texts[index]), **options)
-        except Exception as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=call, args=(index,)) for index in range(len(texts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    return outcomes
+    return at_once(lambda text: pool.call(upper(text), **options), texts, within=10)
 
 
 def test_a_full_batch_runs_at_once_without_waiting_out_its_time(pool):

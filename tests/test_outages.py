@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from celery_warmpool import BrokerUnavailable, WarmPool
-from tests.conftest import ROOT, PrivateRedis
+from tests.conftest import ROOT, PrivateRedis, at_once
 from tests.flower_page import free_port
 from tests.test_worker import INCREMENT, counter, work
 
@@ -26,6 +26,18 @@ pytestmark = pytest.mark.integration
 
 def private_urls(server: PrivateRedis) -> tuple[str, str]:
     return f"{server.url}/0", f"{server.url}/1"
+
+
+def every_agent(warm: WarmPool, size: int = 2) -> set[str]:
+    """The ids of the pool's agents: ``size`` slow calls at once (so each agent takes one),
+    three times over."""
+    replies = [reply for _ in range(3)
+               for reply in at_once(lambda _: warm.call("counter", work(0.3), timeout=15),
+                                    list(range(size)))]
+    assert not [reply for reply in replies if isinstance(reply, Exception)], replies
+    agents = {reply.agent_id for reply in replies}
+    assert len(agents) == size, agents
+    return agents
 
 
 def calls_until(stop: threading.Event, warm: WarmPool, callers: int, timeout: float,
@@ -54,7 +66,7 @@ def test_a_broker_restart_is_waited_out_and_the_same_agents_serve(private_redis,
     worker = start_worker(specs, pool=execution, concurrency=2, broker=broker,
                           backend=backend)
     _, warm = client(specs, broker=broker, backend=backend)
-    agents = {warm.call("counter", work(0.3)).agent_id for _ in range(6)}
+    agents = every_agent(warm)
 
     stop = threading.Event()
     threads, outcomes = calls_until(stop, warm, callers=4, timeout=15)
@@ -71,8 +83,7 @@ def test_a_broker_restart_is_waited_out_and_the_same_agents_serve(private_redis,
     assert errors == []
     assert before_outage > 0 and len(outcomes) > back  # calls before and after the outage
     assert not worker.exited(), worker.log_tail()
-    after = {warm.call("counter", work(0.3)).agent_id for _ in range(6)}
-    assert after <= agents  # no agent was rebuilt
+    assert every_agent(warm) == agents  # no agent was rebuilt
     assert "Unrecoverable error" not in worker.log()
 
 
@@ -114,6 +125,41 @@ def test_broker_unavailable_masks_the_password():
     assert f"127.0.0.1:{port}" in caught.value.url
 
 
+def configured(broker: str, **conf: Any) -> Any:
+    """The configuration of an app with warm pools on ``broker`` (nothing connects)."""
+    from celery import Celery
+
+    app = Celery("settings", broker=broker, backend="redis://127.0.0.1:6379/3")
+    app.conf.update(conf)
+    WarmPool(app, pools=[])
+    return app.conf
+
+
+def test_publishes_to_rabbitmq_wait_for_the_brokers_confirm_unless_told_otherwise():
+    from tests.conftest import RABBITMQ_BROKER
+
+    assert configured(RABBITMQ_BROKER).broker_transport_options == {"confirm_publish": True}
+    assert configured("redis://127.0.0.1:6379/0").broker_transport_options == {}
+    assert configured(RABBITMQ_BROKER, warmpool_confirm_publish=False,
+                      ).broker_transport_options == {}
+    mine = {"confirm_publish": False, "max_retries": 3}
+    assert configured(RABBITMQ_BROKER, broker_transport_options=mine,
+                      ).broker_transport_options == mine
+
+
+def test_replies_retry_their_result_store_briefly_and_until_it_is_back():
+    conf = configured("redis://127.0.0.1:6379/0")
+    assert conf.result_backend_always_retry is True
+    assert conf.result_backend_max_sleep_between_retries_ms == 1000
+    assert conf.result_backend_transport_options["retry_policy"]["max_retries"] == 2
+    mine = configured("redis://127.0.0.1:6379/0", result_backend_max_sleep_between_retries_ms=50,
+                      result_backend_transport_options={"retry_policy": {"max_retries": 9}})
+    assert mine.result_backend_max_sleep_between_retries_ms == 50
+    assert mine.result_backend_transport_options == {"retry_policy": {"max_retries": 9}}
+    off = configured("redis://127.0.0.1:6379/0", warmpool_resilient_results=False)
+    assert not off.result_backend_always_retry
+
+
 def test_status_command_says_in_one_line_that_the_broker_is_unreachable():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT),
@@ -146,7 +192,7 @@ def test_dropped_rabbitmq_connections_are_waited_out_with_the_same_agents(
     specs = counter(2)
     worker = start_worker(specs, pool=execution, concurrency=2, broker=RABBITMQ_BROKER)
     _, warm = client(specs, broker=RABBITMQ_BROKER)
-    agents = {warm.call("counter", work(0.3)).agent_id for _ in range(6)}
+    agents = every_agent(warm)
 
     stop = threading.Event()
     threads, outcomes = calls_until(stop, warm, callers=4, timeout=15)
@@ -161,4 +207,4 @@ def test_dropped_rabbitmq_connections_are_waited_out_with_the_same_agents(
     assert [outcome for outcome in outcomes if isinstance(outcome, Exception)] == []
     assert len(outcomes) > back
     assert not worker.exited(), worker.log_tail()
-    assert {warm.call("counter", work(0.3)).agent_id for _ in range(6)} <= agents
+    assert every_agent(warm) == agents

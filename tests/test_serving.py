@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from celery_warmpool import ActionFailed, CheckoutTimeout
-from tests.conftest import wait_until
+from tests.conftest import at_once, wait_until
 from tests.test_faults import busy_child
 from tests.test_worker import node_status, wait_for_status
 
@@ -36,22 +36,7 @@ def serving_env(tmp_path: Any, **more: str) -> dict[str, str]:
 
 def calls_at_once(warm: Any, texts: list[str], **options: Any) -> list[Any]:
     """One ``warm.call`` per text, all from their own threads at once; outcomes in order."""
-    outcomes: list[Any] = [None] * len(texts)
-    start = threading.Barrier(len(texts))
-
-    def call(index: int) -> None:
-        start.wait()
-        try:
-            outcomes[index] = warm.call("counter", embed(texts[index]), **options)
-        except Exception as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=call, args=(index,)) for index in range(len(texts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    return outcomes
+    return at_once(lambda text: warm.call("counter", embed(text), **options), texts)
 
 
 def private_kilobytes(pid: int) -> int:

@@ -20,7 +20,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from ..core.errors import BrokerUnavailable, WarmPoolError
 
-__all__ = ["BACKEND_RETRY_POLICY", "Delivery", "make_results_resilient"]
+__all__ = ["BACKEND_RETRY_POLICY", "Delivery", "confirm_publishes", "make_results_resilient"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +188,28 @@ def make_results_resilient(app: Any) -> None:
     if "retry_policy" not in options:
         options["retry_policy"] = dict(BACKEND_RETRY_POLICY)
         conf.result_backend_transport_options = options
+
+
+def confirm_publishes(app: Any) -> None:
+    """Make every publish of ``app`` to RabbitMQ wait for the broker's confirm.
+
+    Without confirms a message published as the broker closes the connection (a restart,
+    ``rabbitmqctl close_all_connections``, a failover) is dropped without an error: the
+    broker discards what comes after its close, and the caller would wait for a reply that
+    never comes. With them the publish fails and is retried within the caller's deadline.
+    It costs one round trip to the broker per publish. Only for py-amqp brokers, unless
+    ``app.conf.warmpool_confirm_publish`` is false or ``confirm_publish`` is set already in
+    ``broker_transport_options``. Called when the app is configured, before it connects.
+    """
+    conf = app.conf
+    options = dict(conf.broker_transport_options or {})
+    if not conf.get("warmpool_confirm_publish", True) or "confirm_publish" in options:
+        return
+    connection = app.connection_for_write()
+    try:
+        amqp = getattr(connection.transport, "driver_name", None) == "py-amqp"
+    finally:
+        connection.release()
+    if amqp:
+        options["confirm_publish"] = True
+        conf.broker_transport_options = options
