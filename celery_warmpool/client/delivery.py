@@ -205,11 +205,20 @@ def confirm_publishes(app: Any) -> None:
     options = dict(conf.broker_transport_options or {})
     if not conf.get("warmpool_confirm_publish", True) or "confirm_publish" in options:
         return
-    connection = app.connection_for_write()
-    try:
-        amqp = getattr(connection.transport, "driver_name", None) == "py-amqp"
-    finally:
-        connection.release()
-    if amqp:
+    if _driver(app) == "py-amqp":
         options["confirm_publish"] = True
         conf.broker_transport_options = options
+
+
+def _driver(app: Any) -> str | None:
+    """The name of the client library of ``app``'s broker transport (nothing connects)."""
+    try:
+        connection = app.connection_for_write()
+    except Exception:  # a broker URL kombu cannot use: Celery reports it when it connects
+        return None
+    try:
+        return str(connection.transport.driver_name)
+    except Exception:  # its client library is missing, say: the same
+        return None
+    finally:
+        connection.release()
