@@ -107,7 +107,7 @@ class StatusReader:
             # app's key): ask whoever listens, and wait out the timeout.
             records = {record.node: record for record in self.membership.live(pool) or ()}
             nodes = list(records) or None
-        replies = self._broadcast(pool, timeout, nodes)
+        replies = self.command("warmpool_status", {"pool": pool}, timeout, nodes)
         report = StatusReport(from_membership=bool(records))
         answered = set()
         for reply in replies:
@@ -124,11 +124,17 @@ class StatusReader:
                                 for node in nodes or () if node not in answered]
         return report
 
-    def _broadcast(self, pool: str | None, timeout: float,
-                   nodes: list[str] | None) -> list[dict[str, Any]]:
+    def command(self, name: str, arguments: dict[str, Any], timeout: float,
+                nodes: list[str] | None = None) -> list[dict[str, Any]]:
+        """Send the control command ``name`` to ``nodes`` (every node if ``None``) and
+        return their replies; with ``nodes``, the wait ends once each has answered.
+
+        Raises:
+            BrokerUnavailable: the broker could not be reached within ``timeout``.
+        """
         replies: list[dict[str, Any]] = self.delivery.publish(
             lambda: self.app.control.broadcast(
-                "warmpool_status", arguments={"pool": pool}, reply=True, timeout=timeout,
+                name, arguments=arguments, reply=True, timeout=timeout,
                 destination=nodes, limit=len(nodes) if nodes else None) or [],
             time.monotonic() + timeout, timeout)
         return replies

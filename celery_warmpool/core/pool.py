@@ -637,9 +637,7 @@ class AgentPool(Generic[AgentT]):
             waiters = list(self._waiters)
             self._waiters.clear()
             for waiter in waiters:
-                waiter.error = HandedBack(
-                    f"pool {self.name!r} is handing its waiting calls back: its node takes "
-                    "no more work", self.name)
+                waiter.error = self._handed_back()
                 waiter.wake()
         return len(waiters)
 
@@ -647,6 +645,10 @@ class AgentPool(Generic[AgentT]):
         """Queue callers again after :meth:`hand_back`."""
         with self._lock:
             self._handing_back = False
+
+    def _handed_back(self) -> HandedBack:
+        return HandedBack(f"pool {self.name!r} is handing its waiting calls back: its node "
+                          "takes no more work", self.name)
 
     def _base_count_locked(self) -> int:
         """Base agents alive or being built."""
@@ -732,8 +734,7 @@ class AgentPool(Generic[AgentT]):
         if count_exhausted:
             self._counts["exhausted"] += 1
         if self._handing_back:
-            raise HandedBack(f"pool {self.name!r} is handing its waiting calls back: its "
-                             "node takes no more work", self.name)
+            raise self._handed_back()
         if not block:
             return _EXHAUSTED
         waiter = _Waiter()

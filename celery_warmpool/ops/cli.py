@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -222,11 +222,8 @@ def _command(cli: CLIContext, warm: Any, name: str, pool: str, arguments: dict[s
         raise CeleryCommandException(message=f"no live node hosts pool {pool!r}",
                                      exit_code=EX_UNAVAILABLE)
     try:
-        replies = warm.status_reader.delivery.publish(
-            lambda: cli.app.control.broadcast(
-                name, arguments={"pool": pool, **arguments}, reply=True, timeout=timeout,
-                destination=nodes, limit=len(nodes) if nodes else None) or [],
-            time.monotonic() + timeout, timeout)
+        replies = warm.status_reader.command(name, {"pool": pool, **arguments}, timeout,
+                                             nodes)
     except BrokerUnavailable as exc:
         raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
     answers = {node: answer for reply in replies for node, answer in reply.items()
@@ -244,6 +241,14 @@ def _command(cli: CLIContext, warm: Any, name: str, pool: str, arguments: dict[s
     return answers
 
 
+def _pool_nodes_option(group: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``-d/--destination`` option of a command about one pool."""
+    return click.option(
+        "-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST, default=None,
+        help_group=group,
+        help="Comma separated list of nodes (default: every node hosting POOL).")
+
+
 @warmpool.command(cls=CeleryCommand)
 @click.argument("pool")
 @click.option("-s", "--size", cls=CeleryOption, type=click.IntRange(min=1), required=True,
@@ -251,9 +256,7 @@ def _command(cli: CLIContext, warm: Any, name: str, pool: str, arguments: dict[s
 @click.option("-m", "--max-overflow", cls=CeleryOption, type=click.IntRange(min=0),
               default=None, help_group="Resize Options",
               help="The pool's new max_overflow (threads, gevent, eventlet).")
-@click.option("-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST,
-              default=None, help_group="Resize Options",
-              help="Comma separated list of nodes (default: every node hosting POOL).")
+@_pool_nodes_option("Resize Options")
 @click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(min=0.0),
               default=2.0, help_group="Resize Options",
               help="Seconds to wait for nodes to answer.")
@@ -271,9 +274,7 @@ def resize(ctx: click.Context, pool: str, size: int, max_overflow: int | None,
 
 @warmpool.command(cls=CeleryCommand)
 @click.argument("pool")
-@click.option("-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST,
-              default=None, help_group="Drain Options",
-              help="Comma separated list of nodes (default: every node hosting POOL).")
+@_pool_nodes_option("Drain Options")
 @click.option("--resume", cls=CeleryOption, is_flag=True, help_group="Drain Options",
               help="Take the pool's work again.")
 @click.option("--wait/--no-wait", cls=CeleryOption, default=True, help_group="Drain Options",
