@@ -72,8 +72,9 @@ def calls_counted(warm: Any, node: str, pool: str, calls: int) -> None:
 def watching(*args: str, env: dict[str, str] = CLI_ENV) -> Iterator[Any]:
     """``celery ... warmpool status ARGS`` running (for --watch); killed after if still up."""
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.integration_app", "warmpool", "status",
-         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        [sys.executable, "-X", "faulthandler", "-m", "celery", "-A", "tests.integration_app",
+         "warmpool", "status", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, cwd=ROOT)
     try:
         yield watcher
     finally:
@@ -85,7 +86,12 @@ def watching(*args: str, env: dict[str, str] = CLI_ENV) -> Iterator[Any]:
 def interrupt(watcher: Any) -> tuple[str, str]:
     """Press Ctrl-C: the watcher's remaining output and its errors once it has exited."""
     watcher.send_signal(signal.SIGINT)
-    rest, errors = watcher.communicate(timeout=10)
+    try:
+        rest, errors = watcher.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        watcher.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is
+        _, errors = watcher.communicate(timeout=10)
+        pytest.fail(f"the watcher did not stop on Ctrl-C within 30s:\n{errors}")
     return rest, errors
 
 
