@@ -68,11 +68,17 @@ def calls_counted(warm: Any, node: str, pool: str, calls: int) -> None:
     assert counted() == calls
 
 
+#: ``celery`` with Ctrl-C handled as in a terminal: a test run started in the background
+#: by a shell without job control ignores SIGINT, and its children would inherit that.
+WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "runpy.run_module('celery', run_name='__main__', alter_sys=True)")
+
+
 @contextlib.contextmanager
 def watching(*args: str, env: dict[str, str] = CLI_ENV) -> Iterator[Any]:
     """``celery ... warmpool status ARGS`` running (for --watch); killed after if still up."""
     watcher = subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-m", "celery", "-A", "tests.integration_app",
+        [sys.executable, "-X", "faulthandler", "-c", WITH_CTRL_C, "-A", "tests.integration_app",
          "warmpool", "status", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env, cwd=ROOT)
     try:
