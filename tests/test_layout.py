@@ -54,11 +54,11 @@ def test_every_public_name_is_still_exported():
         assert getattr(celery_warmpool, name) is not None, name
 
 
-def test_every_module_is_in_the_readme_layout_table():
+def test_every_module_is_in_the_docs_layout_table():
     package = Path(celery_warmpool.__file__).parent
-    readme = (package.parent / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+    page = (package.parent / "docs" / "architecture.md").read_text()
+    layout = page[page.index("## Layout"):]
     modules = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
                if path.name not in ("__init__.py", "__main__.py")}
     missing = sorted(module for module in modules if f"`{module}`" not in layout)
-    assert not missing, f"modules the README's layout table does not name: {missing}"
+    assert not missing, f"modules docs/architecture.md's layout table does not name: {missing}"
