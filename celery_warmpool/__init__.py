@@ -20,6 +20,7 @@ from .core import (
     BatchAction,
     BrokerUnavailable,
     CallTimeout,
+    Cancellation,
     CheckoutTimeout,
     ConfigurationError,
     HandedBack,
@@ -47,7 +48,7 @@ from .core import (
 if TYPE_CHECKING:
     from .extension import WarmPool
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Action",
@@ -61,6 +62,7 @@ __all__ = [
     "BatchAction",
     "BrokerUnavailable",
     "CallTimeout",
+    "Cancellation",
     "CheckoutTimeout",
     "ConfigurationError",
     "HandedBack",
@@ -78,6 +80,8 @@ __all__ = [
     "Result",
     "Signal",
     "SignalError",
+    "Stream",
+    "StreamNotFinished",
     "UnknownPool",
     "UnknownSignal",
     "WarmPool",
