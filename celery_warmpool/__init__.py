@@ -38,6 +38,8 @@ from .core import (
     Result,
     Signal,
     SignalError,
+    Stream,
+    StreamNotFinished,
     UnknownPool,
     UnknownSignal,
     WarmPoolError,

@@ -18,6 +18,7 @@ PUBLIC_NAMES = {
     "NoParams", "NotCheckedOut", "PoolClosed", "PoolCounters", "PoolError", "PoolExhausted",
     "PoolOptions", "PoolSpec", "PoolStartError", "PoolStatus", "Signal", "SignalError",
     "UnknownPool", "UnknownSignal", "WarmPool", "WarmPoolError", "resource", "telemetry",
+    "Cancellation", "Stream", "StreamNotFinished",
 }
 CELERY_FAMILY = {"celery", "kombu", "billiard", "vine", "click", "amqp"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import telemetry
 from .action import Action, ActionContext, BatchAction, NoParams, Result
 from .agent import Agent, AgentState, resource
+from .cancellation import Cancellation
 from .errors import (
     ActionFailed,
     AgentLost,
@@ -25,6 +26,7 @@ from .errors import (
     PoolExhausted,
     PoolStartError,
     SignalError,
+    StreamNotFinished,
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
@@ -34,6 +36,7 @@ from .reply import AgentReply
 from .signal import Signal
 from .spec import PoolOptions, PoolSpec
 from .status import PoolCounters, PoolStatus
+from .stream import Stream
 
 __all__ = [
     "Action",
@@ -47,6 +50,7 @@ __all__ = [
     "BatchAction",
     "BrokerUnavailable",
     "CallTimeout",
+    "Cancellation",
     "CheckoutTimeout",
     "ConfigurationError",
     "HandedBack",
@@ -64,6 +68,8 @@ __all__ = [
     "Result",
     "Signal",
     "SignalError",
+    "Stream",
+    "StreamNotFinished",
     "UnknownPool",
     "UnknownSignal",
     "WarmPoolError",

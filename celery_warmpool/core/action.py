@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .cancellation import NEVER, Cancellation
 from .errors import ConfigurationError, InvalidSignal
 from .validation import describe, error_details
 
@@ -38,6 +40,13 @@ class ActionContext:
     event: Signal
     #: Every signal of a batch (see :class:`BatchAction`); ``(event,)`` for one call.
     events: tuple[Signal, ...] = ()
+    #: The caller's cancellation (see :mod:`~.cancellation`); ``NEVER`` when it has none.
+    cancellation: Cancellation = NEVER
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the caller cancelled the call: long work may stop early."""
+        return self.cancellation.cancelled
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +79,26 @@ class Action:
                 return {"count": context.state.count + params.by}
 
     Unknown parameter keys are rejected whatever ``Params``'s own configuration says.
+
+    An action whose ``run`` is a generator function streams: each value it yields (JSON)
+    is a chunk for the caller as soon as it is produced, and what it returns (a dict of
+    state updates, a :class:`Result`, or nothing) ends the call as ``run``'s return value
+    does. State merges only when the generator ends without error::
+
+        class Generate(Action):
+            def run(self, params, context):
+                for word in context.agent.shared.words(params.prompt):
+                    if context.cancelled:
+                        break
+                    yield word
+                return {"generated": context.state.generated + 1}
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
     _strict_params: ClassVar[type[BaseModel]] = NoParams
+    #: Whether ``run`` is a generator function (set when the class is defined).
+    streams: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -85,6 +109,7 @@ class Action:
                 f"{cls.__qualname__}.Params must be a pydantic BaseModel subclass, "
                 f"got {cls.Params!r}", field="Params")
         cls._strict_params = _forbid_extra(cls.Params)
+        cls.streams = inspect.isgeneratorfunction(cls.run)
 
     def validate_params(self, data: Any, signal_type: str | None = None) -> BaseModel:
         """Validate a signal's ``data`` against ``Params``.
@@ -105,8 +130,11 @@ class Action:
                 f"invalid parameters for action {self.name!r}: {describe(exc)}", signal_type,
                 error_details(exc)) from exc
 
-    def run(self, params: Any, context: ActionContext) -> Mapping[str, Any]:
-        """Do the work; return the state updates to merge (an empty dict for none)."""
+    def run(self, params: Any, context: ActionContext) -> Any:
+        """Do the work; return the state updates to merge (an empty dict for none).
+
+        A generator function here makes the action stream (see the class).
+        """
         raise NotImplementedError(f"action {self.name!r} must implement {self.required_method}")
 
     #: What a subclass must implement; checked when an agent class routes to it.
@@ -147,7 +175,7 @@ class BatchAction(Action):
                 return [vector.tolist() for vector in vectors]
 
     Callers do not change: ``warm.call`` and ``warm.cast`` of a signal routed here are
-    batched. A batch reads the agent's state and never changes it.
+    batched. A batch reads the agent's state and never changes it, and does not stream.
     """
 
     #: The most signals in one batch.
@@ -167,6 +195,11 @@ class BatchAction(Action):
             raise ConfigurationError(
                 f"{cls.__qualname__}.batch_wait_timeout must be seconds (0 or more), got "
                 f"{wait!r}", field="batch_wait_timeout")
+        if cls.streams or inspect.isgeneratorfunction(cls.run_batch):
+            raise ConfigurationError(
+                f"{cls.__qualname__} is a BatchAction and cannot stream: its run_batch and "
+                "run must return, not yield (make a streaming Action instead)",
+                field="run" if cls.streams else "run_batch")
 
     def implemented(self) -> bool:
         """Whether the class implements :meth:`run_batch`."""

@@ -6,7 +6,7 @@ import copy
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -14,6 +14,7 @@ from pydantic_core import PydanticSerializationError
 
 from . import telemetry
 from .action import Action, ActionContext, BatchAction, Result
+from .cancellation import NEVER, Cancellation
 from .errors import ActionFailed, ConfigurationError, InvalidSignal, WarmPoolError
 from .reply import AgentReply
 from .routing import Routes
@@ -165,11 +166,14 @@ class Agent(Generic[StateT]):
         """
         return cls._routes.action_for(signal_type)
 
-    def handle(self, signal: Signal | Mapping[str, Any] | str) -> AgentReply:
+    def handle(self, signal: Signal | Mapping[str, Any] | str,
+               cancellation: Cancellation = NEVER) -> AgentReply:
         """Validate ``signal``, run its action and merge the result into state.
 
         State changes only if the action succeeds and the merged state validates; on any
-        error it is exactly as before.
+        error it is exactly as before. A streaming action is run to its end and its
+        chunks are dropped: the reply is its final one. The action reads
+        ``cancellation`` as ``context.cancelled``.
 
         Raises:
             InvalidSignal: the signal or its parameters are invalid.
@@ -177,18 +181,15 @@ class Agent(Generic[StateT]):
             ActionFailed: the action raised, or its updates do not validate.
         """
         started = time.perf_counter()
-        event = Signal.parse(signal)
-        action = self.route(event.type)
-        params = action.validate_params(event.data, event.type)
+        event, action, params = self._prepared(signal)
+        if action.streams:
+            return _drained(self._streamed(event, action, params, cancellation, started))
         if telemetry.call_start.receivers:
             telemetry.call_start.send(self, agent=self, event=event, action=action.name)
         try:
             outcome = action.run(params, ActionContext(self, self._working_state(), event,
-                                                       (event,)))
-            new_state, result = self._merged(outcome, action, event)
-            # Serialized before the state is committed: a state that cannot go over the
-            # wire fails the call and leaves the agent as it was.
-            public = new_state.model_dump(mode="json") if self.reply_state else None
+                                                       (event,), cancellation))
+            new_state, result, public = self._settled(outcome, action, event)
         except Exception as exc:
             failure = self._failure(event, action, exc, started)
             if failure is exc:
@@ -196,6 +197,24 @@ class Agent(Generic[StateT]):
             raise failure from exc
         self.state = new_state
         return self._replied(event, action, result, public, started)
+
+    def stream(self, signal: Signal | Mapping[str, Any] | str,
+               cancellation: Cancellation = NEVER) -> Generator[Any, None, AgentReply]:
+        """Validate ``signal`` now, then run its action as a stream of chunks.
+
+        The generator returned yields each chunk the action yields and returns the final
+        :class:`AgentReply` (a non-streaming action yields nothing). State merges only
+        when the action ends without error. Closing the generator closes the action's at
+        its ``yield`` (its ``finally`` runs) and leaves state unchanged.
+
+        Raises:
+            InvalidSignal, UnknownSignal: here, before anything runs.
+            ActionFailed: from the iteration, after the chunks already yielded: the action
+                raised, yielded a chunk JSON cannot carry, or its updates do not validate.
+        """
+        started = time.perf_counter()
+        event, action, params = self._prepared(signal)
+        return self._streamed(event, action, params, cancellation, started)
 
     def handle_batch(self, events: Sequence[Signal]) -> list[AgentReply | WarmPoolError]:
         """Run the :class:`BatchAction` all of ``events`` route to, on all of them at once.
@@ -245,6 +264,67 @@ class Agent(Generic[StateT]):
             if isinstance(candidate, self.discard_on):
                 self.broken = candidate
                 return
+
+    def _prepared(self, signal: Signal | Mapping[str, Any] | str
+                  ) -> tuple[Signal, Action, BaseModel]:
+        """The parsed signal, its action and its validated parameters."""
+        event = Signal.parse(signal)
+        action = self.route(event.type)
+        return event, action, action.validate_params(event.data, event.type)
+
+    def _streamed(self, event: Signal, action: Action, params: BaseModel,
+                  cancellation: Cancellation,
+                  started: float) -> Generator[Any, None, AgentReply]:
+        if telemetry.call_start.receivers:
+            telemetry.call_start.send(self, agent=self, event=event, action=action.name)
+        context = ActionContext(self, self._working_state(), event, (event,), cancellation)
+        try:
+            outcome = action.run(params, context)
+            if action.streams:
+                outcome = yield from self._chunks(outcome, action, event)
+            new_state, result, public = self._settled(outcome, action, event)
+        except Exception as exc:
+            failure = self._failure(event, action, exc, started)
+            if failure is exc:
+                raise
+            raise failure from exc
+        self.state = new_state
+        return self._replied(event, action, result, public, started)
+
+    def _chunks(self, chunks: Generator[Any, None, Any], action: Action,
+                event: Signal) -> Generator[Any, None, Any]:
+        """Yield what a streaming action yields, checked; return what it returns.
+
+        Closing this generator closes the action's at its ``yield``.
+        """
+        index = 0
+        try:
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration as stop:
+                    return stop.value
+                problem = json_problem(chunk, f"chunk[{index}]")
+                if problem:
+                    raise ActionFailed(
+                        f"action {action.name!r} yielded a chunk JSON cannot carry: {problem}",
+                        event.type, action.name, problem)
+                if telemetry.stream_chunk.receivers:
+                    telemetry.stream_chunk.send(self, agent=self, event=event, index=index,
+                                                chunk=chunk)
+                yield chunk
+                index += 1
+        finally:
+            chunks.close()
+
+    def _settled(self, outcome: Any, action: Action,
+                 event: Signal) -> tuple[StateT, Any, dict[str, Any] | None]:
+        """The state after ``outcome``, the caller's result, and the public state."""
+        new_state, result = self._merged(outcome, action, event)
+        # Serialized before the state is committed: a state that cannot go over the
+        # wire fails the call and leaves the agent as it was.
+        public = new_state.model_dump(mode="json") if self.reply_state else None
+        return new_state, result, public
 
     def _working_state(self) -> BaseModel:
         # A private copy of plain fields, so an action that changes state in place cannot
@@ -359,6 +439,16 @@ class Agent(Generic[StateT]):
             return self._failure(event, action, value, started)
         return ActionFailed(f"action {action.name!r} returned {value!r} for {event.type!r}",
                             event.type, action.name, repr(value))
+
+
+def _drained(stream: Generator[Any, None, AgentReply]) -> AgentReply:
+    """Run a stream to its end, dropping its chunks; its final reply."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            reply: AgentReply = stop.value
+            return reply
 
 
 def _state_from_generic(cls: type) -> type[BaseModel] | None:

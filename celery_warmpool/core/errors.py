@@ -167,3 +167,21 @@ class HandedBack(PoolError):
     and to checkouts that would wait after it: a worker puts their messages back on the
     broker for other nodes to serve.
     """
+
+
+# -- streams -----------------------------------------------------------------------------
+
+
+class StreamNotFinished(WarmPoolError):
+    """A stream's final reply was asked for before the stream ended, or after it was
+    closed early (it has none then)."""
+
+
+class StreamCancelled(Exception):
+    """The reader of a stream went away: stop producing chunks.
+
+    Internal control flow, not an error a caller sees, hence not a :class:`WarmPoolError`:
+    the sink a worker gives :meth:`AgentPool.run_stream` raises it from ``emit`` when
+    nobody reads any more, and ``run_stream`` raises it back after closing the action's
+    generator at its ``yield``. The agent is not broken by it and its state is unchanged.
+    """

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final, Generic, Literal, Self, TypeVar
 
@@ -21,6 +21,7 @@ from . import telemetry
 from .action import BatchAction
 from .agent import Agent
 from .batching import Batcher
+from .cancellation import NEVER, Cancellation
 from .errors import (
     CallTimeout,
     CheckoutTimeout,
@@ -30,6 +31,7 @@ from .errors import (
     PoolError,
     PoolExhausted,
     PoolStartError,
+    StreamCancelled,
     UnknownSignal,
     WarmPoolError,
 )
@@ -39,6 +41,7 @@ from .runner import Overran, TimeboxedRunner
 from .signal import Signal
 from .spec import PoolSpec, validate_options
 from .status import PoolCounters, PoolState, PoolStatus
+from .stream import Stream
 
 __all__ = ["AgentPool"]
 
@@ -571,6 +574,128 @@ class AgentPool(Generic[AgentT]):
     def finish_abandoned(self, agent: AgentT) -> None:
         """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
         self._teardown(agent)
+
+    # -- streams -----------------------------------------------------------------------
+
+    def stream(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
+               call_timeout: float | None = None) -> Stream:
+        """Check an agent out and stream ``signal`` on it, in the caller's thread.
+
+        Iterating the :class:`Stream` runs the action; the agent is checked in once the
+        stream ends, fails or is closed (``close()``, the ``with`` block's end, or the
+        stream garbage collected after a ``break``).
+
+        Arguments:
+            timeout: the most seconds to wait for an agent.
+            call_timeout: the most seconds the whole stream may take (on the pool's
+                clock), checked as each chunk comes: past it the action's generator is
+                closed, the iteration raises :class:`CallTimeout` and the agent is
+                replaced.
+
+        Raises:
+            CheckoutTimeout: here; the rest (InvalidSignal, ActionFailed, CallTimeout)
+                from the iteration.
+        """
+        event = Signal.parse(signal)
+        agent = self.checkout(timeout=timeout)
+        lease = _Lease()
+
+        def check_in() -> None:
+            if not lease.abandoned:
+                self.checkin(agent)
+
+        return Stream(self._timeboxed_stream(agent, event, lease, call_timeout), check_in)
+
+    def run_stream(self, agent: AgentT, event: Signal, emit: Callable[[Any], None],
+                   cancellation: Cancellation = NEVER) -> AgentReply:
+        """Stream ``event`` on ``agent`` (checked out by the caller), counted.
+
+        ``emit`` gets each chunk in order and may block (the reader is behind). A
+        non-streaming action runs as a call with no chunks.
+
+        Raises:
+            StreamCancelled: ``emit`` raised it (the reader went away) or ``cancellation``
+                was cancelled: the action's generator was closed at its ``yield``, the
+                agent is healthy and its state unchanged.
+            InvalidSignal, UnknownSignal, ActionFailed: as :meth:`Agent.handle`.
+        """
+        if cancellation.cancelled:
+            self._count("streams_started", "streams_cancelled")
+            raise StreamCancelled(f"stream of {event.type!r} cancelled before it started")
+        chunks = self._counted_stream(agent, event, cancellation)
+        try:
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration as stop:
+                    reply: AgentReply = stop.value
+                    return reply
+                emit(chunk)
+                if cancellation.cancelled:
+                    raise StreamCancelled(f"stream of {event.type!r} cancelled by its caller")
+        finally:
+            chunks.close()  # GeneratorExit at the action's yield unless it ended
+
+    def _timeboxed_stream(self, agent: AgentT, event: Signal, lease: _Lease,
+                          call_timeout: float | None) -> Generator[Any, None, AgentReply]:
+        """A local stream's chunks, within ``call_timeout`` (see :meth:`stream`)."""
+        chunks = self._counted_stream(agent, event, NEVER)
+        if call_timeout is None:
+            return (yield from chunks)
+        deadline = self._clock() + call_timeout
+        try:
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration as stop:
+                    reply: AgentReply = stop.value
+                    return reply
+                if self._clock() > deadline:
+                    # The work ended at a yield, but the caller was promised the bound:
+                    # the agent goes as an overrunning one does.
+                    error = self.overran(agent, event.type, call_timeout)
+                    lease.abandoned = True
+                    try:
+                        chunks.throw(error)  # closes the action's generator; a failure
+                    finally:
+                        self.finish_abandoned(agent)
+                yield chunk
+        finally:
+            chunks.close()  # closed early: GeneratorExit at the action's yield
+
+    def _counted_stream(self, agent: AgentT, event: Signal,
+                        cancellation: Cancellation) -> Generator[Any, None, AgentReply]:
+        """``agent.stream(event)``, counted: closing it counts the stream as cancelled."""
+        self._count("streams_started")
+        produced = 0
+        try:
+            chunks = agent.stream(event, cancellation)
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration as stop:
+                    reply: AgentReply = stop.value
+                    break
+                produced += 1
+                try:
+                    yield chunk
+                except BaseException:
+                    chunks.close()
+                    raise
+        except GeneratorExit:
+            self._add_chunks(produced, "streams_cancelled")
+            raise
+        except BaseException:
+            self._add_chunks(produced, "calls", "call_failures")
+            raise
+        self._add_chunks(produced, "calls", "streams_finished")
+        return reply
+
+    def _add_chunks(self, produced: int, *names: str) -> None:
+        with self._lock:
+            self._counts["chunks"] += produced
+            for name in names:
+                self._counts[name] += 1
 
     def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
              call_timeout: float | None) -> R:

@@ -52,6 +52,11 @@ class PoolOptions(BaseModel):
     start_timeout: float = Field(default=60.0, gt=0, description="seconds start() may take")
     monitor_interval: float | None = Field(
         default=None, gt=0, description="warn at most every T seconds while exhausted")
+    stream_buffer: int = Field(
+        default=256, ge=1, description="chunks a streaming action may run ahead of its reader")
+    stream_idle_timeout: float = Field(
+        default=30.0, gt=0,
+        description="seconds without a read before a stream's work is cancelled")
 
     @field_validator("discard_on", mode="before")
     @classmethod

@@ -32,6 +32,13 @@ class PoolCounters(BaseModel):
     batched: int = 0
     #: Casts sent to the pool's dead-letter queue (see celery_warmpool.client.dead_letters).
     dead_lettered: int = 0
+    #: Streaming calls begun, ended with their final reply, and stopped because their
+    #: reader went away; a stream that fails counts in ``call_failures`` as a call does.
+    streams_started: int = 0
+    streams_finished: int = 0
+    streams_cancelled: int = 0
+    #: Chunks the pool's streams produced.
+    chunks: int = 0
 
     def __add__(self, other: PoolCounters) -> PoolCounters:
         return PoolCounters(**{

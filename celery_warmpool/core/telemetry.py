@@ -43,6 +43,7 @@ __all__ = [
     "checkout_timeout",
     "pool_exhausted",
     "pool_pressure",
+    "stream_chunk",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,13 @@ call_exception = TelemetrySignal(
     "Handling ``event`` failed: ``action``, ``exception`` and ``duration``; the agent's "
     "state is unchanged.",
     ("agent", "event", "action", "exception", "duration"))
+
+stream_chunk = TelemetrySignal(
+    "warmpool_stream_chunk",
+    "A streaming action yielded a chunk of ``event``: ``index`` (0 for the first) and "
+    "``chunk`` (the value, JSON). Sent before the chunk goes to the reader; call_start "
+    "and call_stop or call_exception frame the stream as any call.",
+    ("agent", "event", "index", "chunk"))
 
 batch_run = TelemetrySignal(
     "warmpool_batch_run",
