@@ -13,6 +13,7 @@ appears in ``celery --help``::
     celery -A proj warmpool dead-letters search     # casts that could not succeed
     celery -A proj warmpool dead-letters search --replay   # cast them again
     celery -A proj warmpool dead-letters search --purge    # drop them
+    celery -A proj warmpool serve --port 8000       # the HTTP gateway (the http extra)
 
 The status comes from the ``warmpool_status`` broadcast every worker with warm pools
 answers. No answer is an error (exit status 69, ``EX_UNAVAILABLE``), as it is for
@@ -85,7 +86,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
 
 @click.group(name="warmpool")
 def warmpool(**kwargs: Any) -> None:
-    """Warm agent pools: status, resize, drain, dead letters."""
+    """Warm agent pools: status, resize, drain, dead letters, an HTTP gateway."""
 
 
 @warmpool.command(cls=CeleryCommand)
@@ -324,3 +325,38 @@ def _wait_until_idle(cli: CLIContext, warm: Any, pool: str, nodes: list[str],
             cli.error(f"pool {pool!r} was not idle on every node within {timeout:g}s")
             return False
         time.sleep(0.5)
+
+
+@warmpool.command(cls=CeleryCommand)
+@click.option("--host", cls=CeleryOption, default="127.0.0.1", help_group="Serve Options",
+              help="Address to listen on (default: this machine only).")
+@click.option("--port", cls=CeleryOption, type=click.IntRange(min=0, max=65535),
+              default=8000, help_group="Serve Options", help="Port to listen on.")
+@click.option("--pools", cls=CeleryOption, type=COMMA_SEPARATED_LIST, default=None,
+              help_group="Serve Options",
+              help="Comma separated list of pools to serve (default: every pool).")
+@click.option("--token", cls=CeleryOption, default=None, envvar="WARMPOOL_HTTP_TOKEN",
+              help_group="Serve Options",
+              help="Require 'Authorization: Bearer TOKEN' (default: $WARMPOOL_HTTP_TOKEN).")
+@click.option("--max-body", cls=CeleryOption, type=click.IntRange(min=1), default=1 << 20,
+              help_group="Serve Options", help="Largest request body in bytes (413 past it).")
+@click.option("--access-log", cls=CeleryOption, is_flag=True, help_group="Serve Options",
+              help="Log every request.")
+@click.pass_context
+@handle_preload_options
+def serve(ctx: click.Context, host: str, port: int, pools: list[str] | None,
+          token: str | None, max_body: int, access_log: bool, **kwargs: Any) -> None:
+    """Serve the pools over HTTP: call, cast, stream, status, OpenAPI, a live page."""
+    cli: CLIContext = ctx.obj
+    warm = _warm_pool_of(cli.app)
+    try:
+        from ..http.serve import serve as run
+    except ImportError as exc:
+        raise CeleryCommandException(
+            message=f"serving needs the http extra (pip install 'celery-warmpool[http]'): "
+                    f"{exc}", exit_code=EX_UNAVAILABLE) from None
+    try:
+        run(warm, host=host, port=port, pools=pools, token=token or None,
+            max_body=max_body, access_log=access_log)
+    except UnknownPool as exc:
+        raise click.BadParameter(str(exc), param_hint="'--pools'") from None

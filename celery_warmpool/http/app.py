@@ -1,0 +1,287 @@
+"""``create_app(warm)``: the HTTP front door of a :class:`~celery_warmpool.WarmPool`.
+
+Every route awaits the asyncio caller (``warm.acall``, ``acast``, ``astream``,
+``astatus``, ``anodes``) on the server's one event loop: no thread per request. Errors
+are answered as problems (:mod:`.problems`), the token and the body limit are checked
+before a route runs (:mod:`.guard`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import anyio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from ..core.errors import InvalidSignal, UnknownPool, WarmPoolError
+from ..core.signal import Signal
+from ..core.spec import PoolOptions, PoolSpec
+from .guard import DEFAULT_MAX_BODY, BodyLimit, BodyTooLarge, TokenGuard
+from .health import HealthCheck
+from .openapi import extend, routes_of
+from .page import page_html
+from .problems import http_problem, problem_for, problem_response
+
+if TYPE_CHECKING:
+    from ..extension import WarmPool
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+#: Options ``GET /pools`` leaves out: they may hold anything (keys, passwords).
+PRIVATE_OPTIONS = frozenset({"initial_state", "worker_opts"})
+#: Seconds the generator of a stream whose reader left is given to stop.
+CLOSE_TIMEOUT = 5.0
+_END = object()
+
+
+class Gateway:
+    """What the routes share: the WarmPool, the pools served, the health check."""
+
+    def __init__(self, warm: WarmPool, pools: Iterable[str] | None) -> None:
+        self.warm = warm
+        names = list(warm.specs) if pools is None else list(pools)
+        for name in names:
+            warm.spec(name)  # UnknownPool for a name the app does not have
+        self.pools = names
+        self.health = HealthCheck(warm.app)
+
+    def spec(self, pool: str) -> PoolSpec:
+        """The spec of a pool this gateway serves.
+
+        Raises:
+            UnknownPool: the app has no such pool, or this gateway does not serve it.
+        """
+        if pool not in self.pools:
+            raise UnknownPool(f"this gateway serves no pool {pool!r} (it serves: "
+                              f"{', '.join(self.pools) or 'none'})", pool)
+        return self.warm.spec(pool)
+
+    async def signal(self, pool: str, request: Request) -> Signal:
+        """The signal a request's body holds, for a pool this gateway serves.
+
+        Raises:
+            UnknownPool: see :meth:`spec`.
+            InvalidSignal: the body is not JSON, or not a valid signal.
+        """
+        self.spec(pool)
+        body = await request.body()
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise InvalidSignal(f"the request body is not JSON: {exc}") from None
+        return Signal.parse(document)
+
+    def describe(self, spec: PoolSpec, nodes: list[Any]) -> dict[str, Any]:
+        """What ``GET /pools`` tells of one pool."""
+        options = {name: getattr(spec, name) for name in PoolOptions.model_fields}
+        options["discard_on"] = [f"{kind.__module__}.{kind.__qualname__}"
+                                 for kind in spec.discard_on]
+        return {
+            "name": spec.name,
+            "agent": f"{spec.agent.__module__}.{spec.agent.__qualname__}",
+            "queue": spec.queue,
+            "options": options,
+            "signals": [route.describe() for route in routes_of(spec)],
+            "nodes": [record.model_dump(mode="json") for record in nodes
+                      if spec.name in record.pools],
+        }
+
+
+def create_app(warm: WarmPool, *, token: str | None = None,
+               max_body: int = DEFAULT_MAX_BODY, pools: Iterable[str] | None = None,
+               ) -> FastAPI:
+    """An ASGI app serving ``warm``'s pools over HTTP (see the module and docs/http.md).
+
+    Arguments:
+        token: with one, every route but ``/healthz`` needs ``Authorization: Bearer``.
+        max_body: the largest request body taken, in bytes (``413`` past it).
+        pools: the pools served (default: every pool of the app).
+
+    Raises:
+        UnknownPool: ``pools`` names a pool the app does not have.
+    """
+    gateway = Gateway(warm, pools)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        gateway.health.close()
+
+    app = FastAPI(title="celery-warmpool gateway", docs_url=None, redoc_url=None,
+                  lifespan=lifespan,
+                  description="Call, cast and stream signals to warm agent pools.")
+    app.state.gateway = gateway
+    _add_routes(app, gateway)
+    _add_documents(app, gateway, token is not None)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_body=max_body)
+    if token:
+        app.add_middleware(TokenGuard, token=token)
+    return app
+
+
+def _add_routes(app: FastAPI, gateway: Gateway) -> None:
+    warm = gateway.warm
+
+    @app.post("/pools/{pool}/call", include_in_schema=False)
+    async def call(pool: str, request: Request, timeout: float = Query(5.0, gt=0),
+                   call_timeout: float = Query(5.0, gt=0)) -> JSONResponse:
+        signal = await gateway.signal(pool, request)
+        reply = await warm.acall(pool, signal, timeout=timeout, call_timeout=call_timeout)
+        return JSONResponse(reply.model_dump(mode="json"))
+
+    @app.post("/pools/{pool}/cast", include_in_schema=False, status_code=202)
+    async def cast(pool: str, request: Request,
+                   timeout: float | None = Query(None, gt=0),
+                   call_timeout: float | None = Query(None, gt=0)) -> JSONResponse:
+        signal = await gateway.signal(pool, request)
+        result = await warm.acast(pool, signal, timeout=timeout, call_timeout=call_timeout)
+        return JSONResponse({"id": result.id}, status_code=202)
+
+    @app.post("/pools/{pool}/stream", include_in_schema=False)
+    async def stream(pool: str, request: Request, timeout: float = Query(5.0, gt=0),
+                     call_timeout: float = Query(60.0, gt=0)) -> Response:
+        signal = await gateway.signal(pool, request)
+        chunks = warm.astream(pool, signal, timeout=timeout, call_timeout=call_timeout)
+        return await _event_stream(chunks)
+
+    @app.get("/pools")
+    async def pools() -> JSONResponse:
+        """Every pool served: its options, signal types and live nodes."""
+        nodes = await warm.anodes(timeout=1.0)
+        return JSONResponse({"pools": [gateway.describe(warm.spec(name), nodes)
+                                       for name in gateway.pools]})
+
+    @app.get("/pools/{pool}/status", include_in_schema=False)
+    async def status(pool: str, timeout: float = Query(1.0, gt=0)) -> JSONResponse:
+        gateway.spec(pool)
+        found = await warm.astatus(pool, timeout=timeout)
+        return JSONResponse(found.model_dump(mode="json"))
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 when the broker and the result store answer, else 503 naming which not."""
+        parts = await gateway.health.check()
+        down = sorted(part for part, state in parts.items() if state != "ok")
+        if not down:
+            return JSONResponse(parts)
+        detail = "; ".join(f"{part}: {parts[part]}" for part in down)
+        return problem_response(http_problem(503, "Service Unavailable",
+                                             f"not reachable: {detail}", **parts))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(page_html())
+
+
+async def _event_stream(chunks: Any) -> Response:
+    """The SSE response of a stream. The first chunk is awaited before the response
+    starts, so an error before any chunk (an unknown signal type, a full pool) is
+    answered with its own status; later ones arrive as an ``error`` event."""
+    iterator = aiter(chunks)
+    try:
+        first = await anext(iterator)
+    except StopAsyncIteration:
+        first = _END
+    except BaseException:
+        await _close(chunks)
+        raise
+    return EventSourceResponse(_events(chunks, iterator, first), ping=15)
+
+
+async def _events(chunks: Any, iterator: AsyncIterator[Any],
+                  first: Any) -> AsyncIterator[dict[str, str]]:
+    try:
+        if first is not _END:
+            yield {"event": "chunk", "data": json.dumps(first)}
+            async for chunk in iterator:
+                yield {"event": "chunk", "data": json.dumps(chunk)}
+        yield {"event": "reply", "data": json.dumps(chunks.reply.model_dump(mode="json"))}
+    except Exception as exc:
+        if not isinstance(exc, WarmPoolError):
+            logger.exception("stream failed")
+        body, _ = problem_for(exc)
+        yield {"event": "error", "data": json.dumps(body)}
+    finally:
+        # Also when the client went away: sse-starlette cancels this generator, and the
+        # agent's generator is stopped only if the stream is closed.
+        await _close(chunks)
+
+
+async def _close(chunks: Any) -> None:
+    """Close a stream, shielded from the cancellation that may be ending its reader."""
+    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        await chunks.aclose()
+
+
+def _add_documents(app: FastAPI, gateway: Gateway, token: bool) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=_version(), routes=app.routes,
+                                   description=app.description)
+            app.openapi_schema = extend(document, [gateway.warm.spec(name)
+                                                   for name in gateway.pools], token=token)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        # Swagger UI fetches the document without the page's header: pass the token the
+        # page was opened with (already checked by the guard) on to it.
+        given = request.query_params.get("token")
+        url = "openapi.json" + (f"?token={quote(given)}" if given else "")
+        return get_swagger_ui_html(openapi_url=url, title=f"{app.title}: docs")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def warm_error(request: Request, exc: Exception) -> Response:
+        body, headers = problem_for(exc)
+        return problem_response(body, headers)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("request %s %s failed", request.method, request.url.path,
+                         exc_info=exc)
+        body, _ = problem_for(exc)
+        return problem_response(body)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if isinstance(exc, BodyTooLarge):
+            return problem_response(exc.problem)
+        return problem_response(http_problem(exc.status_code,
+                                             HTTPStatus(exc.status_code).phrase,
+                                             str(exc.detail)), exc.headers)
+
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+                  for error in exc.errors()]
+        return problem_response(http_problem(422, "Unprocessable Content",
+                                             "invalid query or path parameters",
+                                             errors=errors))
+
+    app.add_exception_handler(WarmPoolError, warm_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
