@@ -16,7 +16,15 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 
-from celery_warmpool import Action, ActionContext, Agent, AgentState, WarmPool, resource
+from celery_warmpool import (
+    Action,
+    ActionContext,
+    Agent,
+    AgentState,
+    Result,
+    WarmPool,
+    resource,
+)
 
 
 class CounterState(AgentState):
@@ -59,6 +67,34 @@ class Work(Action):
                 "last_end": time.time()}
 
 
+class Echo(Action):
+    """Give ``value`` back (the state is left alone)."""
+
+    name = "echo"
+
+    class Params(BaseModel):
+        value: Any = None
+
+    def run(self, params: Any, context: ActionContext) -> Result:
+        return Result(params.value)
+
+
+class Touch(Action):
+    """Sleep ``seconds``, then create the file ``path``: a side effect a test can see."""
+
+    name = "touch"
+
+    class Params(BaseModel):
+        path: str
+        seconds: float = 0.0
+
+    def run(self, params: Any, context: ActionContext) -> Result:
+        time.sleep(params.seconds)
+        with open(params.path, "w") as file:
+            file.write(str(os.getpid()))
+        return Result(params.path)
+
+
 class WorkState(CounterState):
     last_start: float = 0.0
     last_end: float = 0.0
@@ -71,6 +107,8 @@ class CounterAgent(Agent[WorkState]):
         "counter.increment": Increment,
         "counter.fail": Fail,
         "counter.work": Work,
+        "counter.echo": Echo,
+        "counter.touch": Touch,
     }
 
     def teardown(self) -> None:
@@ -91,6 +129,52 @@ class BrokenAgent(CounterAgent):
 
     def setup(self) -> None:
         raise ConnectionError("model server unreachable")
+
+
+class Spell(Action):
+    """Stream ``count`` chunks (``"chunk-0"``, ...), for the HTTP gateway's tests.
+
+    With ``hold``, wait after the first chunk until the Redis list ``hold`` of the result
+    store gets an item (a barrier the test releases); with ``fail_after``, fail once that
+    many chunks are out; with ``report``, push ``"<chunks out>:<finished|stopped>"`` to the
+    Redis list ``report`` as the generator ends, whichever way.
+    """
+
+    name = "spell"
+
+    class Params(BaseModel):
+        count: int = 3
+        hold: str | None = None
+        fail_after: int | None = None
+        report: str | None = None
+
+    def run(self, params: Any, context: ActionContext) -> Any:
+        out, ended = 0, "stopped"
+        try:
+            for index in range(params.count):
+                if index == params.fail_after:
+                    raise ValueError(f"asked to fail after {index} chunks")
+                yield f"chunk-{index}"
+                out += 1
+                if index == 0 and params.hold:
+                    _result_store().blpop([params.hold], timeout=30)
+            ended = "finished"
+            return {"count": context.state.count + out}
+        finally:
+            if params.report:
+                _result_store().rpush(params.report, f"{out}:{ended}")
+
+
+def _result_store() -> Any:
+    import redis
+
+    return redis.Redis.from_url(os.environ["WARMPOOL_RESULT_BACKEND"])
+
+
+class SpellingAgent(CounterAgent):
+    """A counter that also streams (the HTTP gateway's tests)."""
+
+    signal_routes = {**CounterAgent.signal_routes, "words.spell": Spell}
 
 
 DEFAULT_SPECS: list[dict[str, Any]] = [

@@ -1,0 +1,68 @@
+"""The gateway's live page in headless Chromium: the pools, their status, a streamed reply."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Iterator
+from urllib.parse import urlencode
+
+import pytest
+
+from tests.flower_page import chromium
+from tests.http_gateway import GatewayProcess, browse
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium")]
+
+TOKEN = "page-t0ken"
+SPECS = [
+    {"name": "counter", "agent": "tests.integration_app:CounterAgent", "size": 2},
+    {"name": "speller", "agent": "tests.integration_app:SpellingAgent", "size": 1},
+]
+
+
+def section(dom: str, pool: str) -> str:
+    """The part of the page's DOM about ``pool``."""
+    found = re.search(rf'<section class="pool" id="pool-{pool}".*?</section>', dom, re.DOTALL)
+    assert found, f"no section for pool {pool!r} in the page:\n{dom[:3000]}"
+    return found.group(0)
+
+
+def texts(fragment: str, tag: str, css_class: str) -> list[str]:
+    pattern = rf'<{tag}[^>]*class="{css_class}[^"]*"[^>]*>(.*?)</{tag}>'
+    return [html.unescape(re.sub(r"<[^>]+>", " ", text)).strip()
+            for text in re.findall(pattern, fragment, re.DOTALL)]
+
+
+@pytest.fixture
+def page(start_worker) -> Iterator[tuple[str, GatewayProcess]]:
+    worker = start_worker(SPECS, pool="threads", concurrency=4)
+    with GatewayProcess("tests.integration_app", worker.env, token=TOKEN) as gateway:
+        yield worker.hostname, gateway
+
+
+def test_the_page_shows_each_pool_and_streams_a_reply_into_it(page):
+    node, gateway = page
+    link = urlencode({"token": TOKEN, "pool": "speller", "type": "words.spell",
+                      "data": json.dumps({"count": 4}), "send": "stream"})
+
+    dom = browse(f"{gateway.url}/?{link}")
+
+    counter, speller = section(dom, "counter"), section(dom, "speller")
+    assert texts(counter, "span", "name") == ["counter"]
+    assert texts(counter, "span", "state") == ["ready"]
+    row = re.search(rf'<tr data-node="{re.escape(node)}">(.*?)</tr>', counter, re.DOTALL)
+    assert row, counter
+    cells = [html.unescape(re.sub(r"<[^>]+>", "", cell)).strip()
+             for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.DOTALL)]
+    assert cells[:6] == [node, "ready", "2 of 2", "0", "0", "0"]
+    assert [option for option in re.findall(r'<option value="([^"]+)"', speller)] == [
+        "counter.fail", "counter.increment", "counter.work", "words.spell"]
+
+    assert texts(speller, "li", "chunk") == ["chunk-0", "chunk-1", "chunk-2", "chunk-3"]
+    reply = json.loads(texts(speller, "pre", "reply")[0])
+    assert (reply["action"], reply["node"], reply["state"]["count"]) == ("spell", node, 4)
+    assert 'data-outcome="reply"' in speller
+
