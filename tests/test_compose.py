@@ -152,11 +152,17 @@ def wait_for(condition: Any, timeout: float, what: str, running: ManagedProcess)
     raise AssertionError(f"{what} within {timeout}s; log:\n{running.log()}")
 
 
-def http_get(url: str, auth: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url)
+def http_get(url: str, auth: str | None = None, *, bearer: str | None = None,
+             body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    """GET ``url`` (or POST ``body`` as JSON) with basic or bearer authorization."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={
+        "Content-Type": "application/json"} if data else {})
     if auth:
         request.add_header("Authorization",
                            "Basic " + base64.b64encode(auth.encode()).decode())
+    if bearer:
+        request.add_header("Authorization", f"Bearer {bearer}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()
@@ -205,7 +211,7 @@ def test_services_profiles_and_health_checks(compose: dict[str, Any]) -> None:
     default = {name for name, service in services.items() if not service.get("profiles")}
     rabbitmq = {name for name, service in services.items()
                 if "rabbitmq" in service.get("profiles", [])}
-    assert default == {"redis", "worker", "flower"}
+    assert default == {"redis", "worker", "flower", "gateway"}
     assert rabbitmq == {"rabbitmq", "worker-rabbitmq", "flower-rabbitmq"}
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert services["rabbitmq"]["healthcheck"]["test"] == [
@@ -223,10 +229,14 @@ def test_services_profiles_and_health_checks(compose: dict[str, Any]) -> None:
             environment.get("FLOWER_UNAUTHENTICATED_API") == "true"
         assert "/healthcheck" in " ".join(services[flower]["healthcheck"]["test"])
     # Every service runs from the one image built from this repository.
+    gateway = services["gateway"]
+    assert "WARMPOOL_HTTP_TOKEN" in gateway["environment"]  # not open to every caller
+    assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
     images = {services[name]["image"] for name in
-              ("worker", "flower", "worker-rabbitmq", "flower-rabbitmq")}
+              ("worker", "flower", "gateway", "worker-rabbitmq", "flower-rabbitmq")}
     assert images == {"celery-warmpool-examples:latest"}
     assert services["flower"]["build"] == services["worker"]["build"]
+    assert services["gateway"]["build"] == services["worker"]["build"]
 
 
 def test_redis_health_check_answers(compose: dict[str, Any]) -> None:
@@ -299,3 +309,37 @@ def test_worker_and_flower_commands_start_and_answer(
     assert worker_code == 0, running_worker.log()
     assert "Warm shutdown" in running_worker.log()
     assert flower_code is not None, running_flower.log()
+
+
+@pytest.mark.integration
+def test_gateway_command_serves_the_pools_and_answers_its_health_check(
+        compose: dict[str, Any], tmp_path: Path, clean_databases: None) -> None:
+    port, token = free_port(), uuid.uuid4().hex
+    variables = {**os.environ, "WORKER_NAME": f"compose-{uuid.uuid4().hex[:8]}",
+                 "GATEWAY_PORT": str(port), "GATEWAY_TOKEN": token}
+    services = interpolate(compose["services"], variables)
+    worker, gateway = services["worker"], services["gateway"]
+    assert "--host 0.0.0.0" in gateway["command"]
+    worker_env = process_environment(local_environment(worker))
+    gateway_env = process_environment(local_environment(gateway))
+    assert gateway_env["WARMPOOL_HTTP_TOKEN"] == token
+
+    running_worker = start(worker, worker_env, tmp_path / "worker.log")
+    running_gateway = start(gateway, gateway_env, tmp_path / "gateway.log")
+    try:
+        wait_for(lambda: " ready." in running_worker.log(), 60, "worker ready",
+                 running_worker)
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(f"{base}/healthz")[0] == 200, 60, "the gateway answering",
+                 running_gateway)
+        run_health_check(gateway, gateway_env)
+        call = f"{base}/pools/visits/call"
+        increment = {"type": "counter.increment", "data": {"by": 3}}
+        assert http_get(call, body=increment)[0] == 401  # the token is needed
+        status, body = http_get(call, bearer=token, body=increment)
+        assert status == 200, body
+        assert json.loads(body)["state"]["count"] == 3
+    finally:
+        gateway_code = running_gateway.stop(seconds(gateway["stop_grace_period"]))
+        running_worker.stop(seconds(worker["stop_grace_period"]))
+    assert gateway_code == 0, running_gateway.log()
