@@ -1,0 +1,254 @@
+"""The HTTP gateway under load, against the hand-written one, in one run.
+
+    python bench/gateway.py            # about a minute
+    python bench/gateway.py --quick    # 3 s per load step
+
+Starts one threads node (``-c 16``, an echo pool of 8 agents) on the local Redis
+(databases 12 and 13), then two HTTP servers on it, both under uvicorn with one process
+and no access log:
+
+- ``celery warmpool serve``: every request awaits ``warm.acall`` on one event loop;
+- the hand-written gateway of ``bench/gateway_app.py``: a plain ``def`` FastAPI endpoint
+  calling the blocking ``warm.call`` in FastAPI's thread pool, as users write it today.
+
+Each takes ``wrk`` (Debian's package) with 256 connections for 10 s on
+``POST /pools/echo/call``: requests per second, non-2xx answers and socket errors, the
+server's own CPU per request (from ``/proc/<pid>/stat``) and the most Redis connections
+it held (psutil, sampled through the run). Then, through the gateway, one client at a
+time: the time to the first chunk of an SSE stream against a unary call's p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from celery_warmpool.ops.processes import ManagedProcess, WorkerProcess  # noqa: E402
+from tests.flower_page import free_port  # noqa: E402
+
+BROKER = "redis://127.0.0.1:6379/12"
+BACKEND = "redis://127.0.0.1:6379/13"
+REDIS_PORT = 6379
+CONNECTIONS = 256
+SIGNAL = '{"type": "bench.echo", "data": {"text": "hello"}}'
+WRK_SCRIPT = f"""
+wrk.method = "POST"
+wrk.body = '{SIGNAL}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+#: Targets of the HTTP issue.
+CPU_RATIO_TARGET = 0.5
+REDIS_CONNECTIONS_TARGET = 8
+FIRST_CHUNK_TARGET = 1.2
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Load:
+    """What one server did under wrk."""
+
+    name: str
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    cpu_seconds: float
+    redis_connections: int
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def cpu_per_request_us(self) -> float:
+        return self.cpu_seconds / max(self.requests, 1) * 1e6
+
+
+def wrk_binary() -> str:
+    """Debian's wrk; installed here with apt-get when missing and this runs as root."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0:
+        print("wrk is missing: installing Debian's wrk (apt-get install wrk)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which("wrk")
+    if not found:
+        sys.exit("wrk is missing: install Debian's wrk package (apt-get install wrk)")
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def redis_connections(pid: int) -> int:
+    """TCP connections of process ``pid`` to the Redis port."""
+    return sum(1 for connection in psutil.Process(pid).net_connections(kind="tcp")
+               if connection.raddr and connection.raddr.port == REDIS_PORT)
+
+
+def start_server(command: list[str], env: dict[str, str]) -> tuple[ManagedProcess, str]:
+    port = free_port()
+    process = ManagedProcess([*command, "--port", str(port)], env=env, cwd=ROOT).launch()
+    if not process.wait_for_log("Uvicorn running on", 60):
+        sys.exit(f"{command[0]} did not start:\n{process.log()}")
+    return process, f"http://127.0.0.1:{port}"
+
+
+def load(name: str, server: ManagedProcess, url: str, seconds: float, wrk: str,
+         script: str) -> Load:
+    """wrk on ``url``'s call route for ``seconds``; the server's CPU and connections."""
+    most = [redis_connections(server.pid)]
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            most.append(redis_connections(server.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    before = cpu_seconds(server.pid)
+    sampler.start()
+    done = subprocess.run(
+        [wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--timeout", "10s", "-s", script,
+         f"{url}/pools/echo/call"], capture_output=True, text=True, check=True)
+    used = cpu_seconds(server.pid) - before
+    running.clear()
+    sampler.join()
+    output = done.stdout
+    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", output)
+    if total is None:
+        sys.exit(f"cannot read wrk's output:\n{output}")
+    requests, elapsed, unit = total.groups()
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                       r"timeout (\d+)", output)
+    return Load(name, int(requests), float(elapsed) / (1000 if unit == "ms" else 1),
+                int(non_2xx.group(1)) if non_2xx else 0,
+                sum(int(count) for count in errors.groups()) if errors else 0,
+                used, max(most))
+
+
+def first_chunks(url: str, rounds: int) -> tuple[list[float], list[float]]:
+    """Unary call latencies and times to the first SSE chunk, one client, interleaved."""
+    unary: list[float] = []
+    first: list[float] = []
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            assert http.post("/pools/echo/call", content=SIGNAL).status_code == 200
+            unary.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with http.stream("POST", "/pools/echo/stream",
+                             json={"type": "bench.words", "data": {"count": 8}}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: chunk"):
+                        first.append(time.perf_counter() - started)
+                        break
+                for _ in response.iter_lines():
+                    pass
+    return unary, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per load step")
+    options = parser.parse_args()
+    seconds = 3.0 if options.quick else 10.0
+    wrk = wrk_binary()
+    for url in (BROKER, BACKEND):
+        redis.Redis.from_url(url).flushdb()
+    env = {**os.environ, "WARMPOOL_BROKER_URL": BROKER, "WARMPOOL_RESULT_BACKEND": BACKEND,
+           "PYTHONPATH": str(ROOT)}
+    worker = WorkerProcess("bench.gateway_app", pool="threads", concurrency=16,
+                           broker=BROKER, backend=BACKEND, env=env, cwd=ROOT,
+                           loglevel="WARNING")
+    servers: list[ManagedProcess] = []
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    try:
+        worker.start()
+        python = [sys.executable, "-m"]
+        gateway, gateway_url = start_server(
+            [*python, "celery", "-A", "bench.gateway_app", "warmpool", "serve"], env)
+        servers.append(gateway)
+        handwritten, handwritten_url = start_server(
+            [*python, "uvicorn", "bench.gateway_app:handwritten", "--no-access-log",
+             "--log-level", "info"], env)
+        servers.append(handwritten)
+        for url in (gateway_url, handwritten_url):  # warm both up: imports, connections
+            subprocess.run([wrk, "-t1", "-c16", "-d1s", "-s", script.name,
+                            f"{url}/pools/echo/call"], capture_output=True, check=True)
+        rows = [load("celery warmpool serve", gateway, gateway_url, seconds, wrk, script.name),
+                load("hand-written (warm.call in threads)", handwritten, handwritten_url,
+                     seconds, wrk, script.name)]
+        unary, first = first_chunks(gateway_url, 20 if options.quick else 100)
+    finally:
+        for server in servers:
+            server.stop(15)
+            server.remove_log()
+        worker.stop()
+        worker.remove_log()
+        os.unlink(script.name)
+    report(rows, unary, first, seconds)
+
+
+def report(rows: list[Load], unary: list[float], first: list[float], seconds: float) -> None:
+    gateway, handwritten = rows
+    print(f"\nwrk -c{CONNECTIONS} -d{seconds:g}s on POST /pools/echo/call, a threads node "
+          "(-c 16, 8 agents) on local Redis\n")
+    print(f"  {'server':38}{'req/s':>8}{'non-2xx':>9}{'sock err':>10}{'CPU us/req':>12}"
+          f"{'redis conns':>13}")
+    for row in rows:
+        print(f"  {row.name:38}{row.per_second:8.0f}{row.non_2xx:9d}{row.socket_errors:10d}"
+              f"{row.cpu_per_request_us:12.0f}{row.redis_connections:13d}")
+    unary_p50 = statistics.median(unary) * 1000
+    first_p50 = statistics.median(first) * 1000
+    print(f"\n  one client through the gateway: unary call p50 {unary_p50:.2f} ms, "
+          f"first SSE chunk p50 {first_p50:.2f} ms ({len(unary)} of each, interleaved)\n")
+    checks = [
+        ("no socket error, no non-2xx (gateway)",
+         gateway.socket_errors + gateway.non_2xx, "= 0",
+         gateway.socket_errors + gateway.non_2xx == 0),
+        ("req/s gateway / hand-written", gateway.per_second / handwritten.per_second,
+         ">= 1", gateway.per_second >= handwritten.per_second),
+        ("CPU per request gateway / hand-written",
+         gateway.cpu_per_request_us / handwritten.cpu_per_request_us,
+         f"<= {CPU_RATIO_TARGET}",
+         gateway.cpu_per_request_us <= CPU_RATIO_TARGET * handwritten.cpu_per_request_us),
+        ("Redis connections of the gateway", gateway.redis_connections,
+         f"<= {REDIS_CONNECTIONS_TARGET}",
+         gateway.redis_connections <= REDIS_CONNECTIONS_TARGET),
+        ("first SSE chunk / unary call p50", first_p50 / unary_p50,
+         f"<= {FIRST_CHUNK_TARGET}", first_p50 <= FIRST_CHUNK_TARGET * unary_p50),
+    ]
+    print("targets")
+    for name, value, target, met in checks:
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"  {name:40}{shown:>8}  {target:8}  {'PASS' if met else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()
