@@ -10,7 +10,8 @@ It wires three parts onto the app and adds nothing of its own:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from celery import Celery, Task
 from .client.calls import PoolClient, SignalLike
 from .client.dead_letters import DeadLetters
 from .client.delivery import confirm_publishes, make_results_resilient
+from .client.fanout import afan_out, fan_out
 from .client.membership import NodeRecord
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
@@ -129,6 +131,49 @@ class WarmPool:
     def nodes(self, pool: str | None = None, timeout: float = 1.0) -> list[NodeRecord]:
         """The live nodes hosting ``pool``; see :meth:`StatusReader.nodes`."""
         return self.status_reader.nodes(pool, timeout=timeout)
+
+    def map(self, pool: str, signals: Iterable[SignalLike], *, concurrency: int = 64,
+            timeout: float = 5.0, call_timeout: float | None = 5.0,
+            return_exceptions: bool = False) -> Iterator[Any]:
+        """Call ``pool`` once per signal, many at once; see :func:`~.client.fanout.fan_out`."""
+        return fan_out(self.client, pool, signals, concurrency=concurrency, timeout=timeout,
+                       call_timeout=call_timeout, return_exceptions=return_exceptions)
+
+    # -- asyncio ---------------------------------------------------------------------------
+
+    async def acall(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+                    call_timeout: float | None = 5.0) -> AgentReply:
+        """:meth:`call`, awaited; see :meth:`PoolClient.acall`."""
+        return await self.client.acall(pool, signal, timeout=timeout,
+                                       call_timeout=call_timeout)
+
+    async def atransaction(self, pool: str, signals: Iterable[SignalLike],
+                           timeout: float = 5.0,
+                           call_timeout: float | None = 5.0) -> list[AgentReply]:
+        """:meth:`transaction`, awaited."""
+        return await self.client.atransaction(pool, signals, timeout=timeout,
+                                              call_timeout=call_timeout)
+
+    async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
+                    call_timeout: float | None = None) -> Any:
+        """:meth:`cast`, awaited: it returns once the message is published."""
+        return await self.client.acast(pool, signal, timeout=timeout,
+                                       call_timeout=call_timeout)
+
+    async def astatus(self, pool: str, timeout: float = 1.0) -> PoolStatus:
+        """:meth:`status`, awaited (the nodes are asked from a thread)."""
+        return await asyncio.to_thread(self.status, pool, timeout)
+
+    async def anodes(self, pool: str | None = None, timeout: float = 1.0) -> list[NodeRecord]:
+        """:meth:`nodes`, awaited (read from a thread)."""
+        return await asyncio.to_thread(self.nodes, pool, timeout)
+
+    def amap(self, pool: str, signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
+             concurrency: int = 64, timeout: float = 5.0, call_timeout: float | None = 5.0,
+             return_exceptions: bool = False) -> AsyncIterator[Any]:
+        """:meth:`map` as an async iterator; see :func:`~.client.fanout.afan_out`."""
+        return afan_out(self.client, pool, signals, concurrency=concurrency, timeout=timeout,
+                        call_timeout=call_timeout, return_exceptions=return_exceptions)
 
     def local_pool(self, pool: str) -> AgentPool[Agent[Any]]:
         """The pool ``pool`` in this process (built on first use outside a worker)."""

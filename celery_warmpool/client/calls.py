@@ -1,18 +1,33 @@
-"""Calling pools over the broker: call (wait for the reply), cast (do not), transaction."""
+"""Calling pools over the broker: call, transaction and cast, blocking or awaited.
+
+Each kind of call is written once, as steps (:mod:`.protocol`); ``call`` carries them out
+in the calling thread and ``acall`` on the caller's event loop (:mod:`.shells`). Replies
+come through the process's one :class:`~.listener.ReplyListener` when the result store
+is Redis; with another result backend a call waits as Celery's own ``get()`` does (and
+``acall`` waits for it on a thread): see :meth:`PoolClient.listener`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from celery import Task
+from celery import Task, states
 from celery.result import AsyncResult
 
-from ..core.errors import CheckoutTimeout
+from ..core.errors import BrokerUnavailable, CheckoutTimeout
 from ..core.reply import AgentReply
 from ..core.signal import Signal
+from . import marks
 from .delivery import Delivery
+from .listener import ReplyListener
+from .protocol import Steps, publish_steps, receive_steps
+from .publisher import Publisher
+from .shells import run_async, run_blocking
 
 if TYPE_CHECKING:
     from ..configuration import PoolConfiguration
@@ -28,7 +43,7 @@ SignalLike = Signal | Mapping[str, Any] | str
 
 
 class PoolClient:
-    """Call, cast and transact with pools over the broker.
+    """Call, cast and transact with pools over the broker, from threads or coroutines.
 
     ``handle_task`` and ``cast_task`` are the tasks that run a call's and a cast's signals
     on a pool's agents in the worker.
@@ -39,7 +54,11 @@ class PoolClient:
         self.configuration = configuration
         self.handle_task = handle_task
         self.cast_task = cast_task
-        self.delivery = Delivery(handle_task.app)
+        self.app = handle_task.app
+        self.delivery = Delivery(self.app)
+        self.publisher = Publisher(self.app)
+
+    # -- blocking ------------------------------------------------------------------------
 
     def call(self, pool: str, signal: SignalLike, timeout: float = 5.0,
              call_timeout: float | None = 5.0) -> AgentReply:
@@ -51,14 +70,16 @@ class PoolClient:
             call_timeout: seconds the work may take; past it the caller gets
                 :class:`CallTimeout` and the agent that overran is replaced.
 
-        A broker or result store away for less than the call's time is waited out.
+        A broker or result store away for less than the call's time is waited out. A
+        caller interrupted while it waits (``KeyboardInterrupt``) leaves the call: if no
+        worker has started it, none will.
 
         Raises:
             UnknownPool, InvalidSignal, UnknownSignal, ActionFailed, CheckoutTimeout,
             CallTimeout, AgentLost, BrokerUnavailable: as their names say; never a reply
             hiding an error.
         """
-        return self._send(pool, [Signal.parse(signal)], timeout, call_timeout, False)[0]
+        return self.transaction(pool, [signal], timeout, call_timeout)[0]
 
     def transaction(self, pool: str, signals: Iterable[SignalLike], timeout: float = 5.0,
                     call_timeout: float | None = 5.0) -> list[AgentReply]:
@@ -66,7 +87,9 @@ class PoolClient:
         events = [Signal.parse(signal) for signal in signals]
         if not events:
             return []
-        return self._send(pool, events, timeout, call_timeout, True)
+        if self.listener() is None:
+            return self._call_through_celery(pool, events, timeout, call_timeout)
+        return run_blocking(self.call_steps(pool, events, timeout, call_timeout))
 
     def cast(self, pool: str, signal: SignalLike, timeout: float | None = None,
              call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
@@ -80,42 +103,154 @@ class PoolClient:
         Raises:
             BrokerUnavailable: the broker could not be reached in that time.
         """
+        return run_blocking(self.cast_steps(pool, signal, timeout, call_timeout))
+
+    # -- asyncio -------------------------------------------------------------------------
+
+    async def acall(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+                    call_timeout: float | None = 5.0) -> AgentReply:
+        """:meth:`call`, awaited: the event loop never blocks, a broker outage included.
+
+        A cancelled caller (``asyncio.CancelledError``, as when an HTTP client goes
+        away) stops waiting at once; if no worker has started the call, none will.
+        """
+        return (await self.atransaction(pool, [signal], timeout, call_timeout))[0]
+
+    async def atransaction(self, pool: str, signals: Iterable[SignalLike],
+                           timeout: float = 5.0,
+                           call_timeout: float | None = 5.0) -> list[AgentReply]:
+        """:meth:`transaction`, awaited (see :meth:`acall`)."""
+        events = [Signal.parse(signal) for signal in signals]
+        if not events:
+            return []
+        if self.listener() is None:
+            return await asyncio.to_thread(self._call_through_celery, pool, events, timeout,
+                                           call_timeout)
+        return await run_async(self.call_steps(pool, events, timeout, call_timeout),
+                               self.publisher.executor)
+
+    async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
+                    call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
+        """:meth:`cast`, awaited: publishing runs on a thread, never on the loop."""
+        return await run_async(self.cast_steps(pool, signal, timeout, call_timeout),
+                               self.publisher.executor)
+
+    # -- what a call is ----------------------------------------------------------------
+
+    def call_steps(self, pool: str, events: list[Signal], timeout: float,
+                   call_timeout: float | None) -> Steps[list[AgentReply]]:
+        """The steps of a call (one event) or a transaction (several) on ``pool``.
+
+        The message carries the caller's deadline, so a worker that takes it late drops
+        it unrun. The reply is awaited for ``timeout + call_timeout + REPLY_GRACE``.
+        """
+        spec = self.configuration.spec(pool)
+        listener = self.listener()
+        assert listener is not None
+        started = time.monotonic()
+        task_id = str(uuid.uuid4())
+        message = self.publisher.message(
+            self.handle_task.name, task_id,
+            (pool, [event.to_wire() for event in events], time.time() + timeout,
+             call_timeout, len(events) > 1), spec.queue, _argsrepr(pool, events))
+        key = self.app.backend.get_key_for_task(task_id)
+        window = timeout + (call_timeout or 0.0) + REPLY_GRACE
+        subscription = listener.subscribe(key, key)
+        try:
+            yield from publish_steps(functools.partial(self.publisher.send, message),
+                                     started + timeout, timeout, self.delivery.outages(),
+                                     self.delivery.broker_url)
+            replies = yield from receive_steps(
+                subscription.mailbox, started + window, self._reader(),
+                functools.partial(self._silence, listener, pool, timeout, window))
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # the caller left: cancelled, interrupted
+                listener.submit(functools.partial(marks.mark_cancelled, task_id=task_id,
+                                                  seconds=window))
+            raise
+        finally:
+            listener.unsubscribe(subscription)
+        return [AgentReply.model_validate(reply) for reply in replies]
+
+    def cast_steps(self, pool: str, signal: SignalLike, timeout: float | None,
+                   call_timeout: float | None) -> Steps[AsyncResult]:  # type: ignore[type-arg]
+        """The steps of a cast: publishing only, retried while the broker is away."""
         event = Signal.parse(signal)
         spec = self.configuration.spec(pool)
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
-        return self.delivery.publish(
-            lambda: self.cast_task.apply_async(
-                (pool, [event.to_wire()], deadline, call_timeout, False),
-                **_send_options(spec.queue, pool, [event])),
-            time.monotonic() + bound, bound)
+        task_id = str(uuid.uuid4())
+        message = self.publisher.message(
+            self.cast_task.name, task_id, (pool, [event.to_wire()], deadline, call_timeout,
+                                           False), spec.queue, _argsrepr(pool, [event]))
+        yield from publish_steps(functools.partial(self.publisher.send, message),
+                                 time.monotonic() + bound, bound, self.delivery.outages(),
+                                 self.delivery.broker_url)
+        return AsyncResult(task_id, app=self.app)
 
-    def _send(self, pool: str, events: list[Signal], timeout: float,
-              call_timeout: float | None, transaction: bool) -> list[AgentReply]:
+    def listener(self) -> ReplyListener | None:
+        """This process's reply listener for the app's result store, or ``None``.
+
+        Only a plain Redis result store has one. Others (``rpc://``, databases, files,
+        Sentinel) keep Celery's own way of waiting, one waiting thread per call.
+        """
+        return ReplyListener.for_backend(self.app.backend)
+
+    def _reader(self) -> Any:
+        backend = self.app.backend
+
+        def read(payload: bytes) -> list[dict[str, Any]] | None:
+            meta = backend.decode_result(payload)
+            status = meta["status"]
+            if status == states.SUCCESS:
+                replies: list[dict[str, Any]] = meta["result"]
+                return replies
+            if status in states.EXCEPTION_STATES:
+                raise meta["result"]
+            return None  # not final (a started state, say): keep waiting
+
+        return read
+
+    def _silence(self, listener: ReplyListener, pool: str, timeout: float,
+                 window: float) -> BaseException:
+        outage = listener.outage()
+        if outage is not None:
+            return BrokerUnavailable(
+                f"could not reach the result store {listener.url} for the reply within "
+                f"{window:g}s: {type(outage).__name__}: {outage}", listener.url, window)
+        spec = self.configuration.spec(pool)
+        return _no_reply(pool, timeout, window, spec.size, spec.max_overflow)
+
+    def _call_through_celery(self, pool: str, events: list[Signal], timeout: float,
+                             call_timeout: float | None) -> list[AgentReply]:
+        """A call for result backends without a listener: Celery's own ``get()``."""
         spec = self.configuration.spec(pool)
         started = time.monotonic()
         deadline = time.time() + timeout
         result = self.delivery.publish(
             lambda: self.handle_task.apply_async(
                 (pool, [event.to_wire() for event in events], deadline, call_timeout,
-                 transaction), **_send_options(spec.queue, pool, events)),
+                 len(events) > 1), queue=spec.queue, argsrepr=_argsrepr(pool, events),
+                kwargsrepr="{}"),
             started + timeout, timeout)
         window = timeout + (call_timeout or 0.0) + REPLY_GRACE
-
-        def no_reply() -> CheckoutTimeout:
-            # The message carries its deadline: a worker that takes it now drops it.
-            return CheckoutTimeout(
-                f"pool {pool!r}: no reply within {window:.1f}s. No worker started the call "
-                f"within timeout={timeout}s (it carries that deadline and will not start "
-                "later), or the worker running it was lost", pool, window, spec.size,
-                spec.max_overflow)
-
+        no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
+                                     spec.max_overflow)
         replies = self.delivery.wait(result, started + window, window, no_reply)
         return [AgentReply.model_validate(reply) for reply in replies]
 
 
-def _send_options(queue: str, pool: str, events: list[Signal]) -> dict[str, Any]:
-    # argsrepr is what worker logs and monitors show for the message; giving it also
-    # spares Celery a slow generic repr of the signals on every send.
+def _no_reply(pool: str, timeout: float, window: float, size: int,
+              max_overflow: int) -> CheckoutTimeout:
+    # The message carries its deadline: a worker that takes it now drops it.
+    return CheckoutTimeout(
+        f"pool {pool!r}: no reply within {window:.1f}s. No worker started the call "
+        f"within timeout={timeout}s (it carries that deadline and will not start "
+        "later), or the worker running it was lost", pool, window, size, max_overflow)
+
+
+def _argsrepr(pool: str, events: list[Signal]) -> str:
+    # What worker logs and monitors show for the message; giving it also spares Celery
+    # a slow generic repr of the signals on every send.
     kinds = ", ".join(f"{event.type}#{event.id}" for event in events)
-    return {"queue": queue, "argsrepr": f"({pool!r}, [{kinds}])", "kwargsrepr": "{}"}
+    return f"({pool!r}, [{kinds}])"

@@ -19,6 +19,8 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from ..core.errors import BrokerUnavailable, WarmPoolError
+from .protocol import RETRY_MOST, publish_steps
+from .shells import run_blocking
 
 __all__ = ["BACKEND_RETRY_POLICY", "Delivery", "confirm_publishes", "make_results_resilient"]
 
@@ -26,9 +28,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Seconds between two tries while the broker is away: first and longest.
-RETRY_FIRST = 0.05
-RETRY_MOST = 0.5
 #: Seconds between looks for a reply: where it comes by subscription, and where the
 #: result store must be polled for it.
 ASYNC_INTERVAL = 0.5
@@ -36,10 +35,6 @@ POLL_INTERVAL = 0.01
 #: The longest single wait for a reply: each new wait reads the stored result again, so a
 #: notification missed while the result store was away costs at most this much.
 WAIT_SLICE = 1.0
-#: How a single publish retries by itself (kombu reconnects in between); our own loop
-#: repeats it until the caller's deadline.
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.1,
-                 "interval_max": 0.2}
 
 
 class Delivery:
@@ -91,27 +86,8 @@ class Delivery:
         Raises:
             BrokerUnavailable: the broker could not be reached before the deadline.
         """
-        delay = RETRY_FIRST
-        while True:
-            try:
-                return send()
-            except WarmPoolError:
-                raise
-            except self.outages(RuntimeError) as exc:
-                # Sending subscribes to the reply first: Celery's result consumer may give
-                # up reconnecting with a RuntimeError, caused by a lost connection.
-                if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__,
-                                                                    self.outages()):
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BrokerUnavailable(
-                        f"could not reach the broker {self.broker_url} within "
-                        f"{timeout:g}s: {type(exc).__name__}: {exc}", self.broker_url,
-                        timeout) from exc
-                logger.debug("broker %s unreachable (%r); retrying", self.broker_url, exc)
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, RETRY_MOST)
+        return run_blocking(publish_steps(send, deadline, timeout, self.outages(),
+                                          self.broker_url))
 
     def wait(self, result: Any, deadline: float, window: float,
              no_reply: Callable[[], BaseException]) -> Any:

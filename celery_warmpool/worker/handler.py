@@ -4,7 +4,8 @@
 :data:`CAST_TASK`, to the pool's queue. In the process that takes it, either:
 
 1. drops the call unrun if its deadline (the caller's ``timeout``) has passed;
-2. checks an agent out, waiting at most until that deadline;
+2. checks an agent out, waiting at most until that deadline, and drops the call unrun if
+   its caller has left it meanwhile (a cancel mark, see :mod:`..client.marks`);
 3. runs the signals on it inline (a transaction: all or nothing);
 4. with a ``call_timeout``, has the process's watchdog answer the caller with
    :class:`CallTimeout` at that deadline and replace the agent, while the overrunning
@@ -19,6 +20,7 @@ also goes to its pool's dead-letter queue; one whose process dies is delivered a
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from typing import Any
@@ -29,12 +31,15 @@ from celery.exceptions import Ignore, Reject
 from ..core.agent import Agent
 from ..core.errors import ActionFailed, CheckoutTimeout, HandedBack, WarmPoolError
 from ..core.pool import AgentPool
+from ..client.marks import is_cancelled
 from ..core.signal import Signal
 from .requests import REQUEST
 from .runtime import WorkerRuntime
 from .watchdog import Watchdog
 
 __all__ = ["CAST_TASK", "HANDLE_TASK", "CallHandler", "register_tasks"]
+
+logger = logging.getLogger(__name__)
 
 #: The task that carries a call's or a transaction's signals to a pool's queue.
 HANDLE_TASK = "celery_warmpool.handle"
@@ -59,6 +64,11 @@ class CallHandler:
         except HandedBack:
             # The node is draining or stopping: back to the broker, for another node.
             raise Reject(requeue=True) from None
+        if _cancelled(task):
+            # Its caller left before it started (checked once an agent is in hand, so a
+            # long wait for one counts too): nobody waits for it, so nothing is stored.
+            agent_pool.checkin(agent)
+            raise Ignore()
         if call_timeout is None:
             with agent_pool.lent(agent):
                 replies = agent_pool.run_signals(agent, events, transaction=transaction)
@@ -126,6 +136,19 @@ def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> flo
             "timeout before a worker took it; it was not run",
             agent_pool.name, -left, agent_pool.size, agent_pool.max_overflow)
     return left
+
+
+def _cancelled(task: Task) -> bool:  # type: ignore[type-arg]
+    """Whether the caller of this call left it (see :mod:`..client.marks`)."""
+    client = getattr(task.backend, "client", None)
+    task_id = task.request.id
+    if task_id is None or getattr(task, "warmpool_kind", None) != "call" or client is None:
+        return False
+    try:
+        return is_cancelled(client, task_id)
+    except Exception as exc:  # an unreachable result store must not stop the call
+        logger.debug("could not read the cancel mark of %s: %r", task_id, exc)
+        return False
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]

@@ -1,0 +1,99 @@
+"""Fan-out: one call per signal, many in flight, replies in the order of the signals.
+
+:func:`afan_out` is written once, on asyncio: it reads the signals lazily (so a million of
+them need memory for ``concurrency`` at a time), keeps at most ``concurrency`` calls in
+flight, and yields each reply in input order. :func:`fan_out` drives the same iterator
+from one thread on a private event loop, so ``warm.map`` needs no thread per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..core.reply import AgentReply
+
+if TYPE_CHECKING:
+    from .calls import PoolClient, SignalLike
+
+__all__ = ["afan_out", "fan_out"]
+
+
+async def afan_out(client: PoolClient, pool: str,
+                   signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
+                   concurrency: int = 64, timeout: float = 5.0,
+                   call_timeout: float | None = 5.0,
+                   return_exceptions: bool = False) -> AsyncIterator[AgentReply | Exception]:
+    """Call ``pool`` with each of ``signals``; yield the replies in the signals' order.
+
+    At most ``concurrency`` calls are in flight. The first error is raised where its
+    reply would be (and the calls still in flight are cancelled), or, with
+    ``return_exceptions``, yielded in its place.
+
+    Raises:
+        ValueError: ``concurrency`` is below 1.
+        What :meth:`PoolClient.acall` raises.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    source = _signals(signals)
+    pending: deque[asyncio.Task[AgentReply]] = deque()
+    try:
+        while True:
+            while len(pending) < concurrency:
+                signal = await anext(source, None)
+                if signal is None:
+                    break
+                pending.append(asyncio.ensure_future(
+                    client.acall(pool, signal, timeout=timeout, call_timeout=call_timeout)))
+            if not pending:
+                return
+            try:
+                reply = await pending.popleft()
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                yield exc
+            else:
+                yield reply
+    finally:
+        for task in pending:
+            task.cancel()  # their callers are gone: cancel marks stop the unstarted ones
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
+            concurrency: int = 64, timeout: float = 5.0, call_timeout: float | None = 5.0,
+            return_exceptions: bool = False) -> Iterator[AgentReply | Exception]:
+    """:func:`afan_out` from one thread, for code without an event loop.
+
+    Raises:
+        RuntimeError: called from a thread that runs an event loop (use ``amap`` there).
+    """
+    loop = asyncio.new_event_loop()
+    replies = afan_out(client, pool, signals, concurrency=concurrency, timeout=timeout,
+                       call_timeout=call_timeout, return_exceptions=return_exceptions)
+    try:
+        while True:
+            try:
+                reply = loop.run_until_complete(anext(replies))
+            except StopAsyncIteration:
+                return
+            yield reply
+    finally:
+        loop.run_until_complete(replies.aclose())
+        loop.close()
+
+
+async def _signals(signals: Iterable[SignalLike] | AsyncIterable[SignalLike],
+                   ) -> AsyncIterator[SignalLike]:
+    if isinstance(signals, AsyncIterable):
+        async for signal in signals:
+            yield signal
+    else:
+        for signal in signals:
+            yield signal

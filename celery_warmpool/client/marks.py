@@ -1,0 +1,33 @@
+"""Cancel marks: how a caller that stopped waiting tells the workers not to start its call.
+
+Revoking a Celery task is a broadcast every worker keeps in memory, lost when a worker
+restarts, and it only skips tasks not yet started. A cancel mark is a key in the result
+store, written when a caller leaves a call (a cancelled coroutine, an interrupted thread,
+a closed stream) and kept as long as the call could still be waited for: the worker reads
+it before it starts a call (and drops the call unrun), and a running action reads it
+through ``context.cancelled``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["cancel_key", "is_cancelled", "mark_cancelled"]
+
+#: The key of a call's cancel mark, by its task id.
+CANCEL_KEY = "warmpool:cancelled:{task_id}"
+
+
+def cancel_key(task_id: str) -> str:
+    """The key of the cancel mark of the call ``task_id``."""
+    return CANCEL_KEY.format(task_id=task_id)
+
+
+async def mark_cancelled(client: Any, *, task_id: str, seconds: float) -> None:
+    """Mark the call ``task_id`` cancelled for ``seconds`` (an asyncio Redis client)."""
+    await client.set(cancel_key(task_id), b"1", px=max(1, int(seconds * 1000)))
+
+
+def is_cancelled(client: Any, task_id: str) -> bool:
+    """Whether the call ``task_id`` was cancelled by its caller (a Redis client)."""
+    return bool(client.exists(cancel_key(task_id)))

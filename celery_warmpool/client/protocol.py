@@ -1,0 +1,110 @@
+"""What a call is, written once for blocking and asyncio callers alike.
+
+A call is a generator of *steps*: it yields what it needs done (:class:`Publish` a
+message, :class:`Receive` from a mailbox within a time, :class:`Pause`) and gets the
+outcome back, and it decides everything else: the message and its deadline, retrying a
+publish while the broker is away, which reply is final, what error a reply or a silence
+means, and what to clean up on every way out. It touches no socket and knows no event
+loop. Two small shells (:mod:`.shells`) carry the steps out: one blocks the calling
+thread, one awaits on the caller's event loop. Neither knows what a call is.
+
+A caller that stops waiting (a cancelled coroutine, an interrupted thread, a stream
+closed) leaves the call through the generator's clean-up: its subscription is dropped at
+once and a cancel mark is written for the worker, which then never starts the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..core.errors import BrokerUnavailable, WarmPoolError
+from .mailbox import Mailbox
+
+__all__ = ["Pause", "Publish", "Receive", "Step", "Steps", "publish_steps", "receive_steps"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds between two tries while the broker is away: first and longest.
+RETRY_FIRST = 0.05
+RETRY_MOST = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Run ``send`` (a blocking publish) and give back what it returns."""
+
+    send: Callable[[], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """The next item of ``mailbox``, waiting at most ``timeout`` seconds (or ``None``)."""
+
+    mailbox: Mailbox
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait ``seconds``."""
+
+    seconds: float
+
+
+Step = Publish | Receive | Pause
+Steps = Generator[Step, Any, T]
+
+
+def publish_steps(send: Callable[[], T], deadline: float, timeout: float,
+                  outages: tuple[type[BaseException], ...], broker_url: str) -> Steps[T]:
+    """Publish with ``send()`` until it works or ``deadline`` (monotonic) passes.
+
+    Raises:
+        BrokerUnavailable: the broker could not be reached before the deadline.
+    """
+    delay = RETRY_FIRST
+    while True:
+        try:
+            sent: T = yield Publish(send)
+            return sent
+        except WarmPoolError:
+            raise
+        except (*outages, RuntimeError) as exc:
+            # Celery's result consumer may give up reconnecting with a RuntimeError,
+            # caused by a lost connection: an outage too. Any other RuntimeError is not.
+            if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__, outages):
+                raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(
+                    f"could not reach the broker {broker_url} within {timeout:g}s: "
+                    f"{type(exc).__name__}: {exc}", broker_url, timeout) from exc
+            logger.debug("broker %s unreachable (%r); retrying", broker_url, exc)
+            yield Pause(min(delay, remaining))
+            delay = min(delay * 2, RETRY_MOST)
+
+
+def receive_steps(mailbox: Mailbox, deadline: float, read: Callable[[Any], T | None],
+                  silence: Callable[[], BaseException]) -> Steps[T]:
+    """Wait for the first item of ``mailbox`` that ``read`` makes something of.
+
+    ``read(item)`` returns the outcome, ``None`` to keep waiting (a state that is not
+    final), or raises the error the item carries. At ``deadline`` (monotonic) the error
+    ``silence()`` makes is raised.
+    """
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise silence()
+        item = yield Receive(mailbox, remaining)
+        if item is None:
+            continue
+        outcome = read(item)
+        if outcome is not None:
+            return outcome

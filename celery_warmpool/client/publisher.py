@@ -1,0 +1,78 @@
+"""Publishing pool calls: task messages built by Celery, sent from one bounded pool.
+
+A call's message is made by Celery's own ``app.amqp`` (so workers, monitors and Flower see
+an ordinary task) but without ``apply_async``'s per-thread result machinery: the reply
+comes through the process's :class:`~.listener.ReplyListener`. Connections come from the
+app's producer pool (``broker_pool_limit`` connections, whatever the number of calling
+threads); coroutines publish through a small thread pool of their own, since Kombu has no
+asyncio producer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Message", "Publisher"]
+
+#: Threads that publish for coroutines (each holds at most one broker connection).
+PUBLISH_THREADS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A task message ready to send."""
+
+    task_id: str
+    name: str
+    body: Any
+    options: dict[str, Any]
+
+
+class Publisher:
+    """Builds and sends the task messages of pool calls for ``app`` (see the module)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._routes: dict[tuple[str, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+
+    def message(self, name: str, task_id: str, args: tuple[Any, ...], queue: str,
+                argsrepr: str) -> Message:
+        """The message that runs task ``name`` with ``args`` on ``queue``."""
+        body = self.app.amqp.create_task_message(
+            task_id, name, args, {}, argsrepr=argsrepr, kwargsrepr="{}",
+            reply_to=self.app.oid,
+            create_sent_event=self.app.conf.task_send_sent_event)
+        return Message(task_id, name, body, self._route(name, queue))
+
+    def send(self, message: Message) -> None:
+        """Publish ``message`` on a connection of the app's producer pool (blocking)."""
+        with self.app.producer_or_acquire() as producer:
+            self.app.amqp.send_task_message(producer, message.name, message.body,
+                                            **message.options)
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The threads that publish for coroutines (made anew in a forked child)."""
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._executor = ThreadPoolExecutor(
+                    PUBLISH_THREADS, thread_name_prefix="warmpool-publish")
+            return self._executor
+
+    def _route(self, name: str, queue: str) -> dict[str, Any]:
+        # Routing is the same for every call of a pool: worked out once. A copy per
+        # message, since sending adds to it.
+        route = self._routes.get((name, queue))
+        if route is None:
+            task = self.app.tasks.get(name)
+            route = self.app.amqp.router.route({"queue": queue}, name, None, None, task)
+            self._routes[(name, queue)] = route
+        return dict(route)
