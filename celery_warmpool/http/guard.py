@@ -37,7 +37,7 @@ class TokenGuard:
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS or self._allowed(scope):
             await self.app(scope, receive, send)
             return
         body = http_problem(401, "Unauthorized",
@@ -47,10 +47,20 @@ class TokenGuard:
 
     def _allowed(self, scope: Scope) -> bool:
         given = _bearer(scope)
-        if given is None and scope["method"] == "GET" and scope["path"] in PAGES:
+        if given is None and scope["method"] == "GET" and route_path(scope) in PAGES:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             given = query.get("token", [""])[0].encode()
         return given is not None and hmac.compare_digest(given, self.token)
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path within this app: mounted under ``/warm``, ``/warm/healthz`` is
+    ``/healthz`` (Starlette keeps the whole path and the mount point in ``root_path``)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):][:1] in ("/", ""):
+        return path[len(root):] or "/"
+    return path
 
 
 def _bearer(scope: Scope) -> bytes | None:

@@ -9,8 +9,8 @@ any thread of the loop's default executor could leave a Redis client on each of 
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
