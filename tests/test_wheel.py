@@ -21,7 +21,8 @@ import pytest
 
 import celery_warmpool
 
-pytestmark = pytest.mark.integration
+# The first test builds and installs (about a minute here, more with a cold pip cache).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = celery_warmpool.__version__
