@@ -17,7 +17,7 @@ from celery_warmpool.ops.processes import WorkerProcess
 from tests.conftest import REDIS_BACKEND, wait_until
 from tests.flower_page import free_port
 from tests.http_gateway import GatewayProcess, events
-from tests.integration_app import Increment, Spell
+from tests.integration_app import CounterAgent, Increment, Spell
 
 pytestmark = pytest.mark.integration
 
@@ -96,8 +96,7 @@ def test_call_cast_pools_status_and_openapi_answer_over_http(served, client):
         assert listed["counter"]["options"]["size"] == 2
         assert listed["counter"]["queue"] == "warmpool.counter"
         assert {signal["type"]: signal["streams"] for signal in listed["speller"]["signals"]
-                } == {"counter.fail": False, "counter.increment": False,
-                      "counter.work": False, "words.spell": True}
+                } == {**dict.fromkeys(CounterAgent.signal_routes, False), "words.spell": True}
 
         status = http.get("/pools/counter/status").json()
         assert (status["pool"], status["state"], status["size"], status["available"],
