@@ -462,7 +462,9 @@ class AgentPool(Generic[AgentT]):
                 abandoned to finish in the background, then closed, and replaced.
 
         Raises:
-            CheckoutTimeout, CallTimeout, and what :meth:`Agent.handle` raises.
+            CheckoutTimeout: no agent was free within ``timeout`` seconds.
+            CallTimeout: the work overran ``call_timeout``.
+            SignalError, ActionFailed: what :meth:`Agent.handle` raises.
         """
         event = Signal.parse(signal)
         batcher = self._batcher_for(event)
