@@ -13,11 +13,11 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import anyio
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -46,6 +46,7 @@ PRIVATE_OPTIONS = frozenset({"initial_state", "worker_opts"})
 #: Seconds the generator of a stream whose reader left is given to stop.
 CLOSE_TIMEOUT = 5.0
 _END = object()
+_Default = TypeVar("_Default", float, None)
 
 
 class Gateway:
@@ -70,20 +71,21 @@ class Gateway:
                               f"{', '.join(self.pools) or 'none'})", pool)
         return self.warm.spec(pool)
 
-    async def signal(self, pool: str, request: Request) -> Signal:
-        """The signal a request's body holds, for a pool this gateway serves.
+    async def signal(self, request: Request) -> tuple[str, Signal]:
+        """The pool a request names and the signal its body holds.
 
         Raises:
             UnknownPool: see :meth:`spec`.
             InvalidSignal: the body is not JSON, or not a valid signal.
         """
+        pool: str = request.path_params["pool"]
         self.spec(pool)
         body = await request.body()
         try:
             document = json.loads(body)
         except ValueError as exc:
             raise InvalidSignal(f"the request body is not JSON: {exc}") from None
-        return Signal.parse(document)
+        return pool, Signal.parse(document)
 
     def describe(self, spec: PoolSpec, nodes: list[Any]) -> dict[str, Any]:
         """What ``GET /pools`` tells of one pool."""
@@ -137,27 +139,37 @@ def create_app(warm: WarmPool, *, token: str | None = None,
 def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     warm = gateway.warm
 
-    @app.post("/pools/{pool}/call", include_in_schema=False)
-    async def call(pool: str, request: Request, timeout: float = Query(5.0, gt=0),
-                   call_timeout: float = Query(5.0, gt=0)) -> JSONResponse:
-        signal = await gateway.signal(pool, request)
-        reply = await warm.acall(pool, signal, timeout=timeout, call_timeout=call_timeout)
+    # The routes about one pool are plain Starlette routes: FastAPI's per-request
+    # parameter machinery costs more CPU than the rest of the gateway's own work, and
+    # their documentation is written per pool by .openapi anyway.
+    async def call(request: Request) -> Response:
+        pool, signal = await gateway.signal(request)
+        reply = await warm.acall(pool, signal, timeout=_seconds(request, "timeout", 5.0),
+                                 call_timeout=_seconds(request, "call_timeout", 5.0))
         return JSONResponse(reply.model_dump(mode="json"))
 
-    @app.post("/pools/{pool}/cast", include_in_schema=False, status_code=202)
-    async def cast(pool: str, request: Request,
-                   timeout: float | None = Query(None, gt=0),
-                   call_timeout: float | None = Query(None, gt=0)) -> JSONResponse:
-        signal = await gateway.signal(pool, request)
-        result = await warm.acast(pool, signal, timeout=timeout, call_timeout=call_timeout)
+    async def cast(request: Request) -> Response:
+        pool, signal = await gateway.signal(request)
+        result = await warm.acast(pool, signal, timeout=_seconds(request, "timeout", None),
+                                  call_timeout=_seconds(request, "call_timeout", None))
         return JSONResponse({"id": result.id}, status_code=202)
 
-    @app.post("/pools/{pool}/stream", include_in_schema=False)
-    async def stream(pool: str, request: Request, timeout: float = Query(5.0, gt=0),
-                     call_timeout: float = Query(60.0, gt=0)) -> Response:
-        signal = await gateway.signal(pool, request)
-        chunks = warm.astream(pool, signal, timeout=timeout, call_timeout=call_timeout)
+    async def stream(request: Request) -> Response:
+        pool, signal = await gateway.signal(request)
+        chunks = warm.astream(pool, signal, timeout=_seconds(request, "timeout", 5.0),
+                              call_timeout=_seconds(request, "call_timeout", 60.0))
         return await _event_stream(chunks)
+
+    async def status(request: Request) -> Response:
+        pool = request.path_params["pool"]
+        gateway.spec(pool)
+        found = await warm.astatus(pool, timeout=_seconds(request, "timeout", 1.0))
+        return JSONResponse(found.model_dump(mode="json"))
+
+    for path, endpoint, method in (("call", call, "POST"), ("cast", cast, "POST"),
+                                   ("stream", stream, "POST"), ("status", status, "GET")):
+        app.add_route(f"/pools/{{pool}}/{path}", endpoint, methods=[method],
+                      include_in_schema=False)
 
     @app.get("/pools")
     async def pools() -> JSONResponse:
@@ -165,12 +177,6 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
         nodes = await warm.anodes(timeout=1.0)
         return JSONResponse({"pools": [gateway.describe(warm.spec(name), nodes)
                                        for name in gateway.pools]})
-
-    @app.get("/pools/{pool}/status", include_in_schema=False)
-    async def status(pool: str, timeout: float = Query(1.0, gt=0)) -> JSONResponse:
-        gateway.spec(pool)
-        found = await warm.astatus(pool, timeout=timeout)
-        return JSONResponse(found.model_dump(mode="json"))
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -186,6 +192,26 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html())
+
+
+def _seconds(request: Request, name: str, default: _Default) -> float | _Default:
+    """The query parameter ``name``: a number of seconds over 0, or ``default``.
+
+    Raises:
+        RequestValidationError: it is given and is not such a number.
+    """
+    given = request.query_params.get(name)
+    if given is None:
+        return default
+    try:
+        value = float(given)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise RequestValidationError([{
+            "loc": ("query", name), "type": "greater_than",
+            "msg": f"Input should be a number of seconds greater than 0, got {given!r}"}])
+    return value
 
 
 async def _event_stream(chunks: Any) -> Response:
