@@ -92,7 +92,7 @@ def test_call_cast_pools_status_and_openapi_answer_over_http(served, client):
         assert pools.status_code == 200
         listed = {pool["name"]: pool for pool in pools.json()["pools"]}
         assert sorted(listed) == ["counter", "single", "speller"]
-        assert [node["node"] for node in listed["counter"]["nodes"]] == [worker.hostname]
+        assert worker.hostname in [node["node"] for node in listed["counter"]["nodes"]]
         assert listed["counter"]["options"]["size"] == 2
         assert listed["counter"]["queue"] == "warmpool.counter"
         streams = {signal["type"]: signal["streams"]
