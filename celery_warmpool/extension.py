@@ -22,6 +22,7 @@ from .client.dead_letters import DeadLetters
 from .client.delivery import confirm_publishes, make_results_resilient
 from .client.fanout import afan_out, fan_out
 from .client.membership import NodeRecord
+from .client.shells import AsyncStream
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
 from .core.agent import Agent
@@ -29,6 +30,7 @@ from .core.pool import AgentPool
 from .core.reply import AgentReply
 from .core.spec import PoolSpec
 from .core.status import PoolStatus
+from .core.stream import Stream
 from .worker import control, prefork
 from .worker.bootstep import WarmPoolStep
 from .worker.consumers import PoolConsumers
@@ -131,6 +133,17 @@ class WarmPool:
     def nodes(self, pool: str | None = None, timeout: float = 1.0) -> list[NodeRecord]:
         """The live nodes hosting ``pool``; see :meth:`StatusReader.nodes`."""
         return self.status_reader.nodes(pool, timeout=timeout)
+
+    def stream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+               call_timeout: float | None = 60.0) -> Stream:
+        """Stream ``signal``'s chunks from an agent of ``pool``; see
+        :meth:`PoolClient.stream`."""
+        return self.client.stream(pool, signal, timeout=timeout, call_timeout=call_timeout)
+
+    def astream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+                call_timeout: float | None = 60.0) -> AsyncStream:
+        """:meth:`stream` as an async iterator; see :meth:`PoolClient.astream`."""
+        return self.client.astream(pool, signal, timeout=timeout, call_timeout=call_timeout)
 
     def map(self, pool: str, signals: Iterable[SignalLike], *, concurrency: int = 64,
             timeout: float = 5.0, call_timeout: float | None = 5.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +17,9 @@ import redis
 from celery_warmpool.ops.processes import ManagedProcess, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_BROKER = "redis://127.0.0.1:6379/2"
-REDIS_BACKEND = "redis://127.0.0.1:6379/3"
+# Other databases may be given (two test runs on one Redis must not share queues).
+REDIS_BROKER = os.environ.get("WARMPOOL_TEST_REDIS_BROKER", "redis://127.0.0.1:6379/2")
+REDIS_BACKEND = os.environ.get("WARMPOOL_TEST_REDIS_BACKEND", "redis://127.0.0.1:6379/3")
 RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 

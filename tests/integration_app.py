@@ -95,6 +95,60 @@ class Touch(Action):
         return Result(params.path)
 
 
+class Chunks(Action):
+    """Stream ``count`` chunks (0, 1, ...), ``delay`` seconds apart.
+
+    With ``fail_after``, fail once that many chunks are out. With ``log``, append each
+    chunk's index to that file as it is produced, and ``end`` when the generator ends,
+    whichever way (its ``finally``), so a test sees how far it got.
+    """
+
+    name = "chunks"
+
+    class Params(BaseModel):
+        count: int = 10
+        delay: float = 0.0
+        fail_after: int | None = None
+        log: str | None = None
+
+    def run(self, params: Any, context: ActionContext) -> Any:
+        try:
+            for index in range(params.count):
+                if index == params.fail_after:
+                    raise ValueError(f"asked to fail after {index} chunks")
+                if params.log:
+                    _append(params.log, f"{index}\n")
+                yield index
+                time.sleep(params.delay)
+            return {"count": context.state.count + 1}
+        finally:
+            if params.log:
+                _append(params.log, "end\n")
+
+
+class UntilCancelled(Action):
+    """Work up to ``seconds``, stopping early once its caller cancelled; write to
+    ``path`` whether it saw the cancellation."""
+
+    name = "until_cancelled"
+
+    class Params(BaseModel):
+        path: str
+        seconds: float = 10.0
+
+    def run(self, params: Any, context: ActionContext) -> Result:
+        deadline = time.monotonic() + params.seconds
+        while not context.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _append(params.path, "cancelled" if context.cancelled else "not cancelled")
+        return Result(None)
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a") as file:
+        file.write(text)
+
+
 class WorkState(CounterState):
     last_start: float = 0.0
     last_end: float = 0.0
@@ -109,6 +163,8 @@ class CounterAgent(Agent[WorkState]):
         "counter.work": Work,
         "counter.echo": Echo,
         "counter.touch": Touch,
+        "counter.chunks": Chunks,
+        "counter.until_cancelled": UntilCancelled,
     }
 
     def teardown(self) -> None:

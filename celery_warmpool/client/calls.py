@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any
 from celery import Task, states
 from celery.result import AsyncResult
 
-from ..core.errors import BrokerUnavailable, CheckoutTimeout
+from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
 from ..core.reply import AgentReply
 from ..core.signal import Signal
-from . import marks
+from ..core.stream import Stream
 from .delivery import Delivery
 from .listener import ReplyListener
+from .marks import mark_cancelled
 from .protocol import Steps, publish_steps, receive_steps
-from .publisher import Publisher
-from .shells import run_async, run_blocking
+from .publisher import Message, Publisher
+from .shells import AsyncStream, blocking_chunks, run_async, run_blocking
+from .streaming import stream_steps
 
 if TYPE_CHECKING:
     from ..configuration import PoolConfiguration
@@ -57,6 +59,8 @@ class PoolClient:
         self.app = handle_task.app
         self.delivery = Delivery(self.app)
         self.publisher = Publisher(self.app)
+        #: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply.
+        self.reply_grace = REPLY_GRACE
 
     # -- blocking ------------------------------------------------------------------------
 
@@ -135,6 +139,44 @@ class PoolClient:
         return await run_async(self.cast_steps(pool, signal, timeout, call_timeout),
                                self.publisher.executor)
 
+    # -- streams --------------------------------------------------------------------------
+
+    def stream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+               call_timeout: float | None = 60.0) -> Stream:
+        """Handle ``signal`` with a streaming action of ``pool``; its chunks as they come.
+
+        Iterate the returned :class:`Stream` for the chunks, in order; ``stream.reply``
+        is the final :class:`AgentReply` once it is exhausted. An error raises from the
+        iteration after the chunks that came before it. Closing the stream (``close()``,
+        a ``with`` block, ``break`` and garbage collection) stops the agent's generator
+        at its next ``yield``. A stream is never delivered twice.
+
+        Raises:
+            ConfigurationError: the result store cannot carry streams (only Redis can).
+            UnknownPool: no such pool is configured.
+        """
+        listener, event = self._streamable(pool, signal)
+        steps = stream_steps(self, listener, pool, event, timeout, call_timeout)
+        return Stream(blocking_chunks(steps))
+
+    def astream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+                call_timeout: float | None = 60.0) -> AsyncStream:
+        """:meth:`stream` as an async iterator, read on the caller's event loop."""
+        listener, event = self._streamable(pool, signal)
+        steps = stream_steps(self, listener, pool, event, timeout, call_timeout)
+        return AsyncStream(steps, self.publisher.executor)
+
+    def _streamable(self, pool: str, signal: SignalLike) -> tuple[ReplyListener, Signal]:
+        event = Signal.parse(signal)
+        self.configuration.spec(pool)
+        listener = self.listener()
+        if listener is None:
+            raise ConfigurationError(
+                f"pool {pool!r}: streams need a Redis result store (result_backend = "
+                f"'redis://...'); this app's is {type(self.app.backend).__name__}",
+                pool, "result_backend")
+        return listener, event
+
     # -- what a call is ----------------------------------------------------------------
 
     def call_steps(self, pool: str, events: list[Signal], timeout: float,
@@ -144,33 +186,69 @@ class PoolClient:
         The message carries the caller's deadline, so a worker that takes it late drops
         it unrun. The reply is awaited for ``timeout + call_timeout + REPLY_GRACE``.
         """
-        spec = self.configuration.spec(pool)
         listener = self.listener()
         assert listener is not None
         started = time.monotonic()
         task_id = str(uuid.uuid4())
-        message = self.publisher.message(
-            self.handle_task.name, task_id,
-            (pool, [event.to_wire() for event in events], time.time() + timeout,
-             call_timeout, len(events) > 1), spec.queue, _argsrepr(pool, events))
-        key = self.app.backend.get_key_for_task(task_id)
-        window = timeout + (call_timeout or 0.0) + REPLY_GRACE
+        message = self.call_message(task_id, pool, events, timeout, call_timeout)
+        key: bytes = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
+        window = timeout + (call_timeout or 0.0) + self.reply_grace
         subscription = listener.subscribe(key, key)
         try:
             yield from publish_steps(functools.partial(self.publisher.send, message),
                                      started + timeout, timeout, self.delivery.outages(),
                                      self.delivery.broker_url)
             replies = yield from receive_steps(
-                subscription.mailbox, started + window, self._reader(),
-                functools.partial(self._silence, listener, pool, timeout, window))
+                subscription.mailbox, started + window, self.read_reply,
+                functools.partial(self.silence, listener, pool, timeout, window))
         except BaseException as exc:
             if not isinstance(exc, Exception):  # the caller left: cancelled, interrupted
-                listener.submit(functools.partial(marks.mark_cancelled, task_id=task_id,
+                listener.submit(functools.partial(mark_cancelled, task_id=task_id,
                                                   seconds=window))
             raise
         finally:
             listener.unsubscribe(subscription)
         return [AgentReply.model_validate(reply) for reply in replies]
+
+    def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
+                     call_timeout: float | None, *, stream: bool = False) -> Message:
+        """The message of a call (or transaction, or stream) of ``events`` on ``pool``.
+
+        Raises:
+            UnknownPool: no such pool is configured.
+        """
+        spec = self.configuration.spec(pool)
+        return self.publisher.message(
+            self.handle_task.name, task_id,
+            (pool, [event.to_wire() for event in events], time.time() + timeout,
+             call_timeout, len(events) > 1, *((True,) if stream else ())),
+            spec.queue, _argsrepr(pool, events))
+
+    def read_reply(self, payload: bytes) -> list[dict[str, Any]] | None:
+        """The replies a stored result carries, or ``None`` if it is not final yet.
+
+        Raises:
+            The error the call ended with (a contract error, as the worker raised it).
+        """
+        meta = self.app.backend.decode_result(payload)
+        status = meta["status"]
+        if status == states.SUCCESS:
+            replies: list[dict[str, Any]] = meta["result"]
+            return replies
+        if status in states.EXCEPTION_STATES:
+            raise meta["result"]
+        return None  # not final (a started state, say): keep waiting
+
+    def silence(self, listener: ReplyListener, pool: str, timeout: float,
+                window: float) -> BaseException:
+        """The error for a call that heard nothing within ``window`` seconds."""
+        outage = listener.outage()
+        if outage is not None:
+            return BrokerUnavailable(
+                f"could not reach the result store {listener.url} for the reply within "
+                f"{window:g}s: {type(outage).__name__}: {outage}", listener.url, window)
+        spec = self.configuration.spec(pool)
+        return _no_reply(pool, timeout, window, spec.size, spec.max_overflow)
 
     def cast_steps(self, pool: str, signal: SignalLike, timeout: float | None,
                    call_timeout: float | None) -> Steps[AsyncResult]:  # type: ignore[type-arg]
@@ -196,31 +274,6 @@ class PoolClient:
         """
         return ReplyListener.for_backend(self.app.backend)
 
-    def _reader(self) -> Any:
-        backend = self.app.backend
-
-        def read(payload: bytes) -> list[dict[str, Any]] | None:
-            meta = backend.decode_result(payload)
-            status = meta["status"]
-            if status == states.SUCCESS:
-                replies: list[dict[str, Any]] = meta["result"]
-                return replies
-            if status in states.EXCEPTION_STATES:
-                raise meta["result"]
-            return None  # not final (a started state, say): keep waiting
-
-        return read
-
-    def _silence(self, listener: ReplyListener, pool: str, timeout: float,
-                 window: float) -> BaseException:
-        outage = listener.outage()
-        if outage is not None:
-            return BrokerUnavailable(
-                f"could not reach the result store {listener.url} for the reply within "
-                f"{window:g}s: {type(outage).__name__}: {outage}", listener.url, window)
-        spec = self.configuration.spec(pool)
-        return _no_reply(pool, timeout, window, spec.size, spec.max_overflow)
-
     def _call_through_celery(self, pool: str, events: list[Signal], timeout: float,
                              call_timeout: float | None) -> list[AgentReply]:
         """A call for result backends without a listener: Celery's own ``get()``."""
@@ -228,12 +281,12 @@ class PoolClient:
         started = time.monotonic()
         deadline = time.time() + timeout
         result = self.delivery.publish(
-            lambda: self.handle_task.apply_async(
+            lambda: self.handle_task.apply_async(  # type: ignore[call-arg]
                 (pool, [event.to_wire() for event in events], deadline, call_timeout,
                  len(events) > 1), queue=spec.queue, argsrepr=_argsrepr(pool, events),
                 kwargsrepr="{}"),
             started + timeout, timeout)
-        window = timeout + (call_timeout or 0.0) + REPLY_GRACE
+        window = timeout + (call_timeout or 0.0) + self.reply_grace
         no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
                                      spec.max_overflow)
         replies = self.delivery.wait(result, started + window, window, no_reply)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ..core.reply import AgentReply
 
@@ -26,7 +26,7 @@ async def afan_out(client: PoolClient, pool: str,
                    signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
                    concurrency: int = 64, timeout: float = 5.0,
                    call_timeout: float | None = 5.0,
-                   return_exceptions: bool = False) -> AsyncIterator[AgentReply | Exception]:
+                   return_exceptions: bool = False) -> AsyncGenerator[AgentReply | Exception]:
     """Call ``pool`` with each of ``signals``; yield the replies in the signals' order.
 
     At most ``concurrency`` calls are in flight. The first error is raised where its

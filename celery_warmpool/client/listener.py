@@ -56,21 +56,28 @@ CatchUp = Callable[[aioredis.Redis], Awaitable[None]]
 
 
 class Subscription:
-    """One channel a caller waits on, and its mailbox.
+    """One channel a caller waits on, and the mailbox where what arrives goes.
 
     ``key`` is read once the subscription is confirmed (and after every reconnection);
     its value, if any, is put in the mailbox as a published message would be. ``catch_up``,
     if given, runs at the same moments instead, for channels whose missed messages live
-    elsewhere (a stream's chunks).
+    elsewhere (a stream's chunks). With a ``tag``, items go in as ``(tag, data)``, so that
+    subscriptions sharing one mailbox can be told apart.
     """
 
-    __slots__ = ("catch_up", "channel", "key", "mailbox")
+    __slots__ = ("catch_up", "channel", "key", "mailbox", "tag")
 
-    def __init__(self, channel: bytes, key: bytes | None, catch_up: CatchUp | None) -> None:
+    def __init__(self, channel: bytes, key: bytes | None, catch_up: CatchUp | None,
+                 mailbox: Mailbox | None, tag: str | None) -> None:
         self.channel = channel
         self.key = key
         self.catch_up = catch_up
-        self.mailbox = Mailbox()
+        self.mailbox = mailbox or Mailbox()
+        self.tag = tag
+
+    def put(self, data: bytes) -> None:
+        """Leave ``data`` in the mailbox (tagged, if the subscription has a tag)."""
+        self.mailbox.put(data if self.tag is None else (self.tag, data))
 
 
 class ReplyListener:
@@ -93,7 +100,8 @@ class ReplyListener:
             with cls._registry_lock:
                 listener = cls._listeners.get(key)
                 if listener is None:
-                    listener = cls._listeners[key] = cls(dict(backend.connparams), url)
+                    params = dict(backend.connparams)  # type: ignore[attr-defined]
+                    listener = cls._listeners[key] = cls(params, url)
         return listener
 
     def __init__(self, connection_params: dict[str, Any], url: str) -> None:
@@ -123,13 +131,15 @@ class ReplyListener:
         """Whether this process made the listener (a forked child must make its own)."""
         return self._pid == os.getpid()
 
-    def subscribe(self, channel: bytes, key: bytes | None = None,
-                  catch_up: CatchUp | None = None) -> Subscription:
-        """Start listening on ``channel``; what arrives goes to the subscription's mailbox.
+    def subscribe(self, channel: bytes, key: bytes | None = None, *,
+                  catch_up: CatchUp | None = None, mailbox: Mailbox | None = None,
+                  tag: str | None = None) -> Subscription:
+        """Start listening on ``channel``; what arrives goes to the subscription's mailbox
+        (a new one, or ``mailbox``). See :class:`Subscription` for the rest.
 
         Returns at once: the subscription is sent by the listener's thread.
         """
-        subscription = Subscription(channel, key, catch_up)
+        subscription = Subscription(channel, key, catch_up, mailbox, tag)
         self._request("subscribe", subscription)
         return subscription
 
@@ -178,7 +188,8 @@ class ReplyListener:
         asyncio.set_event_loop(loop)
         pool = aioredis.ConnectionPool(**self._params)
         self._pubsub = aioredis.Redis(connection_pool=pool).pubsub()
-        self._client = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+        # Blocking: past its connections a command waits for one rather than fail.
+        self._client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
             **{**self._params, "max_connections": COMMAND_CONNECTIONS}))
         self._spawn(self._read_forever())
         started.set()
@@ -193,15 +204,17 @@ class ReplyListener:
             self._flush_scheduled = False
         added: dict[bytes, Subscription] = {}
         removed: list[bytes] = []
+        item: Any
         for kind, item in requests:
             if kind == "subscribe":
                 added[item.channel] = item
                 self._subscriptions[item.channel] = item
             elif kind == "unsubscribe":
-                if self._subscriptions.get(item.channel) is item:
-                    del self._subscriptions[item.channel]
-                if added.pop(item.channel, None) is None:
-                    removed.append(item.channel)  # sent before: unsubscribe in Redis too
+                channel: bytes = item.channel
+                if self._subscriptions.get(channel) is item:
+                    del self._subscriptions[channel]
+                if added.pop(channel, None) is None:
+                    removed.append(channel)  # sent before: unsubscribe in Redis too
             else:
                 self._spawn(self._command(item))
         if added or removed:
@@ -248,7 +261,7 @@ class ReplyListener:
         if subscription is None:
             return  # a caller that is gone; its unsubscribe is on its way
         if kind == "message":
-            subscription.mailbox.put(message["data"])
+            subscription.put(message["data"])
         elif kind == "subscribe":
             self._catch_up(subscription)
 
@@ -256,6 +269,8 @@ class ReplyListener:
         """Read what ``subscription`` may have missed before it was confirmed."""
         if subscription.catch_up is not None:
             self._spawn(self._command(subscription.catch_up))
+            return
+        if subscription.key is None:
             return
         self._catching_up.append(subscription)
         if not self._catch_up_running:
@@ -273,7 +288,7 @@ class ReplyListener:
                 if not batch:
                     continue
                 try:
-                    values = await self._client.mget([sub.key for sub in batch])
+                    values = await self._client.mget([sub.key or b"" for sub in batch])
                 except OUTAGES as exc:
                     logger.debug("reply listener: reading stored replies failed: %r", exc)
                     self._catching_up[:0] = batch
@@ -281,7 +296,7 @@ class ReplyListener:
                     continue
                 for subscription, value in zip(batch, values, strict=True):
                     if value is not None:
-                        subscription.mailbox.put(value)
+                        subscription.put(value)  # type: ignore[arg-type]  # bytes: no decoding
         finally:
             self._catch_up_running = False
 

@@ -1,4 +1,6 @@
-"""Cancel marks: how a caller that stopped waiting tells the workers not to start its call.
+"""The keys a call keeps in the result store besides its reply: cancel marks, streams.
+
+**Cancel marks** tell the workers not to start a call whose caller stopped waiting.
 
 Revoking a Celery task is a broadcast every worker keeps in memory, lost when a worker
 restarts, and it only skips tasks not yet started. A cancel mark is a key in the result
@@ -6,16 +8,22 @@ store, written when a caller leaves a call (a cancelled coroutine, an interrupte
 a closed stream) and kept as long as the call could still be waited for: the worker reads
 it before it starts a call (and drops the call unrun), and a running action reads it
 through ``context.cancelled``.
+
+**Streams**: the chunks of a streaming call go to a Redis Stream named after its task id
+(and are published on a channel of the same name); its reader says how far it has read
+in a key beside it (see :mod:`celery_warmpool.worker.streams`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["cancel_key", "is_cancelled", "mark_cancelled"]
+__all__ = ["cancel_key", "is_cancelled", "mark_cancelled", "read_key", "stream_key"]
 
 #: The key of a call's cancel mark, by its task id.
 CANCEL_KEY = "warmpool:cancelled:{task_id}"
+#: The key (a Redis Stream) and pub/sub channel of a call's chunks, by its task id.
+STREAM_KEY = "warmpool:stream:{task_id}"
 
 
 def cancel_key(task_id: str) -> str:
@@ -31,3 +39,13 @@ async def mark_cancelled(client: Any, *, task_id: str, seconds: float) -> None:
 def is_cancelled(client: Any, task_id: str) -> bool:
     """Whether the call ``task_id`` was cancelled by its caller (a Redis client)."""
     return bool(client.exists(cancel_key(task_id)))
+
+
+def stream_key(task_id: str) -> str:
+    """The Redis Stream (and channel) that carries the chunks of call ``task_id``."""
+    return STREAM_KEY.format(task_id=task_id)
+
+
+def read_key(task_id: str) -> str:
+    """Where the reader of call ``task_id`` says how many chunks it has read."""
+    return f"{stream_key(task_id)}:read"

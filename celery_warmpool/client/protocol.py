@@ -1,7 +1,8 @@
 """What a call is, written once for blocking and asyncio callers alike.
 
 A call is a generator of *steps*: it yields what it needs done (:class:`Publish` a
-message, :class:`Receive` from a mailbox within a time, :class:`Pause`) and gets the
+message, :class:`Receive` from a mailbox within a time, :class:`Pause`, and for a
+stream :class:`Deliver` a chunk to its reader) and gets the
 outcome back, and it decides everything else: the message and its deadline, retrying a
 publish while the broker is away, which reply is final, what error a reply or a silence
 means, and what to clean up on every way out. It touches no socket and knows no event
@@ -24,7 +25,8 @@ from typing import Any, TypeVar
 from ..core.errors import BrokerUnavailable, WarmPoolError
 from .mailbox import Mailbox
 
-__all__ = ["Pause", "Publish", "Receive", "Step", "Steps", "publish_steps", "receive_steps"]
+__all__ = ["Deliver", "Pause", "Publish", "Receive", "Step", "Steps", "publish_steps",
+           "receive_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,14 @@ class Pause:
     seconds: float
 
 
-Step = Publish | Receive | Pause
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand ``chunk`` to the reader of a stream (its next item)."""
+
+    chunk: Any
+
+
+Step = Publish | Receive | Pause | Deliver
 Steps = Generator[Step, Any, T]
 
 
@@ -75,7 +84,7 @@ def publish_steps(send: Callable[[], T], deadline: float, timeout: float,
             return sent
         except WarmPoolError:
             raise
-        except (*outages, RuntimeError) as exc:
+        except (*outages, RuntimeError) as exc:  # type: ignore[misc]
             # Celery's result consumer may give up reconnecting with a RuntimeError,
             # caused by a lost connection: an outage too. Any other RuntimeError is not.
             if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__, outages):

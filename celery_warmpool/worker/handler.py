@@ -23,23 +23,38 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
 
-from ..core.agent import Agent
-from ..core.errors import ActionFailed, CheckoutTimeout, HandedBack, WarmPoolError
-from ..core.pool import AgentPool
 from ..client.marks import is_cancelled
+from ..core.agent import Agent
+from ..core.cancellation import Cancellation
+from ..core.errors import (
+    ActionFailed,
+    CheckoutTimeout,
+    HandedBack,
+    StreamCancelled,
+    WarmPoolError,
+)
+from ..core.pool import AgentPool
+from ..core.reply import AgentReply
 from ..core.signal import Signal
+from .claims import CallClaims
 from .requests import REQUEST
 from .runtime import WorkerRuntime
+from .streams import StreamSink
 from .watchdog import Watchdog
 
 __all__ = ["CAST_TASK", "HANDLE_TASK", "CallHandler", "register_tasks"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a stream's chunks are kept when its call has no ``call_timeout``, beyond
+#: ``stream_idle_timeout``.
+STREAM_KEEP = 3600.0
 
 #: The task that carries a call's or a transaction's signals to a pool's queue.
 HANDLE_TASK = "celery_warmpool.handle"
@@ -55,8 +70,12 @@ class CallHandler:
 
     def handle(self, task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
                deadline: float | None, call_timeout: float | None,
-               transaction: bool) -> list[dict[str, Any]]:
-        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data."""
+               transaction: bool, stream: bool = False) -> list[dict[str, Any]]:
+        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data.
+
+        With ``stream``, the one signal's chunks go to its caller as they come (see
+        :mod:`.streams`).
+        """
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in signals]
         try:
@@ -69,19 +88,27 @@ class CallHandler:
             # long wait for one counts too): nobody waits for it, so nothing is stored.
             agent_pool.checkin(agent)
             raise Ignore()
+
+        def work(stopped: Callable[[], bool]) -> list[AgentReply]:
+            if stream:
+                return [self._stream(task, agent_pool, agent, events[0], call_timeout,
+                                     stopped)]
+            return agent_pool.run_signals(agent, events, transaction=transaction)
+
+        label = ",".join(event.type for event in events)
         if call_timeout is None:
             with agent_pool.lent(agent):
-                replies = agent_pool.run_signals(agent, events, transaction=transaction)
-            return [reply.to_wire() for reply in replies]
-        return self._watched(task, agent_pool, agent, events, call_timeout, transaction)
+                replies = work(lambda: False)
+        else:
+            replies = self._watched(task, agent_pool, agent, label, call_timeout, work)
+        return [reply.to_wire() for reply in replies]
 
     def _watched(self, task: Task, agent_pool: AgentPool[Agent[Any]],  # type: ignore[type-arg]
-                 agent: Agent[Any], events: list[Signal], call_timeout: float,
-                 transaction: bool) -> list[dict[str, Any]]:
+                 agent: Agent[Any], label: str, call_timeout: float,
+                 work: Callable[[Callable[[], bool]], list[AgentReply]]) -> list[AgentReply]:
         # The work runs here, inline; if it overruns, the watchdog answers the caller at
         # the deadline and replaces the agent, and this task's own late outcome is
         # dropped (Ignore) so it cannot overwrite that answer.
-        label = ",".join(event.type for event in events)
         watchdog = Watchdog.of_this_process()
         token = watchdog.watch(call_timeout, functools.partial(
             self._overran, task, task.request, agent_pool, agent, label, call_timeout))
@@ -89,7 +116,7 @@ class CallHandler:
         try:
             with agent_pool.lent(agent) as lease:
                 try:
-                    replies = agent_pool.run_signals(agent, events, transaction=transaction)
+                    return work(functools.partial(watchdog.expired, token))
                 finally:
                     lease.abandoned = not watchdog.done(token)
         finally:
@@ -98,7 +125,23 @@ class CallHandler:
                 # its answer.
                 agent_pool.finish_abandoned(agent)
                 raise Ignore()
-        return [reply.to_wire() for reply in replies]
+
+    def _stream(self, task: Task, agent_pool: AgentPool[Agent[Any]],  # type: ignore[type-arg]
+                agent: Agent[Any], event: Signal, call_timeout: float | None,
+                stopped: Callable[[], bool]) -> AgentReply:
+        """Stream ``event`` on ``agent`` to its caller; its final reply."""
+        spec = self.runtime.configuration.spec(agent_pool.name)
+        client = task.backend.client  # type: ignore[attr-defined]
+        sink = StreamSink(
+            client, str(task.request.id), buffer=spec.stream_buffer,
+            idle_timeout=spec.stream_idle_timeout, stopped=stopped,
+            expires=(call_timeout or STREAM_KEEP) + spec.stream_idle_timeout)
+        try:
+            return agent_pool.run_stream(agent, event, sink.emit, _cancellation(task))
+        except StreamCancelled:
+            # Its reader is gone (closed, or silent too long): nobody waits for a reply.
+            # The agent goes back healthy, its state unchanged.
+            raise Ignore() from None
 
     def _overran(self, task: Task, request: Any,  # type: ignore[type-arg]
                  agent_pool: AgentPool[Agent[Any]], agent: Agent[Any], label: str,
@@ -151,15 +194,25 @@ def _cancelled(task: Task) -> bool:  # type: ignore[type-arg]
         return False
 
 
+def _cancellation(task: Task) -> Cancellation:  # type: ignore[type-arg]
+    """What tells the running action (``context.cancelled``) that its caller left."""
+    return Cancellation(probe=functools.partial(_cancelled, task))
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]
     """Register, on ``app``, the tasks that run calls and casts on a pool's agents."""
     handler = CallHandler(runtime)
+    claims = CallClaims(runtime)
 
     def handle(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
                deadline: float | None = None, call_timeout: float | None = None,
-               transaction: bool = False) -> list[dict[str, Any]]:
-        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data."""
-        return handler.handle(task, pool, signals, deadline, call_timeout, transaction)
+               transaction: bool = False, stream: bool = False) -> list[dict[str, Any]]:
+        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data.
+
+        Only the first copy of a call to be taken runs (see :mod:`.claims`).
+        """
+        return claims.run_once(task, pool, deadline, lambda: handler.handle(
+            task, pool, signals, deadline, call_timeout, transaction, stream))
 
     def cast(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
              deadline: float | None = None, call_timeout: float | None = None,

@@ -65,6 +65,10 @@ class Watchdog:
             self._start()
         return token
 
+    def expired(self, token: int) -> bool:
+        """Whether the deadline of the work ``token`` passed (``on_expire`` ran or runs)."""
+        return token not in self._pending
+
     def done(self, token: int) -> bool:
         """Stop watching; ``False`` if the deadline already passed (``on_expire`` ran)."""
         return self._pending.pop(token, None) is not None

@@ -1,0 +1,177 @@
+"""What a streaming call is, on the caller's side: its chunks in order, then its reply.
+
+A stream's chunks come as the worker produces them (see
+:mod:`celery_warmpool.worker.streams`): published on the stream's channel, which the
+process's reply listener subscribes to beside the call's result channel, into one
+mailbox, so chunks and the final reply arrive in the order Redis saw them. Chunks missed
+before the subscription was confirmed (or while the result store was away) are read back
+from the stream's Redis Stream, and once the final reply is in, whatever is left there is
+read too: every chunk is delivered once, in order, before the reply or the error.
+
+The reader says how far it has read, so that the worker's generator waits when it runs
+``stream_buffer`` chunks ahead; a reader that leaves early writes the call's cancel mark,
+which stops the generator at its next ``yield``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..core.reply import AgentReply
+from ..core.signal import Signal
+from .listener import ReplyListener
+from .mailbox import Mailbox
+from .marks import mark_cancelled, read_key, stream_key
+from .protocol import Deliver, Receive, Steps, publish_steps
+
+if TYPE_CHECKING:
+    from .calls import PoolClient
+
+__all__ = ["stream_steps"]
+
+CHUNK, REPLY, DRAINED = "chunk", "reply", "drained"
+#: Seconds between two reports of the reader's position while chunks come.
+REPORT_INTERVAL = 1.0
+#: Seconds the reader's position is kept.
+POSITION_KEPT = 3600
+
+
+class _InOrder:
+    """Chunks put back in order by their index, each delivered once."""
+
+    __slots__ = ("early", "next")
+
+    def __init__(self) -> None:
+        self.next = 1
+        self.early: dict[int, Any] = {}
+
+    def add(self, payload: bytes) -> list[Any]:
+        """Take one chunk's payload; return the chunks now ready, in order."""
+        entry = json.loads(payload)
+        index = entry["i"]
+        if index < self.next:
+            return []  # delivered already (read back after it was published)
+        self.early[index] = entry["c"]
+        ready = []
+        while self.next in self.early:
+            ready.append(self.early.pop(self.next))
+            self.next += 1
+        return ready
+
+
+class _Position:
+    """What the reader reported of its position, and when to report again."""
+
+    __slots__ = ("at", "reported", "step")
+
+    def __init__(self, buffer: int) -> None:
+        self.step = max(1, buffer // 4)
+        self.reported = 0
+        self.at = time.monotonic()
+
+    def due(self, read: int) -> bool:
+        if read - self.reported >= self.step or (
+                read > self.reported and time.monotonic() - self.at >= REPORT_INTERVAL):
+            self.reported, self.at = read, time.monotonic()
+            return True
+        return False
+
+
+def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: Signal,
+                 timeout: float, call_timeout: float | None) -> Steps[AgentReply]:
+    """The steps of a streaming call of ``event`` on ``pool`` (see the module).
+
+    Deliver steps carry the chunks; the steps return the final reply, or raise the
+    call's error after the chunks that came before it.
+    """
+    spec = client.configuration.spec(pool)
+    started = time.monotonic()
+    task_id = str(uuid.uuid4())
+    window = timeout + (call_timeout or 0.0) + client.reply_grace
+    message = client.call_message(task_id, pool, [event], timeout, call_timeout, stream=True)
+    mailbox = Mailbox()
+    chunks_key = stream_key(task_id).encode()
+    result_key: bytes = client.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
+    subscriptions = [
+        listener.subscribe(result_key, result_key, mailbox=mailbox, tag=REPLY),
+        listener.subscribe(chunks_key, mailbox=mailbox, tag=CHUNK,
+                           catch_up=functools.partial(_read_back, chunks_key, mailbox)),
+    ]
+    order, position = _InOrder(), _Position(spec.stream_buffer)
+    finished = False
+    try:
+        yield from publish_steps(functools.partial(client.publisher.send, message),
+                                 started + timeout, timeout, client.delivery.outages(),
+                                 client.delivery.broker_url)
+        outcome: Callable[[], AgentReply] | None = None
+        while True:
+            remaining = started + window - time.monotonic()
+            if remaining <= 0:
+                raise client.silence(listener, pool, timeout, window)
+            item = yield Receive(mailbox, remaining)
+            if item is None:
+                continue
+            tag, data = item
+            if tag == CHUNK:
+                for chunk in order.add(data):
+                    yield Deliver(chunk)
+                if position.due(order.next - 1):
+                    listener.submit(functools.partial(_report, task_id, order.next - 1))
+            elif tag == REPLY and outcome is None:
+                outcome = _outcome(client, data)
+                if outcome is not None:  # final: read back what is left, then end
+                    listener.submit(functools.partial(_read_back, chunks_key, mailbox,
+                                                      drained=True))
+            elif tag == DRAINED and outcome is not None:
+                finished = True
+                return outcome()
+    except BaseException as exc:
+        if not finished and not isinstance(exc, Exception):  # the reader left
+            listener.submit(functools.partial(mark_cancelled, task_id=task_id,
+                                              seconds=window))
+        raise
+    finally:
+        for subscription in subscriptions:
+            listener.unsubscribe(subscription)
+        listener.submit(functools.partial(_forget, task_id))
+
+
+def _outcome(client: PoolClient, payload: bytes) -> Callable[[], AgentReply] | None:
+    """What the call's final reply says, to be told once every chunk is out: a function
+    returning the reply or raising the error; ``None`` for a state that is not final."""
+    try:
+        replies = client.read_reply(payload)
+    except Exception as exc:
+        error = exc
+
+        def fail() -> AgentReply:
+            raise error
+
+        return fail
+    if replies is None:
+        return None
+    reply = AgentReply.model_validate(replies[0])
+    return lambda: reply
+
+
+async def _read_back(key: bytes, mailbox: Mailbox, redis: Any, *,
+                     drained: bool = False) -> None:
+    """Put every chunk still kept in the stream ``key`` in ``mailbox`` (duplicates are
+    dropped by the reader); then, if ``drained``, say so."""
+    for _, fields in await redis.xrange(key):
+        mailbox.put((CHUNK, fields[b"d"]))
+    if drained:
+        mailbox.put((DRAINED, b""))
+
+
+async def _report(task_id: str, read: int, redis: Any) -> None:
+    await redis.set(read_key(task_id), read, ex=POSITION_KEPT)
+
+
+async def _forget(task_id: str, redis: Any) -> None:
+    await redis.delete(stream_key(task_id), read_key(task_id))
