@@ -59,7 +59,7 @@ def subscribed_result_channels() -> int:
 
 def test_a_thousand_concurrent_acalls_are_all_answered_right(start_worker, client):
     start_worker(counter(8), pool="threads", concurrency=8)
-    app, warm = client(counter(8))
+    _, warm = client(counter(8))
 
     async def main() -> list[Any]:
         return await asyncio.gather(*(warm.acall("counter", echo(index), timeout=30)
@@ -74,7 +74,7 @@ def test_a_thousand_concurrent_acalls_are_all_answered_right(start_worker, clien
 
 def test_every_contract_error_comes_through_acall(start_worker, client, tmp_path):
     worker = start_worker(counter(1), pool="prefork", concurrency=1)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
 
     async def outcome(pool: str, signal: Any, **options: Any) -> BaseException | None:
         try:
@@ -121,7 +121,7 @@ def test_the_event_loop_keeps_ticking_through_a_broker_restart(private_redis: Pr
                                                               start_worker, client):
     broker, backend = f"{private_redis.url}/0", f"{private_redis.url}/1"
     start_worker(counter(8), pool="threads", concurrency=8, broker=broker, backend=backend)
-    app, warm = client(counter(8), broker=broker, backend=backend)
+    _, warm = client(counter(8), broker=broker, backend=backend)
     gaps: list[float] = []
 
     async def tick(stop: asyncio.Event) -> None:
@@ -159,7 +159,7 @@ def test_the_event_loop_keeps_ticking_through_a_broker_restart(private_redis: Pr
 
 def test_a_cancelled_acall_never_runs(start_worker, client, tmp_path):
     start_worker(counter(1), pool="threads", concurrency=2)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
     marker = tmp_path / "ran"
 
     async def main() -> None:
@@ -182,7 +182,7 @@ def test_a_cancelled_acall_never_runs(start_worker, client, tmp_path):
 
 def test_an_interrupted_blocking_call_never_runs(start_worker, client, tmp_path):
     start_worker(counter(1), pool="threads", concurrency=2)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
     marker = tmp_path / "ran"
     busy = threading.Thread(target=warm.call, args=("counter", work(1.5)),
                             kwargs={"timeout": 5})
@@ -210,7 +210,7 @@ def test_a_reply_stored_before_the_subscription_is_read(clean_redis, client):
 
 def test_two_event_loops_in_two_threads_share_the_listener(start_worker, client):
     start_worker(counter(4), pool="threads", concurrency=4)
-    app, warm = client(counter(4))
+    _, warm = client(counter(4))
 
     def loop_in_a_thread(base: int) -> list[Any]:
         async def main() -> list[Any]:
@@ -227,7 +227,7 @@ def test_two_event_loops_in_two_threads_share_the_listener(start_worker, client)
 
 def test_map_keeps_order_reads_lazily_and_can_return_exceptions(start_worker, client):
     start_worker(counter(4), pool="threads", concurrency=4)
-    app, warm = client(counter(4))
+    _, warm = client(counter(4))
     read: list[int] = []
 
     def signals(count: int) -> Any:
@@ -257,7 +257,7 @@ def test_map_keeps_order_reads_lazily_and_can_return_exceptions(start_worker, cl
 
 def test_256_calling_threads_hold_few_redis_connections(start_worker, client):
     start_worker(counter(8), pool="threads", concurrency=8)
-    app, warm = client(counter(8))
+    _, warm = client(counter(8))
     warm.call("counter", echo("warm"))
     before = redis_connections_of_this_process()
     seen: list[int] = []
@@ -277,7 +277,7 @@ def test_256_calling_threads_hold_few_redis_connections(start_worker, client):
 
 def test_a_forked_process_calls_through_a_listener_of_its_own(start_worker, client):
     start_worker(counter(2), pool="threads", concurrency=2)
-    app, warm = client(counter(2))
+    _, warm = client(counter(2))
     assert warm.call("counter", echo("parent")).result == "parent"
     reader, writer = os.pipe()
     pid = os.fork()
@@ -297,7 +297,7 @@ def test_a_forked_process_calls_through_a_listener_of_its_own(start_worker, clie
 def test_a_result_backend_without_a_listener_keeps_working(start_worker, client):
     start_worker(counter(2), pool="threads", concurrency=2, broker=RABBITMQ_BROKER,
                  backend="rpc://")
-    app, warm = client(counter(2), broker=RABBITMQ_BROKER, backend="rpc://")
+    _, warm = client(counter(2), broker=RABBITMQ_BROKER, backend="rpc://")
     assert warm.client.listener() is None
     assert warm.call("counter", echo(1)).result == 1
 

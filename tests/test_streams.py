@@ -38,7 +38,7 @@ def test_a_thousand_chunks_arrive_in_order_none_lost_none_twice(start_worker, cl
                                                                 execution, broker):
     options = {"broker": broker} if broker else {}
     start_worker(counter(2), pool=execution, concurrency=2, **options)
-    app, warm = client(counter(2), **options)
+    _, warm = client(counter(2), **options)
     stream = warm.stream("counter", chunks(1000))
     assert isinstance(stream, Stream)
     assert list(stream) == list(range(1000))
@@ -48,7 +48,7 @@ def test_a_thousand_chunks_arrive_in_order_none_lost_none_twice(start_worker, cl
 
 def test_a_failure_after_three_chunks_leaves_the_state_unchanged(start_worker, client):
     start_worker(counter(1), pool="threads", concurrency=2)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
     before = warm.call("counter", INCREMENT).state["count"]
     seen: list[Any] = []
     with pytest.raises(ActionFailed) as failed:
@@ -61,7 +61,7 @@ def test_a_failure_after_three_chunks_leaves_the_state_unchanged(start_worker, c
 
 def test_a_child_killed_mid_stream_ends_it_in_agent_lost(start_worker, client, tmp_path):
     worker = start_worker(counter(1), pool="prefork", concurrency=1)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
     seen: list[Any] = []
     with pytest.raises(AgentLost) as lost:
         for chunk in warm.stream("counter", chunks(100, delay=0.05), call_timeout=30):
@@ -79,7 +79,7 @@ def test_a_child_killed_mid_stream_ends_it_in_agent_lost(start_worker, client, t
 def test_break_stops_the_generator_and_the_agent_serves_on(start_worker, client, tmp_path,
                                                           execution):
     start_worker(counter(1), pool=execution, concurrency=1)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
     log = tmp_path / "log"
     before = warm.call("counter", INCREMENT).state["count"]
     with warm.stream("counter", chunks(1000, delay=0.01, log=log)) as stream:
@@ -101,7 +101,7 @@ def test_break_stops_the_generator_and_the_agent_serves_on(start_worker, client,
 
 def test_a_slow_reader_pauses_the_generator(start_worker, client, tmp_path):
     start_worker(counter(1, stream_buffer=8), pool="threads", concurrency=2)
-    app, warm = client(counter(1, stream_buffer=8))
+    _, warm = client(counter(1, stream_buffer=8))
     log = tmp_path / "log"
     stream = warm.stream("counter", chunks(100, log=log))
     assert next(stream) == 0
@@ -115,7 +115,7 @@ def test_an_abandoned_reader_is_given_up_after_the_idle_timeout(start_worker, cl
                                                                 tmp_path):
     options = {"stream_buffer": 4, "stream_idle_timeout": 1.0}
     start_worker(counter(1, **options), pool="threads", concurrency=2)
-    app, warm = client(counter(1, **options))
+    _, warm = client(counter(1, **options))
     log = tmp_path / "log"
     stream = warm.stream("counter", chunks(100, log=log))
     assert next(stream) == 0
@@ -129,7 +129,7 @@ def test_an_abandoned_reader_is_given_up_after_the_idle_timeout(start_worker, cl
 def test_context_cancelled_is_seen_by_an_action_whose_acall_was_cancelled(start_worker,
                                                                         client, tmp_path):
     start_worker(counter(1), pool="threads", concurrency=2)
-    app, warm = client(counter(1))
+    _, warm = client(counter(1))
     path = tmp_path / "seen"
 
     async def main() -> None:
@@ -148,7 +148,7 @@ def test_context_cancelled_is_seen_by_an_action_whose_acall_was_cancelled(start_
 
 def test_streams_read_from_one_event_loop(start_worker, client):
     start_worker(counter(4), pool="threads", concurrency=4)
-    app, warm = client(counter(4))
+    _, warm = client(counter(4))
 
     async def read(count: int) -> list[Any]:
         return [chunk async for chunk in warm.astream("counter", chunks(count))]
@@ -160,7 +160,7 @@ def test_streams_read_from_one_event_loop(start_worker, client):
 
 
 def test_a_stream_needs_a_redis_result_store(client):
-    app, warm = client(counter(1), backend="rpc://")
+    _, warm = client(counter(1), backend="rpc://")
     with pytest.raises(ConfigurationError, match="Redis result store"):
         warm.stream("counter", chunks(3))
     assert REDIS_BACKEND  # the other tests' store is Redis
