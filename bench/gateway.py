@@ -163,11 +163,12 @@ def first_chunks(url: str, rounds: int) -> tuple[list[float], list[float]]:
             started = time.perf_counter()
             with http.stream("POST", "/pools/echo/stream",
                              json={"type": "bench.words", "data": {"count": 8}}) as response:
-                for line in response.iter_lines():
+                lines = response.iter_lines()
+                for line in lines:
                     if line.startswith("event: chunk"):
                         first.append(time.perf_counter() - started)
                         break
-                for _ in response.iter_lines():
+                for _ in lines:  # the rest, to its reply
                     pass
     return unary, first
 
