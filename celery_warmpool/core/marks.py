@@ -1,0 +1,76 @@
+"""The "taken" mark: how a caller learns that a worker took its call.
+
+A Redis broker can lose a call after the caller's publish succeeded: a server that shuts
+down serves a worker's ``BRPOP`` in its last event-loop turn, records the pop in its
+append-only file and exits before the reply leaves, so the message is gone from the
+queue and no worker ever sees it. Nothing on the broker tells such a call from one still
+queued, so the worker that takes a call marks it, in the result store, before it starts
+it:
+
+- key :data:`TAKEN_KEY` (``warmpool:taken:<task id>``), written with ``SET ... NX PX``
+  through the result store's own client (so under its ``global_keyprefix`` if any);
+- value :func:`taken_value`: JSON ``{"node": ..., "pid": ..., "at": <unix time>}``;
+- it lives until the call's deadline plus :data:`TAKEN_MARGIN` seconds: past its
+  deadline no copy of a call may start, so the mark is not needed longer.
+
+Because the mark is set only if absent, it is also the claim: of several copies of one
+call (same task id), only the copy whose worker set the mark runs, and any other copy is
+dropped unrun and unanswered. A caller may therefore publish a call again, with the same
+task id and deadline, while no mark exists, without the work running twice.
+
+Only calls and transactions are marked (``warm.call``, ``warm.transaction``), and only
+with a Redis result store; casts are delivered at least once and carry no mark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+__all__ = ["TAKEN_KEY", "TAKEN_MARGIN", "TakenMark", "taken_key", "taken_ttl", "taken_value"]
+
+#: The key of a call's mark, formatted with the call's task id.
+TAKEN_KEY = "warmpool:taken:{task_id}"
+#: Seconds a mark outlives its call's deadline (room for clocks that disagree).
+TAKEN_MARGIN = 60.0
+
+
+@dataclass(frozen=True)
+class TakenMark:
+    """Who took a call, and when (unix time)."""
+
+    node: str
+    pid: int
+    at: float
+
+    @classmethod
+    def parse(cls, value: str | bytes) -> TakenMark:
+        """The mark stored as ``value`` (what :func:`taken_value` wrote).
+
+        Raises:
+            ValueError: ``value`` is not such a mark.
+        """
+        try:
+            data = json.loads(value)
+            return cls(node=str(data["node"]), pid=int(data["pid"]), at=float(data["at"]))
+        except (TypeError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a taken mark: {value!r}") from exc
+
+
+def taken_key(task_id: str) -> str:
+    """The key of the mark of the call sent as ``task_id``."""
+    return TAKEN_KEY.format(task_id=task_id)
+
+
+def taken_value(node: str, pid: int, at: float) -> str:
+    """The value a worker stores as its mark: JSON ``node``, ``pid``, ``at``."""
+    return json.dumps({"node": node, "pid": pid, "at": at})
+
+
+def taken_ttl(deadline: float | None, now: float) -> float:
+    """Seconds a mark made at ``now`` lives, for a call due to start by ``deadline``.
+
+    A call without a deadline is marked for :data:`TAKEN_MARGIN` seconds.
+    """
+    left = 0.0 if deadline is None else max(0.0, deadline - now)
+    return left + TAKEN_MARGIN

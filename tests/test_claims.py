@@ -1,0 +1,160 @@
+"""The taken mark: a worker marks a call before it starts it, and only one copy runs."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from celery_warmpool.core.errors import CheckoutTimeout
+from celery_warmpool.core.marks import (
+    TAKEN_MARGIN,
+    TakenMark,
+    taken_key,
+    taken_ttl,
+    taken_value,
+)
+from celery_warmpool.core.signal import Signal
+from celery_warmpool.worker.claims import CallClaims
+from celery_warmpool.worker.handler import HANDLE_TASK
+from tests.conftest import REDIS_BROKER, wait_until
+from tests.flower_page import free_port
+from tests.test_worker import INCREMENT, counter
+
+
+def test_a_mark_reads_back_what_the_worker_wrote():
+    assert taken_key("abc") == "warmpool:taken:abc"
+    assert TakenMark.parse(taken_value("node-a", 41, 12.5)) == TakenMark("node-a", 41, 12.5)
+    assert TakenMark.parse(taken_value("node-a", 41, 12.5).encode()) == TakenMark(
+        "node-a", 41, 12.5)
+    with pytest.raises(ValueError):
+        TakenMark.parse(b'{"node": "node-a"}')
+    with pytest.raises(ValueError):
+        TakenMark.parse(b"not json")
+
+
+def test_a_mark_lives_until_the_deadline_and_the_margin():
+    assert taken_ttl(110.0, now=100.0) == 10.0 + TAKEN_MARGIN
+    assert taken_ttl(90.0, now=100.0) == TAKEN_MARGIN
+    assert taken_ttl(None, now=100.0) == TAKEN_MARGIN
+
+
+def sent_task(backend: Any, task_id: str) -> Any:
+    """What the claims read of a task: its request's id and its result store."""
+    return SimpleNamespace(request=SimpleNamespace(id=task_id), backend=backend)
+
+
+@pytest.fixture
+def redis_backend(private_redis: Any) -> Any:
+    # A redis-server of the test's own: other test runs share the test databases.
+    return Celery("claims", broker=f"{private_redis.url}/0", backend=f"{private_redis.url}/1",
+                  set_as_current=False).backend
+
+
+def store_of(backend: Any) -> redis.Redis:
+    return redis.Redis.from_url(backend.url)
+
+
+def claims_of(node: str) -> CallClaims:
+    return CallClaims(SimpleNamespace(node=node))  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+def test_the_first_copy_runs_and_marks_the_call_a_second_copy_is_dropped(redis_backend):
+    claims, task_id = claims_of("node-a"), str(uuid.uuid4())
+    task = sent_task(redis_backend, task_id)
+    deadline = time.time() + 10
+    assert claims.run_once(task, "pool", deadline, lambda: "ran") == "ran"
+    ran_again = []
+    with pytest.raises(Ignore):
+        claims.run_once(task, "pool", deadline, lambda: ran_again.append(1))
+    assert ran_again == []
+    store = store_of(redis_backend)
+    mark = TakenMark.parse(store.get(taken_key(task_id)))
+    assert mark.node == "node-a" and abs(mark.at - time.time()) < 5
+    assert (10 + TAKEN_MARGIN - 5) * 1000 < store.pttl(taken_key(task_id)) <= (
+        10 + TAKEN_MARGIN) * 1000
+
+
+@pytest.mark.integration
+def test_a_call_handed_back_to_the_broker_loses_its_mark(redis_backend):
+    claims, task_id = claims_of("node-a"), str(uuid.uuid4())
+    task = sent_task(redis_backend, task_id)
+
+    def hand_back() -> None:
+        raise Reject(requeue=True)
+
+    with pytest.raises(Reject):
+        claims.run_once(task, "pool", time.time() + 10, hand_back)
+    assert store_of(redis_backend).exists(taken_key(task_id)) == 0
+    assert claims_of("node-b").run_once(task, "pool", time.time() + 10, lambda: "b") == "b"
+
+
+@pytest.mark.integration
+def test_a_mark_whose_answer_was_lost_is_still_ours(redis_backend, monkeypatch):
+    # redis-py sends a command again after a reconnection: the first SET may have
+    # reached the server, and the second then finds the key set (by us).
+    client = redis_backend.client
+    real_set = client.set
+
+    def set_then_lose_the_answer(*args: Any, **kwargs: Any) -> None:
+        real_set(*args, **kwargs)
+
+    monkeypatch.setattr(client, "set", set_then_lose_the_answer)
+    task = sent_task(redis_backend, str(uuid.uuid4()))
+    assert claims_of("node-a").run_once(task, "pool", time.time() + 10, lambda: "ran") == "ran"
+    with pytest.raises(Ignore):
+        claims_of("node-b").run_once(task, "pool", time.time() + 10, lambda: "ran")
+
+
+def test_a_result_store_away_past_the_deadline_is_checkout_timeout():
+    backend = Celery("claims", broker=REDIS_BROKER,
+                     backend=f"redis://127.0.0.1:{free_port()}/0",
+                     set_as_current=False).backend
+    task = sent_task(backend, str(uuid.uuid4()))
+    started = time.monotonic()
+    with pytest.raises(CheckoutTimeout) as caught:
+        claims_of("node-a").run_once(task, "pool", time.time() + 0.5, lambda: "ran")
+    assert time.monotonic() - started < 3.0
+    assert caught.value.pool == "pool" and "not run" in str(caught.value)
+
+
+def test_a_result_store_that_holds_no_marks_runs_every_copy():
+    backend = Celery("claims", backend="cache+memory://", set_as_current=False).backend
+    task = sent_task(backend, str(uuid.uuid4()))
+    claims = claims_of("node-a")
+    assert [claims.run_once(task, "pool", time.time() + 10, lambda: "ran")
+            for _ in range(2)] == ["ran", "ran"]
+
+
+@pytest.mark.integration
+def test_a_call_published_twice_runs_once_on_a_worker(private_redis, start_worker, client):
+    specs = counter(1)
+    broker, backend = f"{private_redis.url}/0", f"{private_redis.url}/1"
+    worker = start_worker(specs, pool="threads", concurrency=2, broker=broker, backend=backend)
+    _, warm = client(specs, broker=broker, backend=backend)
+    store = redis.Redis.from_url(backend)
+    task_id = str(uuid.uuid4())
+    publisher = warm.client.publisher
+    message = publisher.message(
+        HANDLE_TASK, task_id,
+        ("counter", [Signal.parse(INCREMENT).to_wire()], time.time() + 10, 5.0, False),
+        warm.spec("counter").queue, "('counter', [counter.increment])")
+    publisher.send(message)
+    publisher.send(message)  # the same call again, as a caller that saw no mark would
+
+    wait_until(lambda: "was taken already; this copy is dropped" in worker.log(), 20,
+               "the worker dropped the second copy")
+    stored = json.loads(store.get(f"celery-task-meta-{task_id}"))
+    assert stored["status"] == "SUCCESS"
+    assert stored["result"][0]["state"]["count"] == 1
+    assert warm.call("counter", INCREMENT).state["count"] == 2  # it ran once, not twice
+    mark = TakenMark.parse(store.get(taken_key(task_id)))
+    assert mark.node == worker.hostname
