@@ -86,7 +86,7 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
 
 @click.group(name="warmpool")
 def warmpool(**kwargs: Any) -> None:
-    """Warm agent pools: status, resize, drain, dead letters, an HTTP gateway."""
+    """Warm agent pools: status, resize, drain, dead letters."""
 
 
 @warmpool.command(cls=CeleryCommand)
