@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.conftest import REDIS_BACKEND as TEST_BACKEND
+from tests.conftest import REDIS_BROKER as TEST_BROKER
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 REDIS_BROKER = "redis://127.0.0.1:6379/6"
@@ -145,3 +148,23 @@ def test_backpressure_sheds_what_it_cannot_serve(tmp_path: Path) -> None:
     assert "pool status: state=full checked_out=2 available=0" in output
     assert "while saturated: served 0, shed 3 by CheckoutTimeout" in output, output
     assert "its agent has done 2 jobs" in output
+
+
+def test_stream_text_streams_words_and_stops_a_closed_stream(tmp_path: Path) -> None:
+    # Streams need a Redis result store: the test databases, not the example's default.
+    for url in (TEST_BROKER, TEST_BACKEND):
+        redis.Redis.from_url(url).flushdb()
+    output = run_example("stream_text", "--broker", TEST_BROKER, "--backend", TEST_BACKEND,
+                         cwd=tmp_path, limit=30)
+    assert "(prefork, concurrency 2)" in output
+    first = output.split("\n", 3)[3]  # after the worker's three lines
+    assert first.startswith("In the beginning "), output
+    assert len(first.split("\n", 1)[0].split()) == 3 + 40  # the prompt, then 40 words
+    assert re.search(r"first word after \d+ ms; 40 words in [\d.]+ s from agent "
+                     r"writeragent-\w+ \(pid \d+\), its texts_written \d", output), output
+    closed = re.search(r"a stream of 10000 words, closed after 10:((?: \S+){10})\n", output)
+    assert closed, output
+    wrote = number(r"the generator stopped: streams_cancelled=1, it wrote (\d+) of 10000 "
+                   r"words", output)
+    assert 10 <= wrote <= 10 + 5, output  # stopped at its next yield after the close
+    assert "streams started=2 finished=1 cancelled=1 replacements=0" in output
