@@ -336,3 +336,25 @@ def test_a_client_that_leaves_a_stream_stops_the_generator(served, store):
         status = http.get("/pools/speller/status").json()
         assert (status["checked_out"], status["counters"]["replacements"]) == (0, 0)
         assert http.post("/pools/speller/call", json=INCREMENT).status_code == 200
+
+
+def test_a_gateway_serves_only_the_pools_it_is_given(served, gateway):
+    worker, _ = served
+    only_counter = gateway(worker.env, args=("--pools", "counter"))
+    with only_counter.client() as http:
+        listed = [pool["name"] for pool in http.get("/pools").json()["pools"]]
+        refused = http.post("/pools/speller/call", json=INCREMENT)
+        served_call = http.post("/pools/counter/call", json=INCREMENT)
+        paths = http.get("/openapi.json").json()["paths"]
+
+    assert listed == ["counter"]
+    body = problem(refused, 404, "UnknownPool")
+    assert body["detail"] == "this gateway serves no pool 'speller' (it serves: counter)"
+    assert served_call.status_code == 200
+    assert "/pools/counter/call" in paths and "/pools/speller/call" not in paths
+
+    unknown = GatewayProcess("tests.integration_app", worker.env, args=("--pools", "nope"))
+    unknown.launch()
+    assert unknown.process is not None and unknown.process.wait(60) == 2  # a usage error
+    assert "Invalid value for '--pools': no pool named 'nope' is configured" in unknown.log()
+    unknown.stop()
