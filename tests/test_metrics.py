@@ -231,3 +231,36 @@ def test_counters_of_a_killed_child_survive_its_replacement(start_worker, client
     warm.call("counter", INCREMENT)
     assert scrape_until(url, lambda s: s["warmpool_calls_total"] == 5)[
         "warmpool_calls_total"] == 5
+
+
+def test_stream_counters_are_exported_by_outcome_and_chunks():
+    from celery_warmpool import PoolCounters, PoolStatus, telemetry
+    from celery_warmpool.ops.metrics import ProcessMetrics
+
+    metrics = ProcessMetrics("node-a")
+    try:
+        status = PoolStatus(
+            pool="writers", state="ready", size=1, max_overflow=0, available=1, overflow=0,
+            checked_out=0, waiting=0, counters=PoolCounters(
+                streams_started=4, streams_finished=2, streams_cancelled=1, chunks=9))
+        metrics.sync([status])
+        metrics.sync([status.model_copy(update={"counters": PoolCounters(
+            streams_started=5, streams_finished=3, streams_cancelled=1, chunks=12)})])
+        families = {metrics.counters[name][0] for name in
+                    ("streams_started", "streams_finished", "streams_cancelled", "chunks")}
+        samples = {(sample.name, sample.labels.get("outcome")): sample.value
+                   for family in families for metric in family.collect()
+                   for sample in metric.samples if sample.name.endswith("_total")}
+    finally:
+        for signal_, receiver in ((telemetry.agent_checkout, metrics._on_checkout),
+                                  (telemetry.call_stop, metrics._on_call),
+                                  (telemetry.call_exception, metrics._on_call),
+                                  (telemetry.batch_run, metrics._on_batch)):
+            signal_.disconnect(receiver)
+
+    assert samples == {
+        ("warmpool_streams_total", "started"): 5.0,
+        ("warmpool_streams_total", "finished"): 3.0,
+        ("warmpool_streams_total", "cancelled"): 1.0,
+        ("warmpool_stream_chunks_total", None): 12.0,
+    }

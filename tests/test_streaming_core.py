@@ -419,6 +419,20 @@ def test_a_reader_gone_closes_the_generator_and_the_agent_stays_healthy(
         "calls": 0, "call_failures": 0, "replacements": 0}
 
 
+def test_an_emit_that_fails_fails_the_stream_and_closes_the_generator(
+        pool: AgentPool[Writer]) -> None:
+    def emit(chunk: Any) -> None:
+        raise ConnectionError("result store gone")
+
+    with pool.agent() as agent, pytest.raises(ConnectionError):
+        pool.run_stream(agent, write(3), emit)
+
+    assert (agent.finally_ran, agent.state.written) == (1, 0)
+    assert counters(pool, *STREAM_COUNTERS) == {
+        "streams_started": 1, "streams_finished": 0, "streams_cancelled": 0, "chunks": 1,
+        "calls": 1, "call_failures": 1}
+
+
 def test_run_stream_stops_when_its_cancellation_is_cancelled(
         pool: AgentPool[Writer]) -> None:
     cancellation = Cancellation()

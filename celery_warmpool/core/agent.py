@@ -19,6 +19,7 @@ from .errors import ActionFailed, ConfigurationError, InvalidSignal, WarmPoolErr
 from .reply import AgentReply
 from .routing import Routes
 from .signal import Signal
+from .stream import drain
 from .validation import describe, json_problem
 
 __all__ = ["Agent", "AgentState", "resource"]
@@ -182,21 +183,7 @@ class Agent(Generic[StateT]):
         """
         started = time.perf_counter()
         event, action, params = self._prepared(signal)
-        if action.streams:
-            return _drained(self._streamed(event, action, params, cancellation, started))
-        if telemetry.call_start.receivers:
-            telemetry.call_start.send(self, agent=self, event=event, action=action.name)
-        try:
-            outcome = action.run(params, ActionContext(self, self._working_state(), event,
-                                                       (event,), cancellation))
-            new_state, result, public = self._settled(outcome, action, event)
-        except Exception as exc:
-            failure = self._failure(event, action, exc, started)
-            if failure is exc:
-                raise
-            raise failure from exc
-        self.state = new_state
-        return self._replied(event, action, result, public, started)
+        return drain(self._streamed(event, action, params, cancellation, started))
 
     def stream(self, signal: Signal | Mapping[str, Any] | str,
                cancellation: Cancellation = NEVER) -> Generator[Any, None, AgentReply]:
@@ -275,6 +262,7 @@ class Agent(Generic[StateT]):
     def _streamed(self, event: Signal, action: Action, params: BaseModel,
                   cancellation: Cancellation,
                   started: float) -> Generator[Any, None, AgentReply]:
+        """Run ``action``: its chunks, if it streams, then its reply (every call's path)."""
         if telemetry.call_start.receivers:
             telemetry.call_start.send(self, agent=self, event=event, action=action.name)
         context = ActionContext(self, self._working_state(), event, (event,), cancellation)
@@ -439,16 +427,6 @@ class Agent(Generic[StateT]):
             return self._failure(event, action, value, started)
         return ActionFailed(f"action {action.name!r} returned {value!r} for {event.type!r}",
                             event.type, action.name, repr(value))
-
-
-def _drained(stream: Generator[Any, None, AgentReply]) -> AgentReply:
-    """Run a stream to its end, dropping its chunks; its final reply."""
-    while True:
-        try:
-            next(stream)
-        except StopIteration as stop:
-            reply: AgentReply = stop.value
-            return reply
 
 
 def _state_from_generic(cls: type) -> type[BaseModel] | None:

@@ -5,6 +5,10 @@ overflow agent when there is room, or queues the caller; a checkin hands the age
 oldest waiter, puts it back, or retires it (broken, worn out, surplus overflow). Every
 decision is made under one lock, and everything slow (``setup()``, ``reset()``,
 ``teardown()``, telemetry) runs outside it.
+
+This module lends agents; what is done with a lent agent (a call, a transaction, a
+batch, a stream, within a time bound) is :mod:`.work`'s, reached through the pool's
+methods of those names. Counters stay here, where ``status()`` reads them.
 """
 
 from __future__ import annotations
@@ -13,14 +17,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 from . import telemetry
-from .action import BatchAction
 from .agent import Agent
-from .batching import Batcher
 from .cancellation import NEVER, Cancellation
 from .errors import (
     CallTimeout,
@@ -31,17 +33,15 @@ from .errors import (
     PoolError,
     PoolExhausted,
     PoolStartError,
-    StreamCancelled,
-    UnknownSignal,
     WarmPoolError,
 )
 from .monitor import PoolMonitor
 from .reply import AgentReply
-from .runner import Overran, TimeboxedRunner
 from .signal import Signal
 from .spec import PoolSpec, validate_options
 from .status import PoolCounters, PoolState, PoolStatus
 from .stream import Stream
+from .work import AgentWork, Lease
 
 __all__ = ["AgentPool"]
 
@@ -84,15 +84,6 @@ class _Slot:
         self.lent_at = 0.0  # time.monotonic(): how long it was held
         self.uses = 0
         self.out = False
-
-
-class _Lease:
-    """Whether a lent agent was abandoned to an overrunning call (and so not checked in)."""
-
-    __slots__ = ("abandoned",)
-
-    def __init__(self) -> None:
-        self.abandoned = False
 
 
 class _Waiter:
@@ -187,9 +178,7 @@ class AgentPool(Generic[AgentT]):
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._last_error: str | None = None
         self._last_exception: BaseException | None = None
-        self._runner = TimeboxedRunner(name)
         self._agent_class: type[Agent[Any]] | None = None  # known once one is built
-        self._batchers: dict[int, Batcher] = {}
         self._started = False
         self._closed = False
         self._handing_back = False
@@ -205,6 +194,7 @@ class AgentPool(Generic[AgentT]):
         self._plain_checkin = not (self._recycling or self._stamping or self._resetting)
         # Whether the pool may hold more base agents than its size (after a resize).
         self._shrinking = False
+        self._work = AgentWork(self, clock)
 
     @classmethod
     def from_spec(cls, spec: PoolSpec, *, node: str | None = None,
@@ -434,13 +424,13 @@ class AgentPool(Generic[AgentT]):
             yield agent
 
     @contextmanager
-    def lent(self, agent: AgentT) -> Iterator[_Lease]:
+    def lent(self, agent: AgentT) -> Iterator[Lease]:
         """Check ``agent`` (already checked out) in when the block ends, unless abandoned.
 
         An exception matching ``discard_on`` marks it broken first. Set
         ``lease.abandoned`` after :meth:`abandon` to skip the checkin.
         """
-        lease = _Lease()
+        lease = Lease()
         try:
             yield lease
         except BaseException as exc:
@@ -450,7 +440,7 @@ class AgentPool(Generic[AgentT]):
             if not lease.abandoned:
                 self.checkin(agent)
 
-    # -- calls -------------------------------------------------------------------------
+    # -- running work (see the work module) ----------------------------------------------
 
     def call(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
              call_timeout: float | None = None) -> AgentReply:
@@ -466,12 +456,7 @@ class AgentPool(Generic[AgentT]):
             CallTimeout: the work overran ``call_timeout``.
             SignalError, ActionFailed: what :meth:`Agent.handle` raises.
         """
-        event = Signal.parse(signal)
-        batcher = self._batcher_for(event)
-        if batcher is not None:
-            return batcher.call(event, timeout, call_timeout)
-        return self._run(lambda agent: self.run_signals(agent, [event])[0], event.type,
-                         timeout, call_timeout)
+        return self._work.call(signal, timeout=timeout, call_timeout=call_timeout)
 
     def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
                     timeout: float | None = None,
@@ -482,102 +467,7 @@ class AgentPool(Generic[AgentT]):
         back as it was before the first and the error is raised. ``call_timeout`` bounds
         the whole transaction.
         """
-        events = [Signal.parse(signal) for signal in signals]
-        label = ",".join(event.type for event in events)
-        return self._run(lambda agent: self.run_signals(agent, events, transaction=True),
-                         label, timeout, call_timeout)
-
-    def run_signals(self, agent: AgentT, events: list[Signal], *,
-                    transaction: bool = False) -> list[AgentReply]:
-        """Handle ``events`` in order on ``agent`` (checked out by the caller), counted.
-
-        With ``transaction``, a failure puts the agent's state back as it was before the
-        first event, then raises.
-        """
-        before = agent.state
-        try:
-            return [self._count_call(agent, event) for event in events]
-        except BaseException:
-            if transaction:
-                agent.state = before
-            raise
-
-    def run_batch(self, agent: AgentT, events: list[Signal]) -> list[AgentReply | WarmPoolError]:
-        """Handle ``events`` (routed to one batch action) as one batch on ``agent``, counted.
-
-        ``agent`` is checked out by the caller. Returns one outcome per event, in order.
-        """
-        outcomes = agent.handle_batch(events)
-        failed = sum(not isinstance(outcome, AgentReply) for outcome in outcomes)
-        with self._lock:
-            self._counts["calls"] += len(outcomes)
-            self._counts["call_failures"] += failed
-            self._counts["batches"] += 1
-            self._counts["batched"] += len(outcomes)
-        return outcomes
-
-    def run_timeboxed(self, agent: AgentT, work: Callable[[], R], label: str,
-                      call_timeout: float | None) -> R:
-        """Run ``work`` (on ``agent``, checked out by the caller) within ``call_timeout``.
-
-        Raises:
-            CallTimeout: it overran; ``agent`` was abandoned (see :meth:`overran`) and must
-                not be checked in.
-        """
-        if call_timeout is None:
-            return work()
-        try:
-            return self._runner.run(work, call_timeout,
-                                    on_abandon=lambda: self.finish_abandoned(agent))
-        except Overran:
-            raise self.overran(agent, label, call_timeout) from None
-
-    def _batcher_for(self, event: Signal) -> Batcher | None:
-        agent_class = self._agent_class
-        if agent_class is None:
-            return None
-        try:
-            action = agent_class.route(event.type)
-        except UnknownSignal:
-            return None  # the normal path raises it, with the agent's routes
-        if not isinstance(action, BatchAction):
-            return None
-        with self._lock:
-            batcher = self._batchers.get(id(action))
-            if batcher is None:
-                batcher = self._batchers[id(action)] = Batcher(self, action)
-            return batcher
-
-    def overran(self, agent: AgentT, label: str, call_timeout: float) -> CallTimeout:
-        """Give up on ``agent``, whose work on ``label`` outlasted ``call_timeout``.
-
-        The agent leaves the pool at once and a replacement is built; whoever runs the
-        overrunning work calls :meth:`finish_abandoned` when it ends. Returns the error
-        for the caller.
-        """
-        self.abandon(agent, f"call_timeout={call_timeout}s exceeded")
-        return CallTimeout(
-            f"pool {self.name!r}: {label} took longer than call_timeout={call_timeout}s; "
-            f"agent {agent.id} is being replaced", label, call_timeout)
-
-    def abandon(self, agent: AgentT, reason: str) -> None:
-        """Drop a checked-out agent still busy with overrunning work; rebuild its place."""
-        with self._lock:
-            slot = self._slots.get(id(agent))
-            if slot is None or not slot.out:
-                return
-            fate = self._retire_locked(slot, reason)
-        if fate in (CLOSED, DISMISSED):
-            return
-        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
-                       agent, reason)
-        self._replace(slot, reason, teardown=False)
-
-    def finish_abandoned(self, agent: AgentT) -> None:
-        """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
-        self._teardown(agent)
-
-    # -- streams -----------------------------------------------------------------------
+        return self._work.transaction(signals, timeout=timeout, call_timeout=call_timeout)
 
     def stream(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
                call_timeout: float | None = None) -> Stream:
@@ -598,130 +488,59 @@ class AgentPool(Generic[AgentT]):
             CheckoutTimeout: here; the rest (InvalidSignal, ActionFailed, CallTimeout)
                 from the iteration.
         """
-        event = Signal.parse(signal)
-        agent = self.checkout(timeout=timeout)
-        lease = _Lease()
+        return self._work.stream(signal, timeout=timeout, call_timeout=call_timeout)
 
-        def check_in() -> None:
-            if not lease.abandoned:
-                self.checkin(agent)
+    def run_signals(self, agent: AgentT, events: list[Signal], *,
+                    transaction: bool = False) -> list[AgentReply]:
+        """See :meth:`AgentWork.run_signals <.work.AgentWork.run_signals>`."""
+        return self._work.run_signals(agent, events, transaction=transaction)
 
-        return Stream(self._timeboxed_stream(agent, event, lease, call_timeout), check_in)
+    def run_batch(self, agent: AgentT, events: list[Signal]) -> list[AgentReply | WarmPoolError]:
+        """See :meth:`AgentWork.run_batch <.work.AgentWork.run_batch>`."""
+        return self._work.run_batch(agent, events)
 
     def run_stream(self, agent: AgentT, event: Signal, emit: Callable[[Any], None],
                    cancellation: Cancellation = NEVER) -> AgentReply:
-        """Stream ``event`` on ``agent`` (checked out by the caller), counted.
+        """See :meth:`AgentWork.run_stream <.work.AgentWork.run_stream>`."""
+        return self._work.run_stream(agent, event, emit, cancellation)
 
-        ``emit`` gets each chunk in order and may block (the reader is behind). A
-        non-streaming action runs as a call with no chunks.
+    def run_timeboxed(self, agent: AgentT, work: Callable[[], R], label: str,
+                      call_timeout: float | None) -> R:
+        """See :meth:`AgentWork.run_timeboxed <.work.AgentWork.run_timeboxed>`."""
+        return self._work.run_timeboxed(agent, work, label, call_timeout)
 
-        Raises:
-            StreamCancelled: ``emit`` raised it (the reader went away) or ``cancellation``
-                was cancelled: the action's generator was closed at its ``yield``, the
-                agent is healthy and its state unchanged.
-            InvalidSignal, UnknownSignal, ActionFailed: as :meth:`Agent.handle`.
-        """
-        if cancellation.cancelled:
-            self._count("streams_started", "streams_cancelled")
-            raise StreamCancelled(f"stream of {event.type!r} cancelled before it started")
-        chunks = self._counted_stream(agent, event, cancellation)
-        try:
-            while True:
-                try:
-                    chunk = next(chunks)
-                except StopIteration as stop:
-                    reply: AgentReply = stop.value
-                    return reply
-                emit(chunk)
-                if cancellation.cancelled:
-                    raise StreamCancelled(f"stream of {event.type!r} cancelled by its caller")
-        finally:
-            chunks.close()  # GeneratorExit at the action's yield unless it ended
+    def overran(self, agent: AgentT, label: str, call_timeout: float) -> CallTimeout:
+        """See :meth:`AgentWork.overran <.work.AgentWork.overran>`."""
+        return self._work.overran(agent, label, call_timeout)
 
-    def _timeboxed_stream(self, agent: AgentT, event: Signal, lease: _Lease,
-                          call_timeout: float | None) -> Generator[Any, None, AgentReply]:
-        """A local stream's chunks, within ``call_timeout`` (see :meth:`stream`)."""
-        chunks = self._counted_stream(agent, event, NEVER)
-        if call_timeout is None:
-            return (yield from chunks)
-        deadline = self._clock() + call_timeout
-        try:
-            while True:
-                try:
-                    chunk = next(chunks)
-                except StopIteration as stop:
-                    reply: AgentReply = stop.value
-                    return reply
-                if self._clock() > deadline:
-                    # The work ended at a yield, but the caller was promised the bound:
-                    # the agent goes as an overrunning one does.
-                    error = self.overran(agent, event.type, call_timeout)
-                    lease.abandoned = True
-                    try:
-                        chunks.throw(error)  # closes the action's generator; a failure
-                    finally:
-                        self.finish_abandoned(agent)
-                yield chunk
-        finally:
-            chunks.close()  # closed early: GeneratorExit at the action's yield
-
-    def _counted_stream(self, agent: AgentT, event: Signal,
-                        cancellation: Cancellation) -> Generator[Any, None, AgentReply]:
-        """``agent.stream(event)``, counted: closing it counts the stream as cancelled."""
-        self._count("streams_started")
-        produced = 0
-        try:
-            chunks = agent.stream(event, cancellation)
-            while True:
-                try:
-                    chunk = next(chunks)
-                except StopIteration as stop:
-                    reply: AgentReply = stop.value
-                    break
-                produced += 1
-                try:
-                    yield chunk
-                except BaseException:
-                    chunks.close()
-                    raise
-        except GeneratorExit:
-            self._add_chunks(produced, "streams_cancelled")
-            raise
-        except BaseException:
-            self._add_chunks(produced, "calls", "call_failures")
-            raise
-        self._add_chunks(produced, "calls", "streams_finished")
-        return reply
-
-    def _add_chunks(self, produced: int, *names: str) -> None:
+    def abandon(self, agent: AgentT, reason: str) -> None:
+        """Drop a checked-out agent still busy with overrunning work; rebuild its place."""
         with self._lock:
-            self._counts["chunks"] += produced
-            for name in names:
-                self._counts[name] += 1
+            slot = self._slots.get(id(agent))
+            if slot is None or not slot.out:
+                return
+            fate = self._retire_locked(slot, reason)
+        if fate in (CLOSED, DISMISSED):
+            return
+        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
+                       agent, reason)
+        self._replace(slot, reason, teardown=False)
 
-    def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
-             call_timeout: float | None) -> R:
-        agent = self.checkout(timeout=timeout)
-        with self.lent(agent) as lease:
-            try:
-                return self.run_timeboxed(agent, lambda: work(agent), label, call_timeout)
-            except CallTimeout:
-                lease.abandoned = True
-                raise
+    def finish_abandoned(self, agent: AgentT) -> None:
+        """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""
+        self._teardown(agent)
 
-    def _count_call(self, agent: AgentT, signal: Signal) -> AgentReply:
-        try:
-            reply = agent.handle(signal)
-        except Exception:
-            self._count("calls", "call_failures")
-            raise
-        self._count("calls")
-        return reply
-
-    def _count(self, *names: str) -> None:
+    def record(self, **amounts: int) -> None:
+        """Add ``amounts`` to the pool's counters (``calls=1``): the work done on its
+        agents is counted here, where :meth:`status` reads it."""
         with self._lock:
-            for name in names:
-                self._counts[name] += 1
+            for name, amount in amounts.items():
+                self._counts[name] += amount
+
+    @property
+    def agent_class(self) -> type[Agent[Any]] | None:
+        """The class of the pool's agents, once one was built."""
+        return self._agent_class
 
     # -- changing size, handing back -----------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any, Self
 from .errors import StreamNotFinished
 from .reply import AgentReply
 
-__all__ = ["Stream"]
+__all__ = ["Stream", "drain"]
 
 
 class Stream(Iterator[Any]):
@@ -98,6 +98,16 @@ class Stream(Iterator[Any]):
     def _end(self) -> None:
         self._over = True
         self._finalizer()  # runs _close once, whoever calls first
+
+
+def drain(chunks: Generator[Any, None, AgentReply]) -> AgentReply:
+    """Run ``chunks`` to its end, dropping the chunks; return its final reply."""
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as stop:
+            reply: AgentReply = stop.value
+            return reply
 
 
 def _close(chunks: Generator[Any, None, AgentReply],

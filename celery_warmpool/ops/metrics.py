@@ -24,7 +24,8 @@ their current status at scrape time. Every metric has the labels ``pool`` and ``
   ``warmpool_overflow_agents_dismissed_total``, ``warmpool_agent_replacements_total``,
   ``warmpool_agent_setup_failures_total``, ``warmpool_calls_total``,
   ``warmpool_call_failures_total``, ``warmpool_dead_lettered_total``,
-  ``warmpool_batches_total``;
+  ``warmpool_batches_total``, ``warmpool_streams_total{outcome="started"|"finished"|
+  "cancelled"}``, ``warmpool_stream_chunks_total``;
 - histograms: ``warmpool_checkout_wait_seconds`` (time waited for an agent) and
   ``warmpool_call_duration_seconds`` (time an agent took to handle a signal), in the
   buckets of :data:`BUCKETS`; ``warmpool_batch_size`` (signals per batch, for pools with
@@ -51,6 +52,8 @@ from ..core.status import PoolCounters, PoolStatus
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import Counter
 
     from ..worker.runtime import WorkerRuntime
 
@@ -89,6 +92,16 @@ COUNTERS = (
     ("warmpool_call_failures", "call_failures", "Signals whose handling failed."),
     ("warmpool_dead_lettered", "dead_lettered", "Casts sent to the dead-letter queue."),
     ("warmpool_batches", "batches", "Batches run by the pool's agents."),
+    ("warmpool_stream_chunks", "chunks", "Chunks produced by the pool's streams."),
+)
+#: Counters with an ``outcome`` label: metric name (``_total`` added), help, and each
+#: outcome with the pool counter it follows.
+OUTCOME_COUNTERS = (
+    ("warmpool_streams",
+     "Streaming calls: started, finished with their final reply, or cancelled because "
+     "their reader went away (failures count in warmpool_call_failures_total).",
+     (("started", "streams_started"), ("finished", "streams_finished"),
+      ("cancelled", "streams_cancelled"))),
 )
 #: Upper bounds of the batch size histogram (signals per batch).
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -130,8 +143,14 @@ class ProcessMetrics:
         from prometheus_client import Counter, Histogram
 
         self.node = node
-        self.counters = {counter: Counter(name, text, LABELS, registry=None)
-                         for name, counter, text in COUNTERS}
+        #: Per pool counter: the metric following it, and its labels besides pool and node.
+        self.counters: dict[str, tuple[Counter, tuple[str, ...]]] = {
+            counter: (Counter(name, text, LABELS, registry=None), ())
+            for name, counter, text in COUNTERS}
+        for name, text, outcomes in OUTCOME_COUNTERS:
+            metric = Counter(name, text, (*LABELS, "outcome"), registry=None)
+            for outcome, counter in outcomes:
+                self.counters[counter] = (metric, (outcome,))
         self.checkout_wait = Histogram(
             "warmpool_checkout_wait_seconds", "Seconds a checkout waited for an agent.",
             LABELS, buckets=BUCKETS, registry=None)
@@ -165,8 +184,8 @@ class ProcessMetrics:
                     before = PoolCounters()
                     self.checkout_wait.labels(*labels)
                     self.call_duration.labels(*labels)
-                for counter, metric in self.counters.items():
-                    series = metric.labels(*labels)
+                for counter, (metric, extra) in self.counters.items():
+                    series = metric.labels(*labels, *extra)
                     grown = getattr(status.counters, counter) - getattr(before, counter)
                     if grown > 0:
                         series.inc(grown)
