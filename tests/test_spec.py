@@ -170,6 +170,29 @@ def test_invalid_environment_value_names_the_variable() -> None:
     assert caught.value.field == "size"
 
 
+def test_stream_options_are_overridable_from_the_environment() -> None:
+    spec = PoolSpec("writers", CounterAgent)
+
+    changed = spec.with_environment({"WARMPOOL_WRITERS_STREAM_BUFFER": "32",
+                                     "WARMPOOL_WRITERS_STREAM_IDLE_TIMEOUT": "2.5"})
+
+    assert (changed.stream_buffer, changed.stream_idle_timeout) == (32, 2.5)
+    assert changed.options.stream_buffer == 32
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("stream_buffer", 0, "Input should be greater than or equal to 1"),
+    ("stream_idle_timeout", 0, "Input should be greater than 0"),
+])
+def test_stream_options_out_of_bounds_are_refused(option: str, value: int,
+                                                  message: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        PoolSpec("writers", CounterAgent, **{option: value})
+
+    assert str(caught.value) == f"pool 'writers': invalid {option}: {message}"
+    assert caught.value.field == option
+
+
 def test_environment_is_read_from_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WARMPOOL_SEARCH_MAX_OVERFLOW", "3")
 
