@@ -28,7 +28,8 @@ from celery import Celery
 from celery_warmpool.ops.embedded import embedded_config, is_embedded
 from celery_warmpool.ops.processes import WorkerProcess
 
-__all__ = ["ROOT", "BrokerChoice", "example_app", "parse_options", "running_worker"]
+__all__ = ["ROOT", "BrokerChoice", "example_app", "parse_options", "python_path",
+           "running_worker"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = "filesystem://"
@@ -99,17 +100,25 @@ def _from_environment() -> dict[str, Any]:
                     os.environ.get("WARMPOOL_EMBEDDED_DIR"))
 
 
-def parse_options(app: Celery, description: str,
-                  argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, BrokerChoice]:
+def parse_options(app: Celery, description: str, argv: Sequence[str] | None = None, *,
+                  parser: argparse.ArgumentParser | None = None,
+                  default_broker: str | None = None,
+                  ) -> tuple[argparse.Namespace, BrokerChoice]:
     """Read ``--broker``/``--backend`` and point ``app`` (and its future worker) at them.
 
-    Without ``--broker`` a fresh embedded broker directory is made; :func:`running_worker`
-    removes it when the example ends.
+    Without ``--broker`` a fresh embedded broker directory is made (or ``default_broker``
+    is used, for an example that needs a server); :func:`running_worker` removes it when
+    the example ends.
+
+    Arguments:
+        parser: holds the example's own options (a new parser when omitted).
+        default_broker: the broker URL when ``--broker`` is not given.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--broker", default=None,
-                        help="broker URL, e.g. redis://127.0.0.1:6379/0 "
-                             "(default: an embedded broker, no server needed)")
+    parser = parser or argparse.ArgumentParser(description=description)
+    parser.add_argument("--broker", default=default_broker,
+                        help="broker URL, e.g. redis://127.0.0.1:6379/0 (default: "
+                             + (default_broker or "an embedded broker, no server needed")
+                             + ")")
     parser.add_argument("--backend", default=None,
                         help="result backend URL, e.g. redis://127.0.0.1:6379/1 "
                              "(default: the broker for Redis, rpc:// for AMQP, files when "
@@ -135,7 +144,7 @@ def running_worker(app: Celery, module: str, choice: BrokerChoice, *, pool: str 
     Prints progress while the agents warm up; stops the worker with a warm shutdown
     (its agents are torn down) and removes the embedded broker's folder afterwards.
     """
-    environment = {**choice.environment(), "PYTHONPATH": _python_path(), **(env or {})}
+    environment = {**choice.environment(), "PYTHONPATH": python_path(), **(env or {})}
     worker = WorkerProcess(module, pool=pool, concurrency=concurrency, broker=choice.broker,
                            backend=choice.backend, env=environment, args=args, cwd=ROOT)
     print(f"starting a worker ({pool}, concurrency {concurrency}) on the {choice.label};")
@@ -157,6 +166,7 @@ def running_worker(app: Celery, module: str, choice: BrokerChoice, *, pool: str 
         raise RuntimeError(f"the worker did not shut down cleanly (exit status {code}):\n{log}")
 
 
-def _python_path() -> str:
+def python_path() -> str:
+    """``PYTHONPATH`` with the repository first, so that ``examples.*`` imports anywhere."""
     existing = os.environ.get("PYTHONPATH")
     return f"{ROOT}{os.pathsep}{existing}" if existing else str(ROOT)
