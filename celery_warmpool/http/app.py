@@ -41,8 +41,6 @@ __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-#: Options ``GET /pools`` leaves out: they may hold anything (keys, passwords).
-PRIVATE_OPTIONS = frozenset({"initial_state", "worker_opts"})
 #: Seconds the generator of a stream whose reader left is given to stop.
 CLOSE_TIMEOUT = 5.0
 _END = object()
@@ -88,7 +86,8 @@ class Gateway:
         return pool, Signal.parse(document)
 
     def describe(self, spec: PoolSpec, nodes: list[Any]) -> dict[str, Any]:
-        """What ``GET /pools`` tells of one pool."""
+        """What ``GET /pools`` tells of one pool: the pool options, never ``initial_state``
+        or ``worker_opts`` (they may hold anything, keys and passwords included)."""
         options = {name: getattr(spec, name) for name in PoolOptions.model_fields}
         options["discard_on"] = [f"{kind.__module__}.{kind.__qualname__}"
                                  for kind in spec.discard_on]
@@ -128,7 +127,7 @@ def create_app(warm: WarmPool, *, token: str | None = None,
                   description="Call, cast and stream signals to warm agent pools.")
     app.state.gateway = gateway
     _add_routes(app, gateway)
-    _add_documents(app, gateway, token is not None)
+    _add_documents(app, gateway, bool(token))
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_body=max_body)
     if token:
