@@ -26,6 +26,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from celery_warmpool.ops.processes import ManagedProcess
 from examples.embeddings import app, sentences, warm
 from examples.fastapi_embeddings import Answer, burst, sampled
 from examples.launch import python_path, settings
-from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT
+from tests.conftest import RABBITMQ_BROKER, REDIS_BACKEND, REDIS_BROKER, ROOT
 from tests.flower_page import free_port
 
 pytestmark = pytest.mark.integration
@@ -169,3 +170,34 @@ def test_256_concurrent_requests_all_answered_right_over_few_connections(
     assert status.counters.call_failures == 0
     print(f"{REQUESTS} requests in {elapsed:.2f} s; Redis connections of the server: "
           f"{producers} of the producer pool, {others} others")
+
+
+def test_the_command_sends_its_burst_and_prints_what_it_measured(clean_redis: None) -> None:
+    port = free_port()
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "fastapi_embeddings.py"), "--requests", "32",
+         "--port", str(port), "--broker", REDIS_BROKER, "--backend", REDIS_BACKEND],
+        cwd="/tmp", capture_output=True, text=True, timeout=120, check=False)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output
+    assert f"serving http://127.0.0.1:{port}: POST /embed" in output
+    assert "first request: 384 floats from warm-" in output
+    assert re.search(r"32 concurrent requests in [\d.]+ s: \d+ requests/s, p50 \d+ ms, "
+                     r"p99 \d+ ms, 0 errors", output), output
+    held = re.search(r"the server process held at most (\d+) Redis connections", output)
+    assert held and 2 <= int(held.group(1)) <= OTHER_CONNECTIONS + 2 * PUBLISH_THREADS, output
+    gap = re.search(r"the same vector as warm.call for '.+': largest difference (\S+)", output)
+    assert gap and float(gap.group(1)) <= TOLERANCE, output
+    # The first request, the burst and the example's own warm.call.
+    assert "/warmpool/pools/embedder/status: state ready, 34 calls" in output
+    assert "worker stopped (exit status 0)" in output
+
+
+def test_the_command_refuses_a_result_store_other_than_redis() -> None:
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "fastapi_embeddings.py"),
+         "--broker", RABBITMQ_BROKER, "--backend", "rpc://"],
+        cwd="/tmp", capture_output=True, text=True, timeout=60, check=False)
+    assert finished.returncode == 2
+    assert "this example needs a Redis result store, not rpc://" in finished.stderr
+    assert "starting a worker" not in finished.stdout
