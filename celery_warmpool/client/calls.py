@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from celery import Task, states
 from celery.result import AsyncResult
 
 from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
+from ..core.ids import new_id
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
@@ -189,7 +189,7 @@ class PoolClient:
         listener = self.listener()
         assert listener is not None
         started = time.monotonic()
-        task_id = str(uuid.uuid4())
+        task_id = new_id()
         message = self.call_message(task_id, pool, events, timeout, call_timeout)
         key: bytes = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
         window = timeout + (call_timeout or 0.0) + self.reply_grace
@@ -257,7 +257,7 @@ class PoolClient:
         spec = self.configuration.spec(pool)
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
-        task_id = str(uuid.uuid4())
+        task_id = new_id()
         message = self.publisher.message(
             self.cast_task.name, task_id, (pool, [event.to_wire()], deadline, call_timeout,
                                            False), spec.queue, _argsrepr(pool, [event]))

@@ -9,6 +9,7 @@ never as kombu's or redis' own exception.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class Delivery:
         millisecond of the caller's time); often where the result store is polled."""
         return ASYNC_INTERVAL if getattr(self.app.backend, "is_async", False) else POLL_INTERVAL
 
-    @property
+    @functools.cached_property
     def broker_url(self) -> str:
         """The broker's address, password masked."""
         return str(maybe_sanitize_url(self.app.conf.broker_url or "amqp://"))

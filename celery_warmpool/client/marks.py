@@ -31,9 +31,9 @@ def cancel_key(task_id: str) -> str:
     return CANCEL_KEY.format(task_id=task_id)
 
 
-async def mark_cancelled(client: Any, *, task_id: str, seconds: float) -> None:
-    """Mark the call ``task_id`` cancelled for ``seconds`` (an asyncio Redis client)."""
-    await client.set(cancel_key(task_id), b"1", px=max(1, int(seconds * 1000)))
+def mark_cancelled(client: Any, *, task_id: str, seconds: float) -> None:
+    """Mark the call ``task_id`` cancelled for ``seconds`` (a Redis client)."""
+    client.set(cancel_key(task_id), b"1", px=max(1, int(seconds * 1000)))
 
 
 def is_cancelled(client: Any, task_id: str) -> bool:

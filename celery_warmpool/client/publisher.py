@@ -40,6 +40,7 @@ class Publisher:
         self._routes: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._declared: set[str] = set()
         self._pid = os.getpid()
 
     def message(self, name: str, task_id: str, args: tuple[Any, ...], queue: str,
@@ -53,9 +54,16 @@ class Publisher:
 
     def send(self, message: Message) -> None:
         """Publish ``message`` on a connection of the app's producer pool (blocking)."""
+        options = message.options
+        queue = options.get("queue")
+        if queue is not None and queue.name in self._declared:
+            # Kombu would bind copies of the queue and exchange on every publish only to
+            # find them declared: once per process is enough (queues are durable).
+            options["declare"] = []
         with self.app.producer_or_acquire() as producer:
-            self.app.amqp.send_task_message(producer, message.name, message.body,
-                                            **message.options)
+            self.app.amqp.send_task_message(producer, message.name, message.body, **options)
+        if queue is not None:
+            self._declared.add(queue.name)
 
     @property
     def executor(self) -> ThreadPoolExecutor:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import functools
 import json
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..core.ids import new_id
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from .listener import ReplyListener
@@ -91,7 +91,7 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
     """
     spec = client.configuration.spec(pool)
     started = time.monotonic()
-    task_id = str(uuid.uuid4())
+    task_id = new_id()
     window = timeout + (call_timeout or 0.0) + client.reply_grace
     message = client.call_message(task_id, pool, [event], timeout, call_timeout, stream=True)
     mailbox = Mailbox()
@@ -159,19 +159,18 @@ def _outcome(client: PoolClient, payload: bytes) -> Callable[[], AgentReply] | N
     return lambda: reply
 
 
-async def _read_back(key: bytes, mailbox: Mailbox, redis: Any, *,
-                     drained: bool = False) -> None:
+def _read_back(key: bytes, mailbox: Mailbox, redis: Any, *, drained: bool = False) -> None:
     """Put every chunk still kept in the stream ``key`` in ``mailbox`` (duplicates are
     dropped by the reader); then, if ``drained``, say so."""
-    for _, fields in await redis.xrange(key):
+    for _, fields in redis.xrange(key):
         mailbox.put((CHUNK, fields[b"d"]))
     if drained:
         mailbox.put((DRAINED, b""))
 
 
-async def _report(task_id: str, read: int, redis: Any) -> None:
-    await redis.set(read_key(task_id), read, ex=POSITION_KEPT)
+def _report(task_id: str, read: int, redis: Any) -> None:
+    redis.set(read_key(task_id), read, ex=POSITION_KEPT)
 
 
-async def _forget(task_id: str, redis: Any) -> None:
-    await redis.delete(stream_key(task_id), read_key(task_id))
+def _forget(task_id: str, redis: Any) -> None:
+    redis.delete(stream_key(task_id), read_key(task_id))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidSignal
+from .ids import new_id
 from .validation import describe, error_details, json_problem
 
 __all__ = ["Signal"]
@@ -24,10 +24,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _new_id() -> str:
-    return str(uuid.uuid4())
-
-
 class Signal(BaseModel):
     """A CloudEvents 1.0 event: what an agent is asked to handle.
 
@@ -37,7 +33,7 @@ class Signal(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(default_factory=_new_id, min_length=1)
+    id: str = Field(default_factory=new_id, min_length=1)
     type: str = Field(min_length=1)
     source: str = Field(default="/celery_warmpool", min_length=1)
     specversion: str = SPECVERSION
