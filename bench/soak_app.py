@@ -5,7 +5,8 @@ One pool, ``soak``, of agents that warm up in 0.2 s and serve three signals:
 - ``soak.work``: a short piece of work (1 ms), answered with the agent's pid;
 - ``soak.fail``: an action that fails (the soak sends 5% of its calls as these);
 - ``soak.record``: a cast's side effect the soak can count afterwards: a file named after
-  the cast in ``WARMPOOL_SOAK_RECORDS`` (written again, harmlessly, if it runs twice).
+  the cast in ``WARMPOOL_SOAK_RECORDS``, one line (the pid) each time it runs, so that a
+  cast done twice (casts are delivered at least once) shows as two lines.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Record(Action):
 
     def run(self, params: Any, context: ActionContext) -> Result:
         folder = Path(os.environ["WARMPOOL_SOAK_RECORDS"])
-        (folder / params.cast).write_text(str(os.getpid()))
+        with (folder / params.cast).open("a") as record:
+            record.write(f"{os.getpid()}\n")
         return Result(None)
 
 
