@@ -2,10 +2,10 @@
 
 A call's message is made by Celery's own ``app.amqp`` (so workers, monitors and Flower see
 an ordinary task) but without ``apply_async``'s per-thread result machinery: the reply
-comes through the process's :class:`~.listener.ReplyListener`. Connections come from the
-app's producer pool (``broker_pool_limit`` connections, whatever the number of calling
-threads); coroutines publish through a small thread pool of their own, since Kombu has no
-asyncio producer.
+comes through the process's :class:`~.listener.ReplyListener`. Messages go out through
+a few producers of the publisher's own (:data:`PUBLISH_CONNECTIONS`, on connections of
+the app's pool), whatever the number of calling threads; coroutines publish through a
+small thread pool of their own, since Kombu has no asyncio producer.
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.pools import ProducerPool
+
 __all__ = ["Message", "Publisher"]
 
-#: Threads that publish for coroutines (each holds at most one broker connection).
-PUBLISH_THREADS = 4
+#: Threads that publish for coroutines.
+PUBLISH_THREADS = 2
+#: Producers (each on a broker connection of the app's pool) that publish pool calls,
+#: whatever the number of calling threads: more threads wait their turn, briefly.
+PUBLISH_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,8 @@ class Publisher:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._declared: set[str] = set()
+        self._pool: ProducerPool | None = None
+        self._pool_pid = 0
         self._pid = os.getpid()
 
     def message(self, name: str, task_id: str, args: tuple[Any, ...], queue: str,
@@ -60,10 +67,18 @@ class Publisher:
             # Kombu would bind copies of the queue and exchange on every publish only to
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
-        with self.app.producer_or_acquire() as producer:
+        with self._producers().acquire(block=True) as producer:
             self.app.amqp.send_task_message(producer, message.name, message.body, **options)
         if queue is not None:
             self._declared.add(queue.name)
+
+    def _producers(self) -> ProducerPool:
+        """This process's producers for pool calls (made anew in a forked child)."""
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool_pid = os.getpid()
+                self._pool = ProducerPool(self.app.pool, limit=PUBLISH_CONNECTIONS)
+            return self._pool
 
     @property
     def executor(self) -> ThreadPoolExecutor:

@@ -490,10 +490,11 @@ class AgentPool(Generic[AgentT]):
         """
         return self._work.stream(signal, timeout=timeout, call_timeout=call_timeout)
 
-    def run_signals(self, agent: AgentT, events: list[Signal], *,
-                    transaction: bool = False) -> list[AgentReply]:
+    def run_signals(self, agent: AgentT, events: list[Signal], *, transaction: bool = False,
+                    cancellation: Cancellation = NEVER) -> list[AgentReply]:
         """See :meth:`AgentWork.run_signals <.work.AgentWork.run_signals>`."""
-        return self._work.run_signals(agent, events, transaction=transaction)
+        return self._work.run_signals(agent, events, transaction=transaction,
+                                      cancellation=cancellation)
 
     def run_batch(self, agent: AgentT, events: list[Signal]) -> list[AgentReply | WarmPoolError]:
         """See :meth:`AgentWork.run_batch <.work.AgentWork.run_batch>`."""

@@ -79,16 +79,17 @@ class AgentWork(Generic[AgentT]):
         return self._run(lambda agent: self.run_signals(agent, events, transaction=True),
                          label, timeout, call_timeout)
 
-    def run_signals(self, agent: AgentT, events: list[Signal], *,
-                    transaction: bool = False) -> list[AgentReply]:
+    def run_signals(self, agent: AgentT, events: list[Signal], *, transaction: bool = False,
+                    cancellation: Cancellation = NEVER) -> list[AgentReply]:
         """Handle ``events`` in order on ``agent`` (checked out by the caller), counted.
 
         With ``transaction``, a failure puts the agent's state back as it was before the
-        first event, then raises.
+        first event, then raises. The actions see ``cancellation`` as
+        ``context.cancelled``.
         """
         before = agent.state
         try:
-            return [self._count_call(agent, event) for event in events]
+            return [self._count_call(agent, event, cancellation) for event in events]
         except BaseException:
             if transaction:
                 agent.state = before
@@ -143,9 +144,10 @@ class AgentWork(Generic[AgentT]):
                 lease.abandoned = True
                 raise
 
-    def _count_call(self, agent: AgentT, signal: Signal) -> AgentReply:
+    def _count_call(self, agent: AgentT, signal: Signal,
+                    cancellation: Cancellation = NEVER) -> AgentReply:
         try:
-            reply = agent.handle(signal)
+            reply = agent.handle(signal, cancellation)
         except Exception:
             self.pool.record(calls=1, call_failures=1)
             raise

@@ -92,9 +92,11 @@ class CallHandler:
         def work(stopped: Callable[[], bool]) -> list[AgentReply]:
             if stream:
                 return [self._stream(task, agent_pool, agent, events[0], call_timeout,
-                                     stopped)]
-            return agent_pool.run_signals(agent, events, transaction=transaction)
+                                     stopped, cancellation)]
+            return agent_pool.run_signals(agent, events, transaction=transaction,
+                                          cancellation=cancellation)
 
+        cancellation = _cancellation(task)
         label = ",".join(event.type for event in events)
         if call_timeout is None:
             with agent_pool.lent(agent):
@@ -128,7 +130,7 @@ class CallHandler:
 
     def _stream(self, task: Task, agent_pool: AgentPool[Agent[Any]],  # type: ignore[type-arg]
                 agent: Agent[Any], event: Signal, call_timeout: float | None,
-                stopped: Callable[[], bool]) -> AgentReply:
+                stopped: Callable[[], bool], cancellation: Cancellation) -> AgentReply:
         """Stream ``event`` on ``agent`` to its caller; its final reply."""
         spec = self.runtime.configuration.spec(agent_pool.name)
         client = task.backend.client  # type: ignore[attr-defined]
@@ -137,7 +139,7 @@ class CallHandler:
             idle_timeout=spec.stream_idle_timeout, stopped=stopped,
             expires=(call_timeout or STREAM_KEEP) + spec.stream_idle_timeout)
         try:
-            return agent_pool.run_stream(agent, event, sink.emit, _cancellation(task))
+            return agent_pool.run_stream(agent, event, sink.emit, cancellation)
         except StreamCancelled:
             # Its reader is gone (closed, or silent too long): nobody waits for a reply.
             # The agent goes back healthy, its state unchanged.
