@@ -1,6 +1,6 @@
 """Streaming calls against unary calls and Celery's progress states, in one run.
 
-    python bench/streaming.py            # about two minutes
+    python bench/streaming.py            # about a minute
     python bench/streaming.py --quick    # fewer rounds, smaller streams
 
 Starts ``bench/streaming_app.py`` on a threads node (``-c 8``, 8 agents), then on a
@@ -17,7 +17,12 @@ and on each measures, from this process:
   ``finally`` records when it ran, the reader when it closed: how long the generator ran
   on after its next chunk;
 - the baseline: the same chunks sent with Celery's ``update_state`` progress states and
-  read with ``AsyncResult.get(on_message=...)``: chunks lost, time to the first chunk.
+  read with ``AsyncResult.get(on_message=...)``, by the caller (Celery subscribes it as
+  it sends) and by a reader that comes once the first chunk is out (another process: a
+  web page, a caller that reconnected): chunks lost, time to the first chunk.
+
+Databases 14 and 15, flushed at the start of each node's run (``bench/callers.py``
+uses 10 and 11, ``bench/gateway.py`` 12 and 13).
 """
 
 from __future__ import annotations
