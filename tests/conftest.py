@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from celery_warmpool.ops.processes import ManagedProcess, WorkerProcess
 
@@ -125,8 +127,11 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.process is None:
             return
+        # No retries: redis-py would retry SHUTDOWN (the server closing the connection is
+        # its answer) with backoff for seconds, and the outage would last that much longer.
+        client = redis.Redis(port=self.port, retry=Retry(NoBackoff(), 0))
         with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(port=self.port).shutdown(nosave=True)  # appendonly already has it
+            client.shutdown(nosave=True)  # appendonly already has it
         assert self.process.process is not None
         self.process.process.wait(10)
         self.process = None
