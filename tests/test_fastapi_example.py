@@ -17,6 +17,10 @@ uvicorn process, sorted by the database Redis says each is on):
 - everything else, at most 8: the reply listener's (its one pub/sub connection and the
   one it reads stored replies and writes cancel marks on) and whatever else the server
   opens (the gateway's health check, on a ``/healthz``).
+
+The example's own command (its burst and what it prints), its refusal of a result
+store other than Redis, and its route's errors as the gateway's problems are tested
+too.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import redis
 
 from celery_warmpool.client.publisher import PUBLISH_THREADS
 from celery_warmpool.ops.processes import ManagedProcess
+from examples import fastapi_embeddings
 from examples.embeddings import app, sentences, warm
 from examples.fastapi_embeddings import Answer, burst, sampled
 from examples.launch import python_path, settings
@@ -201,3 +206,20 @@ def test_the_command_refuses_a_result_store_other_than_redis() -> None:
     assert finished.returncode == 2
     assert "this example needs a Redis result store, not rpc://" in finished.stderr
     assert "starting a worker" not in finished.stdout
+
+
+def test_a_pool_error_is_answered_as_the_gateway_answers_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastapi_embeddings, "POOL", "missing")
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=fastapi_embeddings.site)
+        async with httpx.AsyncClient(transport=transport, base_url="http://site") as http:
+            return await http.post("/embed", json={"text": "hello"})
+
+    answer = asyncio.run(post())
+    assert answer.status_code == 404
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert (problem["type"], problem["title"], problem["pool"]) == (
+        "urn:celery-warmpool:error:UnknownPool", "Unknown pool", "missing")
