@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import Task, states
@@ -20,13 +20,14 @@ from celery.result import AsyncResult
 
 from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
 from ..core.ids import new_id
+from ..core.marks import taken_key
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
 from .delivery import Delivery
-from .listener import ReplyListener
+from .listener import RECONNECTED, ReplyListener, Subscription
 from .marks import mark_cancelled
-from .protocol import Steps, publish_steps, receive_steps
+from .protocol import Receive, Steps, publish_steps
 from .publisher import Message, Publisher
 from .shells import AsyncStream, blocking_chunks, run_async, run_blocking
 from .streaming import stream_steps
@@ -194,13 +195,26 @@ class PoolClient:
         key: bytes = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         subscription = listener.subscribe(key, key)
+        send = functools.partial(self.publisher.send, message)
         try:
-            yield from publish_steps(functools.partial(self.publisher.send, message),
-                                     started + timeout, timeout, self.delivery.outages(),
-                                     self.delivery.broker_url)
-            replies = yield from receive_steps(
-                subscription.mailbox, started + window, self.read_reply,
-                functools.partial(self.silence, listener, pool, timeout, window))
+            yield from self.publish(send, started + timeout, timeout)
+            while True:
+                remaining = started + window - time.monotonic()
+                if remaining <= 0:
+                    raise self.silence(listener, pool, timeout, window)
+                item = yield Receive(subscription.mailbox, remaining)
+                if item is RECONNECTED and time.monotonic() < started + timeout:
+                    # The store was away: ask whether a worker took the message.
+                    listener.submit(functools.partial(_ask_taken, task_id, subscription))
+                elif isinstance(item, _Taken):
+                    if not item.taken and time.monotonic() < started + timeout:
+                        # Lost with a broker that went away: send the same call again
+                        # (its deadline and id: only one copy can run, see core.marks).
+                        yield from self.publish(send, started + timeout, timeout)
+                elif isinstance(item, bytes):
+                    replies = self.read_reply(item)
+                    if replies is not None:
+                        break
         except BaseException as exc:
             if not isinstance(exc, Exception):  # the caller left: cancelled, interrupted
                 listener.submit(functools.partial(mark_cancelled, task_id=task_id,
@@ -209,6 +223,12 @@ class PoolClient:
         finally:
             listener.unsubscribe(subscription)
         return [AgentReply.model_validate(reply) for reply in replies]
+
+    def publish(self, send: Callable[[], None], deadline: float,
+                timeout: float) -> Steps[None]:
+        """The steps of publishing with ``send``, retried until ``deadline`` (monotonic)."""
+        yield from publish_steps(send, deadline, timeout, self.delivery.outages(),
+                                 self.delivery.broker_url)
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
                      call_timeout: float | None, *, stream: bool = False) -> Message:
@@ -261,9 +281,8 @@ class PoolClient:
         message = self.publisher.message(
             self.cast_task.name, task_id, (pool, [event.to_wire()], deadline, call_timeout,
                                            False), spec.queue, _argsrepr(pool, [event]))
-        yield from publish_steps(functools.partial(self.publisher.send, message),
-                                 time.monotonic() + bound, bound, self.delivery.outages(),
-                                 self.delivery.broker_url)
+        yield from self.publish(functools.partial(self.publisher.send, message),
+                                time.monotonic() + bound, bound)
         return AsyncResult(task_id, app=self.app)
 
     def listener(self) -> ReplyListener | None:
@@ -291,6 +310,19 @@ class PoolClient:
                                      spec.max_overflow)
         replies = self.delivery.wait(result, started + window, window, no_reply)
         return [AgentReply.model_validate(reply) for reply in replies]
+
+
+class _Taken:
+    """Whether a worker took a call's message (read from its taken mark)."""
+
+    __slots__ = ("taken",)
+
+    def __init__(self, taken: bool) -> None:
+        self.taken = taken
+
+
+def _ask_taken(task_id: str, subscription: Subscription, client: Any) -> None:
+    subscription.mailbox.put(_Taken(bool(client.exists(taken_key(task_id)))))
 
 
 def _no_reply(pool: str, timeout: float, window: float, size: int,

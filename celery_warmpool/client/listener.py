@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import redis
 from celery.backends.redis import RedisBackend, SentinelBackend
@@ -45,7 +45,7 @@ from redis import exceptions as redis_errors
 
 from .mailbox import Mailbox
 
-__all__ = ["ReplyListener", "Subscription"]
+__all__ = ["RECONNECTED", "ReplyListener", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ SUBSCRIBE_BATCH = 1000
 #: What says "the result store cannot be reached".
 OUTAGES: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+#: Put in the mailbox of every (untagged) subscription once the listener is back from an
+#: outage of the result store: a call may then ask whether its message was taken.
+RECONNECTED: Final = object()
 
 #: A command run on the listener's client: for writes nobody waits on, and read-backs.
 Command = Callable[[redis.Redis], Any]
@@ -311,6 +315,9 @@ class ReplyListener:
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MOST)
         if self.down_since is not None:
+            for subscription in self._subscriptions.values():
+                if subscription.tag is None:
+                    subscription.mailbox.put(RECONNECTED)
             logger.warning(
                 "result store %s was unreachable for %.1fs (%s: %s); reconnected: the %d "
                 "calls waiting read their replies", self.url,

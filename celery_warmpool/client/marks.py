@@ -18,10 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.marks import taken_key
+
 __all__ = ["cancel_key", "is_cancelled", "mark_cancelled", "read_key", "stream_key"]
 
 #: The key of a call's cancel mark, by its task id.
 CANCEL_KEY = "warmpool:cancelled:{task_id}"
+#: The taken mark a caller leaves on a call it cancelled before any worker took it.
+CANCELLED = '{"cancelled": true}'
 #: The key (a Redis Stream) and pub/sub channel of a call's chunks, by its task id.
 STREAM_KEY = "warmpool:stream:{task_id}"
 
@@ -32,8 +36,16 @@ def cancel_key(task_id: str) -> str:
 
 
 def mark_cancelled(client: Any, *, task_id: str, seconds: float) -> None:
-    """Mark the call ``task_id`` cancelled for ``seconds`` (a Redis client)."""
-    client.set(cancel_key(task_id), b"1", px=max(1, int(seconds * 1000)))
+    """Mark the call ``task_id`` cancelled for ``seconds`` (a Redis client).
+
+    The call's taken mark is set too, unless a worker set it already: a worker that takes
+    the call later finds it taken and drops it unrun, at no cost of its own (see
+    :mod:`celery_warmpool.core.marks`).
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.set(taken_key(task_id), CANCELLED, nx=True, px=max(1, int(seconds * 1000)))
+    pipe.set(cancel_key(task_id), b"1", px=max(1, int(seconds * 1000)))
+    pipe.execute()
 
 
 def is_cancelled(client: Any, task_id: str) -> bool:

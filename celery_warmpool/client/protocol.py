@@ -25,8 +25,7 @@ from typing import Any, TypeVar
 from ..core.errors import BrokerUnavailable, WarmPoolError
 from .mailbox import Mailbox
 
-__all__ = ["Deliver", "Pause", "Publish", "Receive", "Step", "Steps", "publish_steps",
-           "receive_steps"]
+__all__ = ["Deliver", "Pause", "Publish", "Receive", "Step", "Steps", "publish_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,23 +96,3 @@ def publish_steps(send: Callable[[], T], deadline: float, timeout: float,
             logger.debug("broker %s unreachable (%r); retrying", broker_url, exc)
             yield Pause(min(delay, remaining))
             delay = min(delay * 2, RETRY_MOST)
-
-
-def receive_steps(mailbox: Mailbox, deadline: float, read: Callable[[Any], T | None],
-                  silence: Callable[[], BaseException]) -> Steps[T]:
-    """Wait for the first item of ``mailbox`` that ``read`` makes something of.
-
-    ``read(item)`` returns the outcome, ``None`` to keep waiting (a state that is not
-    final), or raises the error the item carries. At ``deadline`` (monotonic) the error
-    ``silence()`` makes is raised.
-    """
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise silence()
-        item = yield Receive(mailbox, remaining)
-        if item is None:
-            continue
-        outcome = read(item)
-        if outcome is not None:
-            return outcome

@@ -27,7 +27,7 @@ from ..core.signal import Signal
 from .listener import ReplyListener
 from .mailbox import Mailbox
 from .marks import mark_cancelled, read_key, stream_key
-from .protocol import Deliver, Receive, Steps, publish_steps
+from .protocol import Deliver, Receive, Steps
 
 if TYPE_CHECKING:
     from .calls import PoolClient
@@ -105,9 +105,8 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
     order, position = _InOrder(), _Position(spec.stream_buffer)
     finished = False
     try:
-        yield from publish_steps(functools.partial(client.publisher.send, message),
-                                 started + timeout, timeout, client.delivery.outages(),
-                                 client.delivery.broker_url)
+        yield from client.publish(functools.partial(client.publisher.send, message),
+                                  started + timeout, timeout)
         outcome: Callable[[], AgentReply] | None = None
         while True:
             remaining = started + window - time.monotonic()

@@ -5,7 +5,8 @@
 
 1. drops the call unrun if its deadline (the caller's ``timeout``) has passed;
 2. checks an agent out, waiting at most until that deadline, and drops the call unrun if
-   its caller has left it meanwhile (a cancel mark, see :mod:`..client.marks`);
+   its caller left it meanwhile (a cancel mark, see :mod:`..client.marks`; a caller
+   that left before any worker took the call marked it taken, see :mod:`.claims`);
 3. runs the signals on it inline (a transaction: all or nothing);
 4. with a ``call_timeout``, has the process's watchdog answer the caller with
    :class:`CallTimeout` at that deadline and replace the agent, while the overrunning
@@ -52,6 +53,9 @@ __all__ = ["CAST_TASK", "HANDLE_TASK", "CallHandler", "register_tasks"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds of waiting for an agent after which a call's cancel mark is read before it
+#: starts (a call that got one at once was taken a moment ago: its caller is there).
+WAITED = 0.01
 #: Seconds a stream's chunks are kept when its call has no ``call_timeout``, beyond
 #: ``stream_idle_timeout``.
 STREAM_KEEP = 3600.0
@@ -78,14 +82,16 @@ class CallHandler:
         """
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in signals]
+        asked = time.monotonic()
         try:
             agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
         except HandedBack:
             # The node is draining or stopping: back to the broker, for another node.
             raise Reject(requeue=True) from None
-        if _cancelled(task):
-            # Its caller left before it started (checked once an agent is in hand, so a
-            # long wait for one counts too): nobody waits for it, so nothing is stored.
+        if time.monotonic() - asked > WAITED and _cancelled(task):
+            # Its caller left while it waited for an agent (one that left before the
+            # call was taken marked it taken, so it never got here): nobody waits for
+            # it, so nothing is stored.
             agent_pool.checkin(agent)
             raise Ignore()
 
