@@ -164,7 +164,7 @@ def test_a_cancelled_call_frees_its_subscription_at_once(private_redis, start_wo
 def test_calls_that_time_out_free_their_subscriptions(private_redis, start_worker, client):
     backend = store_of(private_redis)
     start_worker(counter(1), pool="threads", concurrency=2, backend=backend)
-    specs = counter(1) + [{**counter(1)[0], "name": "unserved"}]  # no worker hosts it
+    specs = [*counter(1), {**counter(1)[0], "name": "unserved"}]  # no worker hosts it
     _, warm = client(specs, backend=backend)
     warm.client.reply_grace = 0.2
     listener = listener_of(warm)
