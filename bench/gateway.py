@@ -34,18 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import Check, cpu_seconds, print_targets, redis_connections  # noqa: E402
 from celery_warmpool.ops.processes import ManagedProcess, WorkerProcess  # noqa: E402
 from tests.flower_page import free_port  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/12"
 BACKEND = "redis://127.0.0.1:6379/13"
-REDIS_PORT = 6379
 CONNECTIONS = 256
 SIGNAL = '{"type": "bench.echo", "data": {"text": "hello"}}'
 WRK_SCRIPT = f"""
@@ -57,7 +56,6 @@ wrk.headers["Content-Type"] = "application/json"
 CPU_RATIO_TARGET = 0.5
 REDIS_CONNECTIONS_TARGET = 8
 FIRST_CHUNK_TARGET = 1.2
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -94,18 +92,6 @@ def wrk_binary() -> str:
     if not found:
         sys.exit("wrk is missing: install Debian's wrk package (apt-get install wrk)")
     return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` so far (its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def redis_connections(pid: int) -> int:
-    """TCP connections of process ``pid`` to the Redis port."""
-    return sum(1 for connection in psutil.Process(pid).net_connections(kind="tcp")
-               if connection.raddr and connection.raddr.port == REDIS_PORT)
 
 
 def start_server(command: list[str], env: dict[str, str]) -> tuple[ManagedProcess, str]:
@@ -229,7 +215,7 @@ def report(rows: list[Load], unary: list[float], first: list[float], seconds: fl
     first_p50 = statistics.median(first) * 1000
     print(f"\n  one client through the gateway: unary call p50 {unary_p50:.2f} ms, "
           f"first SSE chunk p50 {first_p50:.2f} ms ({len(unary)} of each, interleaved)\n")
-    checks = [
+    checks: list[Check] = [
         ("no socket error, no non-2xx (gateway)",
          gateway.socket_errors + gateway.non_2xx, "= 0",
          gateway.socket_errors + gateway.non_2xx == 0),
@@ -246,9 +232,7 @@ def report(rows: list[Load], unary: list[float], first: list[float], seconds: fl
          f"<= {FIRST_CHUNK_TARGET}", first_p50 <= FIRST_CHUNK_TARGET * unary_p50),
     ]
     print("targets")
-    for name, value, target, met in checks:
-        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-        print(f"  {name:40}{shown:>8}  {target:8}  {'PASS' if met else 'MISS'}")
+    print_targets(checks)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python bench/streaming.py --quick    # fewer rounds, smaller streams
 
 Starts ``bench/streaming_app.py`` on a threads node (``-c 8``, 8 agents), then on a
-prefork node (``-c 2``, one agent per child), on the local Redis (databases 14 and 15),
+prefork node (``-c 2``, one agent per child), on the local Redis (databases 10 and 11),
 and on each measures, from this process:
 
 - the time to the first chunk of ``warm.stream`` against the p50 of a unary
@@ -21,8 +21,8 @@ and on each measures, from this process:
   it sends) and by a reader that comes once the first chunk is out (another process: a
   web page, a caller that reconnected): chunks lost, time to the first chunk.
 
-Databases 14 and 15, flushed at the start of each node's run (``bench/callers.py``
-uses 10 and 11, ``bench/gateway.py`` 12 and 13).
+Databases 10 and 11; nothing is flushed (other benches may share them), and the bench's
+pool and task queue are its own.
 """
 
 from __future__ import annotations
@@ -42,18 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import Check, cpu_seconds, print_targets, redis_connections  # noqa: E402
 from celery_warmpool.ops.processes import WorkerProcess, child_pids  # noqa: E402
 
-BROKER = "redis://127.0.0.1:6379/14"
-BACKEND = "redis://127.0.0.1:6379/15"
-REDIS_PORT = 6379
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BROKER = "redis://127.0.0.1:6379/10"
+BACKEND = "redis://127.0.0.1:6379/11"
 #: Targets of the streaming issue.
 FIRST_CHUNK_TARGET = 1.2
 CPU_RATIO_TARGET = 0.1
@@ -93,21 +91,6 @@ def words(count: int, pause: float = 0.0, report: str | None = None) -> dict[str
     return {"type": "bench.words", "data": data}
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU time so far of processes ``pids`` (their threads included)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def redis_connections() -> int:
-    """TCP connections of this process to the Redis port."""
-    return sum(1 for connection in psutil.Process().net_connections(kind="tcp")
-               if connection.raddr and connection.raddr.port == REDIS_PORT)
-
-
 @contextmanager
 def most_connections(found: list[int]) -> Iterator[None]:
     """Sample this process's Redis connections every 50 ms while the block runs."""
@@ -133,10 +116,10 @@ def first_chunks(warm: Any, node: Node, rounds: int) -> None:
     signal = words(8)
     for _ in range(rounds):
         started = time.perf_counter()
-        warm.call("words", signal)
+        warm.call("streaming", signal)
         node.unary.append(time.perf_counter() - started)
         started = time.perf_counter()
-        with warm.stream("words", signal) as stream:
+        with warm.stream("streaming", signal) as stream:
             next(stream)
             node.first.append(time.perf_counter() - started)
             for _ in stream:  # the rest, to its reply
@@ -146,16 +129,16 @@ def first_chunks(warm: Any, node: Node, rounds: int) -> None:
 def cpu_costs(warm: Any, worker: WorkerProcess, node: Node, chunks: int, calls: int) -> None:
     """One stream of ``chunks`` chunks, then ``calls`` unary calls: the worker's CPU each."""
     pids = [worker.pid, *child_pids(worker.pid)]
-    before, started = cpu_seconds(pids), time.perf_counter()
-    stream = warm.stream("words", words(chunks), call_timeout=120)
+    before, started = cpu_seconds(*pids), time.perf_counter()
+    stream = warm.stream("streaming", words(chunks), call_timeout=120)
     node.long_chunks = sum(1 for _ in stream)
     node.long_seconds = time.perf_counter() - started
-    node.cpu_per_chunk = (cpu_seconds(pids) - before) / chunks
+    node.cpu_per_chunk = (cpu_seconds(*pids) - before) / chunks
     assert node.long_chunks == chunks, f"{node.long_chunks} of {chunks} chunks came"
-    before = cpu_seconds(pids)
+    before = cpu_seconds(*pids)
     for _ in range(calls):
-        warm.call("words", words(1))
-    node.cpu_per_call = (cpu_seconds(pids) - before) / calls
+        warm.call("streaming", words(1))
+    node.cpu_per_call = (cpu_seconds(*pids) - before) / calls
 
 
 def concurrent_streams(warm: Any, node: Node) -> None:
@@ -163,7 +146,7 @@ def concurrent_streams(warm: Any, node: Node) -> None:
     expected = [f"word-{index}" for index in range(STREAM_CHUNKS)]
 
     async def read() -> list[Any]:
-        stream = warm.astream("words", words(STREAM_CHUNKS), timeout=60, call_timeout=60)
+        stream = warm.astream("streaming", words(STREAM_CHUNKS), timeout=60, call_timeout=60)
         return [chunk async for chunk in stream]
 
     async def main() -> list[list[Any]]:
@@ -185,7 +168,7 @@ def cancellations(warm: Any, node: Node, rounds: int) -> None:
     try:
         for _ in range(rounds):
             report = f"bench:stopped:{uuid.uuid4().hex}"
-            stream = warm.stream("words", words(10_000, CLOSE_PAUSE, report))
+            stream = warm.stream("streaming", words(10_000, CLOSE_PAUSE, report))
             for read, _ in enumerate(stream, 1):
                 if read == CLOSE_AFTER:
                     break
@@ -250,8 +233,6 @@ def run_node(name: str, pool: str, concurrency: int, quick: bool) -> Node:
     """Start a node, measure everything on it, stop it."""
     from bench.streaming_app import app, warm
 
-    for url in (BROKER, BACKEND):
-        redis.Redis.from_url(url).flushdb()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WARMPOOL_BENCH_SIZE": str(concurrency)}
     worker = WorkerProcess("bench.streaming_app", pool=pool, concurrency=concurrency,
                            broker=BROKER, backend=BACKEND, env=env, cwd=ROOT,
@@ -261,8 +242,8 @@ def run_node(name: str, pool: str, concurrency: int, quick: bool) -> Node:
     try:
         worker.start()
         for _ in range(20):  # warm up: imports, connections, the reply listener
-            warm.call("words", words(1))
-            list(warm.stream("words", words(2)))
+            warm.call("streaming", words(1))
+            list(warm.stream("streaming", words(2)))
         step("first chunk against a unary call")
         first_chunks(warm, node, 30 if quick else 100)
         step("one long stream, then unary calls: CPU")
@@ -284,7 +265,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller streams")
     options = parser.parse_args()
     os.environ.update({"WARMPOOL_BROKER_URL": BROKER, "WARMPOOL_RESULT_BACKEND": BACKEND})
-    print("running (local Redis, databases 14 and 15):", flush=True)
+    print("running (local Redis, databases 10 and 11):", flush=True)
     nodes = [run_node("threads -c 8", "threads", 8, options.quick),
              run_node("prefork -c 2", "prefork", 2, options.quick)]
     for node in nodes:
@@ -319,7 +300,7 @@ def report(node: Node) -> None:
     print(f"  closed after {CLOSE_AFTER} chunks ({len(node.stopped_after_next)} times): the "
           f"generator stopped {ms(max(node.stopped_after_next))} at most after its next "
           f"chunk, {ms(statistics.median(node.stopped_after_close))} p50 after the close")
-    checks = [
+    checks: list[Check] = [
         ("first chunk / unary call p50", first_p50 / unary_p50, f"<= {FIRST_CHUNK_TARGET}",
          first_p50 <= FIRST_CHUNK_TARGET * unary_p50),
         ("worker CPU per chunk / per unary call", node.cpu_per_chunk / node.cpu_per_call,
@@ -333,9 +314,7 @@ def report(node: Node) -> None:
         ("update_state chunks lost, late reader", late_lost, "> 0", late_lost > 0),
     ]
     print("\n  targets")
-    for name, value, target, met in checks:
-        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-        print(f"    {name:42}{shown:>8}  {target:8}  {'PASS' if met else 'MISS'}")
+    print_targets(checks, indent="    ", width=42, digits=3)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     celery -A bench.streaming_app worker -P threads -c 8
 
-The ``words`` pool streams ``count`` small chunks; a warm ``call`` of the same action is
-the unary call it is compared with. ``bench.progress`` is a plain Celery task sending
+The ``streaming`` pool streams ``count`` small chunks; a warm ``call`` of the same action
+is the unary call it is compared with. ``bench.progress`` is a plain Celery task sending
 the same chunks the way users do today: ``update_state`` with a custom state per chunk.
 Broker and result store from ``WARMPOOL_BROKER_URL`` / ``WARMPOOL_RESULT_BACKEND``; the
 pool's size (agents per node, one per child under prefork) from ``WARMPOOL_BENCH_SIZE``.
+The pool's name and the task's queue (``bench.streaming``) are this bench's own, so other
+apps' workers on the same databases take none of its messages.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pydantic import BaseModel
 
 from celery_warmpool import Action, ActionContext, Agent, AgentState, Result, WarmPool, resource
 
-BROKER = os.environ.get("WARMPOOL_BROKER_URL", "redis://127.0.0.1:6379/14")
-BACKEND = os.environ.get("WARMPOOL_RESULT_BACKEND", "redis://127.0.0.1:6379/15")
+BROKER = os.environ.get("WARMPOOL_BROKER_URL", "redis://127.0.0.1:6379/10")
+BACKEND = os.environ.get("WARMPOOL_RESULT_BACKEND", "redis://127.0.0.1:6379/11")
 
 
 class WordsState(AgentState):
@@ -74,7 +76,8 @@ class WordsAgent(Agent[WordsState]):
 app = Celery("bench_streaming", broker=BROKER, backend=BACKEND)
 app.conf.broker_connection_retry_on_startup = True
 app.conf.result_expires = 600
-warm = WarmPool(app, pools=[("words", WordsAgent, {
+app.conf.task_default_queue = "bench.streaming"
+warm = WarmPool(app, pools=[("streaming", WordsAgent, {
     "size": int(os.environ.get("WARMPOOL_BENCH_SIZE", "2")), "reply_state": False})])
 
 
