@@ -11,10 +11,12 @@ import functools
 import logging
 import threading
 from collections.abc import Iterable
+from types import GeneratorType
 from typing import Any
 
-__all__ = ["keep_unrecorded_messages", "pin_redis_connection_params", "reconnect_sooner",
-           "requeue_unrecorded", "restore_orphans", "restore_prefetch_on_loop"]
+__all__ = ["keep_partial_result_reads", "keep_unrecorded_messages",
+           "pin_redis_connection_params", "reconnect_sooner", "requeue_unrecorded",
+           "restore_orphans", "restore_prefetch_on_loop"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +184,41 @@ def reconnect_sooner(consumer: Any) -> None:
         return ensure_connected(connection)
 
     consumer.ensure_connected = with_short_back_off
+
+
+def keep_partial_result_reads(hub: Any, pool: Any) -> None:
+    """Keep a prefork pool's half-read results across the event loop's reset.
+
+    A child's result reaches the main process through a pipe, read by a generator that
+    waits in the event loop for the rest of a message it has begun (a large one, such as
+    a failure with its traceback, arrives in parts). On a broker connection error Celery
+    5.7 resets the loop (``asynloop`` -> ``hub.reset()``), which drops every reader, and
+    on reconnecting the pool registers fresh readers, which read the rest of that
+    message as a new one: ``UnpicklingError: invalid load key``, which Celery takes as
+    unrecoverable, and the worker stops (2 of 4 runs of ``bench/restarts.py``, 30 outages
+    each). This keeps such readers through the reset and puts them back after the pool's
+    own. ``pool`` is Celery's ``AsynPool``. Drop it once Celery keeps them itself.
+    """
+    if getattr(pool, "_warmpool_keeps_reads", False) or not hasattr(pool, "_fileno_to_outq"):
+        return
+    kept: dict[int, Any] = {}
+    reset = hub.reset
+    register = pool.register_with_event_loop
+
+    def reset_keeping_reads() -> Any:
+        for fd, (reader, _) in list(hub.readers.items()):
+            if isinstance(reader, GeneratorType) and fd in pool._fileno_to_outq:
+                kept[fd] = reader
+        return reset()
+
+    def register_and_resume(loop: Any) -> Any:
+        registered = register(loop)
+        while kept:
+            fd, reader = kept.popitem()
+            if fd in pool._fileno_to_outq:  # its child is still there
+                loop.add_reader(fd, reader)
+        return registered
+
+    hub.reset = reset_keeping_reads
+    pool.register_with_event_loop = register_and_resume
+    pool._warmpool_keeps_reads = True

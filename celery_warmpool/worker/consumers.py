@@ -36,6 +36,7 @@ from kombu.common import ignore_errors
 
 from .batches import PoolBatches
 from .broker_workarounds import (
+    keep_partial_result_reads,
     keep_unrecorded_messages,
     pin_redis_connection_params,
     reconnect_sooner,
@@ -152,6 +153,8 @@ class PoolConsumers(bootsteps.StartStopStep):
         self._timer = c.timer.call_repeatedly(RECONCILE_INTERVAL, self.reconcile_all)
         if self.runtime.execution is not None and self.runtime.execution.in_children:
             self._replacer = replace_dead_children(c)
+            if c.hub is not None:
+                keep_partial_result_reads(c.hub, getattr(c.pool, "_pool", None))
         if c.hub is None:
             self.register_with_event_loop(c, None)
 
