@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,14 @@ class PoolClient:
         self.publisher = Publisher(self.app)
         #: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply.
         self.reply_grace = REPLY_GRACE
+        self._listener: ReplyListener | None = None
+        self._listener_pid = 0
+
+    @functools.cached_property
+    def _backend(self) -> Any:
+        # Celery keeps a result backend per thread; keys and decoding are the same in all,
+        # so one serves every caller of the process (nothing is sent through it).
+        return self.app.backend
 
     # -- blocking ------------------------------------------------------------------------
 
@@ -192,7 +201,7 @@ class PoolClient:
         started = time.monotonic()
         task_id = new_id()
         message = self.call_message(task_id, pool, events, timeout, call_timeout)
-        key: bytes = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
+        key = self.result_key(task_id)
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         subscription = listener.subscribe(key, key)
         send = functools.partial(self.publisher.send, message)
@@ -250,7 +259,7 @@ class PoolClient:
         Raises:
             The error the call ended with (a contract error, as the worker raised it).
         """
-        meta = self.app.backend.decode_result(payload)
+        meta = self._backend.decode_result(payload)
         status = meta["status"]
         if status == states.SUCCESS:
             replies: list[dict[str, Any]] = meta["result"]
@@ -291,7 +300,15 @@ class PoolClient:
         Only a plain Redis result store has one. Others (``rpc://``, databases, files,
         Sentinel) keep Celery's own way of waiting, one waiting thread per call.
         """
-        return ReplyListener.for_backend(self.app.backend)
+        pid = os.getpid()
+        if self._listener_pid != pid:  # looked up once per process: it is on every call
+            self._listener = ReplyListener.for_backend(self.app.backend)
+            self._listener_pid = pid
+        return self._listener
+
+    def result_key(self, task_id: str) -> bytes:
+        """The key (and channel) of the stored result of ``task_id``."""
+        return self._backend.get_key_for_task(task_id)  # type: ignore[no-any-return]
 
     def _call_through_celery(self, pool: str, events: list[Signal], timeout: float,
                              call_timeout: float | None) -> list[AgentReply]:

@@ -96,7 +96,7 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
     message = client.call_message(task_id, pool, [event], timeout, call_timeout, stream=True)
     mailbox = Mailbox()
     chunks_key = stream_key(task_id).encode()
-    result_key: bytes = client.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
+    result_key = client.result_key(task_id)
     subscriptions = [
         listener.subscribe(result_key, result_key, mailbox=mailbox, tag=REPLY),
         listener.subscribe(chunks_key, mailbox=mailbox, tag=CHUNK,
