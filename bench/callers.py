@@ -15,7 +15,8 @@ another, each for ``--seconds``:
 - and ``warm.acall`` with 1,024 in flight on RabbitMQ (a node of its own) with the Redis
   result store.
 
-Each row: calls per second, p50 and p99 latency, this process's CPU per call (the
+Each row's callers run in a process of their own (so that its connections and CPU are
+its own). Each row: calls per second, p50 and p99 latency, this process's CPU per call (the
 operating system's accounting of the whole process), and the most Redis connections it
 held. The targets are ratios to the bare rows of the same run.
 """
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -45,6 +47,8 @@ from celery_warmpool.ops.processes import WorkerProcess  # noqa: E402
 BROKER = "redis://127.0.0.1:6379/10"
 BACKEND = "redis://127.0.0.1:6379/11"
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+#: The row run on RabbitMQ (with the Redis result store).
+RABBITMQ_STEP = "warm.acall, 1,024 in flight (RabbitMQ)"
 SIGNAL = {"type": "bench.echo", "data": {"value": 1}}
 
 
@@ -227,44 +231,72 @@ def targets(rows: dict[str, Row]) -> list[tuple[str, float, str, bool]]:
             for name, value, target, bound in checks]
 
 
+STEPS: dict[str, tuple[str, int]] = {
+    **{f"bare apply_async().get(), {n} thread{'s' * (n > 1)}": ("bare", n) for n in (1, 32, 256)},
+    **{f"warm.call, {n} thread{'s' * (n > 1)}": ("call", n) for n in (1, 32, 256)},
+    **{f"warm.acall, {n:,} in flight": ("acall", n) for n in (1, 32, 256, 1024)},
+    "warm.map(concurrency=256), 1 thread": ("map", 256),
+}
+REDIS_STEPS = list(STEPS)
+STEPS[RABBITMQ_STEP] = ("acall", 1024)
+
+
+def step(name: str, seconds: float) -> Row:
+    """Run the step ``name`` in this process (a fresh one: its connections are its own)."""
+    from bench.callers_app import bare_echo, warm
+
+    kind, count = STEPS[name]
+    runs: dict[str, Callable[[], Callable[[Row, float], None]]] = {
+        "bare": lambda: from_threads(count, lambda: bare_echo.apply_async((1,)).get(
+            timeout=30)),
+        "call": lambda: from_threads(count, lambda: warm.call("echo", SIGNAL, timeout=30)),
+        "acall": lambda: in_flight(warm, count),
+        "map": lambda: mapped(warm, count),
+    }
+    # One call first, outside the measure: the first connections are made then.
+    if kind == "bare":
+        bare_echo.apply_async((1,)).get(timeout=10)
+    else:
+        warm.call("echo", SIGNAL, timeout=10)
+    return measured(name, runs[kind](), seconds)
+
+
+def in_a_fresh_process(name: str, seconds: float, broker: str) -> Row:
+    env = {**os.environ, "WARMPOOL_BROKER_URL": broker, "WARMPOOL_RESULT_BACKEND": BACKEND}
+    done = subprocess.run([sys.executable, __file__, "--step", name, "--seconds", str(seconds)],
+                          env=env, capture_output=True, text=True, timeout=600, check=True)
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    return Row(name, calls=data["calls"], seconds=data["seconds"], cpu=data["cpu"],
+               connections=data["connections"], latencies=data["latencies"],
+               errors=data["errors"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per step")
     parser.add_argument("--no-rabbitmq", action="store_true", help="skip the RabbitMQ row")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # one step, in this process
     options = parser.parse_args()
-    for url in (BROKER, BACKEND):
-        redis.Redis.from_url(url).flushdb()
-    os.environ.setdefault("WARMPOOL_BROKER_URL", BROKER)
-    os.environ.setdefault("WARMPOOL_RESULT_BACKEND", BACKEND)
-    from bench.callers_app import bare_echo, warm
-
+    if options.step:
+        print(json.dumps(vars(step(options.step, options.seconds))))
+        return
     seconds = options.seconds
-    node = start_node(BROKER, BACKEND)
     rows: dict[str, Row] = {}
-    try:
-        warm.call("echo", SIGNAL)
-        bare_echo.apply_async((1,)).get(timeout=10)
-        steps: list[tuple[str, Callable[[Row, float], None]]] = []
-        for count in (1, 32, 256):
-            steps.append((f"bare apply_async().get(), {count} thread{'s' * (count > 1)}",
-                          from_threads(count, lambda: bare_echo.apply_async((1,)).get(
-                              timeout=30))))
-        for count in (1, 32, 256):
-            steps.append((f"warm.call, {count} thread{'s' * (count > 1)}",
-                          from_threads(count, lambda: warm.call("echo", SIGNAL, timeout=30))))
-        for count in (1, 32, 256, 1024):
-            steps.append((f"warm.acall, {count:,} in flight", in_flight(warm, count)))
-        steps.append(("warm.map(concurrency=256), 1 thread", mapped(warm, 256)))
-        for name, run in steps:
-            rows[name] = measured(name, run, seconds)
-            print(f"  {name}: {rows[name].rate:,.0f} calls/s", file=sys.stderr)
-    finally:
-        node.stop()
-    if not options.no_rabbitmq:
-        rows.update(rabbitmq_row(seconds))
-    print(f"\none threads node (-c 16, a pool of 8 agents), callers in one process, "
-          f"{seconds:g} s per step; Redis unless said\n")
+    for broker, names in ((BROKER, REDIS_STEPS), (RABBITMQ, [RABBITMQ_STEP])):
+        if broker == RABBITMQ and options.no_rabbitmq:
+            continue
+        for url in (BROKER, BACKEND):
+            redis.Redis.from_url(url).flushdb()
+        node = start_node(broker, BACKEND)
+        try:
+            for name in names:
+                rows[name] = in_a_fresh_process(name, seconds, broker)
+                print(f"  {name}: {rows[name].rate:,.0f} calls/s", file=sys.stderr)
+        finally:
+            node.stop()
+    print(f"\none threads node (-c 16, a pool of 8 agents), each row's callers in a process "
+          f"of their own, {seconds:g} s per step; Redis unless said\n")
     print_table(list(rows.values()))
     print("\ntargets")
     for name, value, target, met in targets(rows):
@@ -274,37 +306,6 @@ def main() -> None:
             "rate": row.rate, "p50_ms": row.percentile(0.5), "p99_ms": row.percentile(0.99),
             "cpu_per_call_us": row.cpu_per_call_us, "connections": row.connections,
             "errors": row.errors} for name, row in rows.items()}, indent=2))
-
-
-def rabbitmq_row(seconds: float) -> dict[str, Row]:
-    """``warm.acall`` with 1,024 in flight on RabbitMQ, the Redis result store (in a fresh
-    interpreter: an app's broker is fixed when it is made)."""
-    env = {**os.environ, "WARMPOOL_BROKER_URL": RABBITMQ, "WARMPOOL_RESULT_BACKEND": BACKEND}
-    code = ("import sys, json; sys.argv=['x']; sys.path.insert(0, %r); import bench.callers as c;"
-            "print(json.dumps(c.rabbitmq_step(%r)))" % (str(ROOT), seconds))
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300, check=True)
-    data = json.loads(done.stdout.strip().splitlines()[-1])
-    row = Row(data["name"], calls=data["calls"], seconds=data["seconds"], cpu=data["cpu"],
-              connections=data["connections"], latencies=data["latencies"],
-              errors=data["errors"])
-    return {row.name: row}
-
-
-def rabbitmq_step(seconds: float) -> dict[str, Any]:
-    from bench.callers_app import warm
-
-    node = start_node(RABBITMQ, BACKEND)
-    try:
-        warm.call("echo", SIGNAL)
-        row = measured("warm.acall, 1,024 in flight (RabbitMQ)", in_flight(warm, 1024),
-                       seconds)
-    finally:
-        node.stop()
-    return {"name": row.name, "calls": row.calls, "seconds": row.seconds, "cpu": row.cpu,
-            "connections": row.connections, "latencies": row.latencies, "errors": row.errors}
 
 
 if __name__ == "__main__":
