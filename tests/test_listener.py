@@ -9,6 +9,7 @@ the broker is the shared test database, unless the broker's restart is the point
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
@@ -215,3 +216,16 @@ def test_a_cast_leaves_celerys_result_consumer_alone(start_worker, client):
     consumer = app.backend.result_consumer
     assert consumer.subscribed_to == set() and consumer._pubsub is None
     assert [reply["result"] for reply in results[-1].get(timeout=10)] == [19]
+
+
+def test_a_map_left_after_its_first_reply_leaves_nothing_pending(start_worker, client, caplog):
+    caplog.set_level(logging.WARNING)
+    start_worker(counter(2), pool="threads", concurrency=4)
+    _, warm = client(counter(2))
+    replies = warm.map("counter", [echo(index) for index in range(20)], concurrency=4)
+    assert next(replies).result == 0
+    replies.close()
+    del replies
+    gc.collect()
+    assert [record.getMessage() for record in caplog.records if record.name == "asyncio"] == []
+    wait_until(lambda: listener_of(warm).subscriptions == 0, 1, "every subscription dropped")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ..core.reply import AgentReply
@@ -64,6 +64,9 @@ async def afan_out(client: PoolClient, pool: str,
             task.cancel()  # their callers are gone: cancel marks stop the unstarted ones
         with contextlib.suppress(BaseException):
             await asyncio.gather(*pending, return_exceptions=True)
+        # Closed here, not by the garbage collector: that would schedule the closing on
+        # the loop, which may be gone by then ("Task was destroyed but it is pending").
+        await source.aclose()
 
 
 def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
@@ -86,11 +89,12 @@ def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
             yield reply
     finally:
         loop.run_until_complete(replies.aclose())
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
 async def _signals(signals: Iterable[SignalLike] | AsyncIterable[SignalLike],
-                   ) -> AsyncIterator[SignalLike]:
+                   ) -> AsyncGenerator[SignalLike]:
     if isinstance(signals, AsyncIterable):
         async for signal in signals:
             yield signal
