@@ -18,6 +18,7 @@ from typing import Any, Generic, Self, TypeVar
 
 from ..core.errors import StreamNotFinished
 from ..core.reply import AgentReply
+from ..core.stream import final_reply
 from .protocol import Deliver, Pause, Publish, Receive, Step, Steps
 
 __all__ = ["AsyncStream", "blocking_chunks", "run_async", "run_blocking"]
@@ -116,11 +117,7 @@ class AsyncStream:
         Raises:
             StreamNotFinished: the stream is not exhausted, or was closed or failed.
         """
-        if self._reply is None:
-            why = ("it was closed or failed before its end" if self._over
-                   else "read it to its end first")
-            raise StreamNotFinished(f"this stream has no final reply: {why}")
-        return self._reply
+        return final_reply(self._reply, self._over)
 
     @property
     def closed(self) -> bool:

@@ -80,11 +80,7 @@ class Stream(Iterator[Any]):
             StreamNotFinished: the stream is not exhausted yet, or it was closed or
                 failed before its end.
         """
-        if self._reply is None:
-            why = ("it was closed or failed before its end" if self._over
-                   else "read it to its end first")
-            raise StreamNotFinished(f"this stream has no final reply: {why}")
-        return self._reply
+        return final_reply(self._reply, self._over)
 
     @property
     def closed(self) -> bool:
@@ -108,6 +104,19 @@ def drain(chunks: Generator[Any, None, AgentReply]) -> AgentReply:
         except StopIteration as stop:
             reply: AgentReply = stop.value
             return reply
+
+
+def final_reply(reply: AgentReply | None, over: bool) -> AgentReply:
+    """A stream's final ``reply``, or why there is none (``over``: it was closed early
+    or failed; otherwise it is still being read).
+
+    Raises:
+        StreamNotFinished: there is no final reply (yet).
+    """
+    if reply is None:
+        why = "it was closed or failed before its end" if over else "read it to its end first"
+        raise StreamNotFinished(f"this stream has no final reply: {why}")
+    return reply
 
 
 def _close(chunks: Generator[Any, None, AgentReply],
