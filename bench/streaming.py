@@ -1,6 +1,6 @@
 """Streaming calls against unary calls and Celery's progress states, in one run.
 
-    python bench/streaming.py            # about a minute
+    python bench/streaming.py            # one to two minutes
     python bench/streaming.py --quick    # fewer rounds, smaller streams
 
 Starts ``bench/streaming_app.py`` on a threads node (``-c 8``, 8 agents), then on a
@@ -200,18 +200,30 @@ class Progress:
             self.seen.add(message["result"]["i"])
 
 
-def baseline(app: Any, node: Node, rounds: int) -> None:
+@contextmanager
+def celery_app(name: str) -> Iterator[Any]:
+    """A Celery app of its own on the bench's databases; its connections closed after."""
+    from celery import Celery
+
+    app = Celery(name, broker=BROKER, backend=BACKEND, set_as_current=False)
+    app.conf.task_default_queue = "bench.streaming"
+    try:
+        yield app
+    finally:
+        # Closed here, so that they do not count as the next node's reader's connections.
+        app.backend.result_consumer.stop()
+        app.backend.client.connection_pool.disconnect()
+        app.close()
+
+
+def baseline(node: Node, rounds: int) -> None:
     """The same chunks as Celery progress states, read with ``get(on_message=...)``:
     by the caller (subscribed as it sends), and by a reader that comes once the first
     chunk is out (another process: a web page, a reconnecting client)."""
-    from celery import Celery
-
-    progress = app.tasks["bench.progress"]
-    late_app = Celery("late_reader", broker=BROKER, backend=BACKEND, set_as_current=False)
-    try:
+    with celery_app("progress_caller") as caller_app, celery_app("late_reader") as late_app:
         for _ in range(rounds):
             caller = Progress()
-            result = progress.apply_async((STREAM_CHUNKS,))
+            result = caller_app.send_task("bench.progress", (STREAM_CHUNKS,))
             assert result.get(on_message=caller.on_message, timeout=30,
                               interval=0.01) == STREAM_CHUNKS
             node.baseline_lost.append(STREAM_CHUNKS - len(caller.seen))
@@ -219,24 +231,21 @@ def baseline(app: Any, node: Node, rounds: int) -> None:
                 node.baseline_first.append(caller.first)
         for _ in range(rounds):
             late = Progress()
-            result = progress.apply_async((STREAM_CHUNKS,))
+            result = caller_app.send_task("bench.progress", (STREAM_CHUNKS,))
             while late_app.backend.get_task_meta(result.id)["status"] == "PENDING":
                 time.sleep(0.0005)
             late_app.AsyncResult(result.id).get(on_message=late.on_message, timeout=30,
                                                 interval=0.01)
             node.baseline_late_lost.append(STREAM_CHUNKS - len(late.seen))
-    finally:
-        late_app.close()
 
 
 def run_node(name: str, pool: str, concurrency: int, quick: bool) -> Node:
     """Start a node, measure everything on it, stop it."""
-    from bench.streaming_app import app, warm
+    from bench.streaming_app import warm
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WARMPOOL_BENCH_SIZE": str(concurrency)}
     worker = WorkerProcess("bench.streaming_app", pool=pool, concurrency=concurrency,
-                           broker=BROKER, backend=BACKEND, env=env, cwd=ROOT,
-                           loglevel="WARNING")
+                           broker=BROKER, backend=BACKEND, env=env, cwd=ROOT)
     node = Node(name)
     step: Callable[[str], None] = lambda what: print(f"  {name}: {what}", flush=True)  # noqa: E731
     try:
@@ -253,7 +262,7 @@ def run_node(name: str, pool: str, concurrency: int, quick: bool) -> Node:
         step("closing streams early")
         cancellations(warm, node, 5 if quick else 10)
         step("baseline: update_state progress states")
-        baseline(app, node, 10 if quick else 30)
+        baseline(node, 10 if quick else 30)
     finally:
         worker.stop()
         worker.remove_log()
@@ -288,7 +297,7 @@ def report(node: Node) -> None:
           f"{ms(baseline_first):>14}{ms(unary_p50):>12}")
     ours = f"{node.stream_lost}/{STREAMS * STREAM_CHUNKS}"
     print(f"  {'chunks lost, read by the caller':44}{ours:>14}{f'{lost}/{sent}':>14}")
-    print(f"  {'chunks lost, reader come after the first':44}{'-':>14}"
+    print(f"  {'chunks lost, read by a late reader':44}{'-':>14}"
           f"{f'{late_lost}/{sent}':>14}")
     print(f"\n  one stream of {node.long_chunks} chunks in {node.long_seconds:.2f} s: "
           f"{node.long_chunks / node.long_seconds:.0f} chunks/s; worker CPU "

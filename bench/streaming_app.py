@@ -14,12 +14,14 @@ apps' workers on the same databases take none of its messages.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
 
 import redis
 from celery import Celery, Task
+from celery.signals import after_setup_logger
 from pydantic import BaseModel
 
 from celery_warmpool import Action, ActionContext, Agent, AgentState, Result, WarmPool, resource
@@ -87,3 +89,11 @@ def progress(self: Task, count: int) -> int:  # type: ignore[type-arg]
     for index in range(count):
         self.update_state(state="PROGRESS", meta={"i": index, "c": f"word-{index}"})
     return count
+
+
+@after_setup_logger.connect
+def quiet_task_lines(**_: Any) -> None:
+    """No log line per task: the worker logs at INFO (its " ready." tells the bench it
+    is up, with no ping, which would leave control connections in the bench's process)."""
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
