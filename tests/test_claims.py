@@ -158,3 +158,32 @@ def test_a_call_published_twice_runs_once_on_a_worker(private_redis, start_worke
     assert warm.call("counter", INCREMENT).state["count"] == 2  # it ran once, not twice
     mark = TakenMark.parse(store.get(taken_key(task_id)))
     assert mark.node == worker.hostname
+
+
+class ReservedCall:
+    """A call waiting in a worker's main process (what LateCalls reads of a request)."""
+
+    def __init__(self, task_id: str, deadline: float) -> None:
+        self.id, self.name = task_id, HANDLE_TASK
+        self.args = ("pool", [], deadline, 5.0, False)
+
+
+@pytest.mark.integration
+def test_a_late_call_is_answered_unless_a_copy_of_it_was_taken(private_redis, monkeypatch):
+    from celery.worker import state as worker_state
+
+    from celery_warmpool.worker.late_calls import LateCalls
+
+    app = Celery("claims", broker=f"{private_redis.url}/0", backend=f"{private_redis.url}/1",
+                 set_as_current=False)
+    waiting, taken = str(uuid.uuid4()), str(uuid.uuid4())
+    calls = [ReservedCall(waiting, time.time() - 5), ReservedCall(taken, time.time() - 5)]
+    monkeypatch.setattr(worker_state, "reserved_requests", set(calls))
+    monkeypatch.setattr(worker_state, "active_requests", set())
+    assert claims_of("node-b").run_once(sent_task(app.backend, taken), "pool",
+                                        time.time() + 10, lambda: "ran elsewhere") == (
+        "ran elsewhere")
+
+    assert LateCalls(app).answer_late_calls() == 1
+    assert app.backend.get_task_meta(waiting)["status"] == "FAILURE"
+    assert app.backend.get_task_meta(taken)["status"] == "PENDING"  # its copy answers

@@ -21,7 +21,7 @@ from ..core.marks import taken_key, taken_ttl, taken_value
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
 
-__all__ = ["CallClaims"]
+__all__ = ["CallClaims", "is_taken"]
 
 T = TypeVar("T")
 
@@ -106,6 +106,17 @@ class CallClaims:
             # The call then waits for its mark to expire: it is answered at its deadline.
             logger.warning("could not remove the taken mark of call %s", task_id,
                            exc_info=True)
+
+
+def is_taken(backend: Any, task_id: str) -> bool:
+    """Whether a copy of the call ``task_id`` was marked taken (never, where no marks are
+    kept).
+
+    Raises:
+        The result store's connection errors.
+    """
+    client = _redis_client(backend)
+    return client is not None and bool(client.exists(taken_key(task_id)))
 
 
 def _redis_client(backend: Any) -> Any:

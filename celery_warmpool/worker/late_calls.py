@@ -5,7 +5,9 @@ waits in the main process until a child is free; the child drops it if its deadl
 passed, but only once it takes it, so the caller would hear of it late. The worker's main
 process therefore looks over its reserved, not yet started calls a few times a second,
 and answers each one whose deadline passed with :class:`CheckoutTimeout` at once. The
-call itself is still dropped unrun when a child takes it.
+call itself is still dropped unrun when a child takes it. A call whose caller published it
+again is left alone once another copy of it was taken (see :mod:`.claims`): that copy
+answers, and a ``CheckoutTimeout`` stored now would overwrite its reply.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from celery.worker import state as worker_state
 
 from ..core.errors import CheckoutTimeout
+from .claims import is_taken
 from .handler import HANDLE_TASK
 
 __all__ = ["LateCalls"]
@@ -53,7 +56,13 @@ class LateCalls:
             deadline = args[2] if len(args) > 2 else None
             if deadline is None or now <= deadline + GRACE:
                 continue
+            try:
+                taken = is_taken(self.app.backend, request.id)
+            except getattr(self.app.backend, "connection_errors", ()):
+                continue  # the result store is away: look again next time
             self._answered.add(request.id)
+            if taken:
+                continue
             pool = str(args[0])
             error = CheckoutTimeout(
                 f"pool {pool!r}: no agent came free within the call's timeout; the call "
