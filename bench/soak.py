@@ -5,8 +5,11 @@
 
 Two worker nodes (prefork -c 2 and threads -c 4) host the same pool on a redis-server the
 soak starts itself on a free port, with appendonly, so that a restart keeps its messages as
-a production broker does. Eight threads make calls (5% to an action that fails, 1% with an
-invalid signal); casts leave a file each, so the soak can count them; a prefork child is
+a production broker does. Six threads (``warm.call``) and eight coroutines on one event
+loop (``warm.acall``, a tenth of them cancelled) make calls (5% to an action that fails,
+1% with an invalid signal); a reader reads streams of 20 numbers the whole time (a chunk
+lost, repeated or out of order is a miss; a killed child ends its stream in
+``AgentLost``); casts leave a file each, so the soak can count them; a prefork child is
 SIGKILLed every 2 s; midway the broker goes down for 3 s. Then it prints what happened and
 exits 0 if every target is met: no call lost (an exception outside the contract, or no
 answer), no cast missing, no worker exit, nothing checked out at rest, and a killed child's
@@ -16,6 +19,7 @@ agents restored within 2 s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import random
@@ -54,7 +58,9 @@ CONTRACT = (ActionFailed, InvalidSignal, AgentLost, CheckoutTimeout, CallTimeout
 KILL_EVERY = 2.0
 OUTAGE = 3.0
 RESTORE_TARGET = 2.0
-CALLERS = 8
+#: Threads calling with warm.call, and coroutines (on one event loop) with warm.acall.
+CALLERS = 6
+ASYNC_CALLERS = 8
 
 
 def free_port() -> int:
@@ -134,18 +140,78 @@ def caller(warm: Any, numbers: Any, run: Run, pause: float) -> None:
         try:
             warm.call("soak", kind, timeout=15, call_timeout=10)
             run.count("reply")
-        except CONTRACT as exc:
-            # A failing action or an invalid signal on a call that asked for neither
-            # would be a wrong answer, not a lost one: say so.
-            wrong = ((isinstance(exc, ActionFailed) and kind["type"] != "soak.fail")
-                     or (isinstance(exc, InvalidSignal) and "data" not in kind))
-            run.count(type(exc).__name__ + (" (wrong answer)" if wrong else ""))
-        except Exception as exc:  # outside the contract: lost
-            run.count("lost")
-            with run.lock:
-                run.lost.append(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            classify(run, kind, exc)
         if pause:
             time.sleep(pause)
+
+
+def async_caller(warm: Any, numbers: Any, run: Run, pause: float) -> None:
+    """Calls from coroutines on one event loop, every tenth of them cancelled."""
+
+    async def call(number: int) -> None:
+        kind = signal_for(number)
+        if number % 10 == 5:
+            task = asyncio.ensure_future(warm.acall("soak", kind, timeout=15))
+            await asyncio.sleep(0.002 * (number % 7))
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *CONTRACT):
+                await task
+            run.count("cancelled (asyncio)")
+            return
+        try:
+            await warm.acall("soak", kind, timeout=15, call_timeout=10)
+            run.count("reply (asyncio)")
+        except Exception as exc:
+            classify(run, kind, exc)
+
+    async def loop() -> None:
+        for number in numbers:
+            await call(number)
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def main() -> None:
+        await asyncio.gather(*(loop() for _ in range(ASYNC_CALLERS)))
+
+    asyncio.run(main())
+
+
+def classify(run: Run, kind: dict[str, Any], exc: BaseException) -> None:
+    """Count a call's error: by contract, a wrong answer, or lost."""
+    if isinstance(exc, CONTRACT):
+        # A failing action or an invalid signal on a call that asked for neither would
+        # be a wrong answer, not a lost one: say so.
+        wrong = ((isinstance(exc, ActionFailed) and kind["type"] != "soak.fail")
+                 or (isinstance(exc, InvalidSignal) and "data" not in kind))
+        run.count(type(exc).__name__ + (" (wrong answer)" if wrong else ""))
+        return
+    run.count("lost")  # outside the contract
+    with run.lock:
+        run.lost.append(f"{type(exc).__name__}: {exc}")
+
+
+def streamer(warm: Any, streams: int, run: Run, done: threading.Event) -> None:
+    """Streams of numbers, read to their end or their error: any chunk lost, repeated
+    or out of order before either is counted (and is a miss)."""
+    for _ in range(streams):
+        if done.is_set():
+            return
+        chunks: list[int] = []
+        try:
+            stream = warm.stream("soak", {"type": "soak.count", "data": {"n": 20}},
+                                 timeout=15, call_timeout=10)
+            chunks.extend(stream)
+            outcome = "stream: complete" if chunks == list(range(20)) else None
+        except CONTRACT as exc:
+            outcome = f"stream: {type(exc).__name__}"
+        except Exception as exc:  # outside the contract: lost
+            outcome = "lost"
+            with run.lock:
+                run.lost.append(f"stream: {type(exc).__name__}: {exc}")
+        if chunks != list(range(len(chunks))):
+            outcome = "stream: a chunk lost or repeated"
+        run.count(outcome or "stream: a chunk lost or repeated")
 
 
 def caster(warm: Any, casts: int, records: Path, spread: float, sent: list[str]) -> None:
@@ -277,11 +343,15 @@ def soak(workers: list[WorkerProcess], broker: RedisServer, records: Path, calls
     sent: list[str] = []
     threads = [threading.Thread(target=caller, args=(warm, next_numbers(), run, pause))
                for _ in range(CALLERS)]
+    threads.append(threading.Thread(target=async_caller,
+                                    args=(warm, next_numbers(), run, pause)))
+    readers_done = threading.Event()
+    reader = threading.Thread(target=streamer, args=(warm, 10_000, run, readers_done))
     threads.append(threading.Thread(target=caster, args=(
         warm, casts, records, 6.0 if quick else 40.0, sent)))
     kill_thread = threading.Thread(target=killer, args=(warm, workers[0], run, done, kills,
                                                         outage))
-    for thread in [*threads, kill_thread]:
+    for thread in [*threads, kill_thread, reader]:
         thread.start()
     while sum(run.outcomes.values()) < calls // 2:
         time.sleep(0.05)
@@ -293,6 +363,8 @@ def soak(workers: list[WorkerProcess], broker: RedisServer, records: Path, calls
     outage.clear()
     for thread in threads:
         thread.join()
+    readers_done.set()
+    reader.join()
     done.set()
     kill_thread.join()
     elapsed = time.monotonic() - started
@@ -307,7 +379,8 @@ def report(run: Run, calls: int, casts: int, done_casts: int, dead_casts: int, o
     missing = casts - done_casts - dead_casts
     restore_p50 = statistics.median(run.restores) if run.restores else float("nan")
     restore_max = max(run.restores) if run.restores else float("nan")
-    print(f"soak: {calls} calls from {CALLERS} threads, {casts} casts, {run.kills} prefork "
+    print(f"soak: {calls} calls from {CALLERS} threads and {ASYNC_CALLERS} coroutines (a tenth "
+          f"of theirs cancelled), streams beside them, {casts} casts, {run.kills} prefork "
           f"children killed, a {OUTAGE:g} s broker restart at {run.outage_at:.1f} s; "
           f"{elapsed:.1f} s")
     print()
@@ -317,6 +390,8 @@ def report(run: Run, calls: int, casts: int, done_casts: int, dead_casts: int, o
     print()
     rows = [
         ("calls lost (outside the contract)", run.outcomes["lost"], 0),
+        ("streams with a chunk lost or repeated",
+         run.outcomes["stream: a chunk lost or repeated"], 0),
         ("casts done", done_casts, None),
         ("casts dead-lettered", dead_casts, None),
         ("casts missing", missing, 0),

@@ -6,7 +6,8 @@ One pool, ``soak``, of agents that warm up in 0.2 s and serve three signals:
 - ``soak.fail``: an action that fails (the soak sends 5% of its calls as these);
 - ``soak.record``: a cast's side effect the soak can count afterwards: a file named after
   the cast in ``WARMPOOL_SOAK_RECORDS``, one line (the pid) each time it runs, so that a
-  cast done twice (casts are delivered at least once) shows as two lines.
+  cast done twice (casts are delivered at least once) shows as two lines;
+- ``soak.count``: a stream of numbers, so that a chunk lost or repeated shows.
 """
 
 from __future__ import annotations
@@ -53,8 +54,25 @@ class Record(Action):
         return Result(None)
 
 
+class Count(Action):
+    """Stream 0, 1, ... ``n - 1``, one chunk every ``pause`` seconds."""
+
+    name = "count"
+
+    class Params(BaseModel):
+        n: int = 20
+        pause: float = 0.005
+
+    def run(self, params: Any, context: ActionContext) -> Any:
+        for number in range(params.n):
+            yield number
+            time.sleep(params.pause)
+        return Result(params.n)
+
+
 class SoakAgent(Agent[AgentState]):
-    signal_routes = {"soak.work": Work, "soak.fail": Fail, "soak.record": Record}
+    signal_routes = {"soak.work": Work, "soak.fail": Fail, "soak.record": Record,
+                     "soak.count": Count}
 
     def setup(self) -> None:
         time.sleep(SETUP_SECONDS)

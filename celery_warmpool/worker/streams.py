@@ -27,11 +27,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from redis import exceptions as redis_errors
+
 from ..client.marks import cancel_key, read_key, stream_key
-from ..core.errors import StreamCancelled
+from ..core.errors import BrokerUnavailable, StreamCancelled
 
 __all__ = ["StreamSink"]
 
+#: What says the result store cannot be reached (redis-py's errors; the builtin ones).
+OUTAGES: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 #: Seconds between two reads of the reader's position and the cancel mark.
 CHECK_INTERVAL = 0.02
 #: Seconds between two looks at the reader's position while the buffer is full: first
@@ -75,26 +80,57 @@ class StreamSink:
         Raises:
             StreamCancelled: the caller closed the stream, stopped reading for
                 ``idle_timeout`` seconds, or the work was given up on.
+            BrokerUnavailable: the result store was unreachable for ``idle_timeout``.
         """
         if self.stopped():
             raise StreamCancelled("the call was given up on (it overran its call_timeout)")
         self.sent += 1
         payload = json.dumps({"i": self.sent, "c": chunk}, separators=(",", ":"))
-        pipe = self.client.pipeline(transaction=False)
-        # Trimmed to well past what a reader may lag: the buffer bounds the lag.
-        pipe.xadd(self.key, {"d": payload}, maxlen=2 * self.buffer + 16, approximate=True)
-        pipe.publish(self.key, payload)
-        if self.sent == 1:
-            pipe.pexpire(self.key, self.expires_ms)
         checking = self._clock() >= self._next_check or self.sent - self.read >= self.buffer
-        if checking:
-            pipe.get(self.read_key)
-            pipe.exists(self.cancel_key)
-        results = pipe.execute()
+        results = self._execute(payload, checking)
         if checking:
             self._checked(results[-2], results[-1])
         while self.sent - self.read >= self.buffer:
             self._wait_for_reader()
+
+    def _execute(self, payload: str, checking: bool) -> list[Any]:
+        """Write one chunk (and read the reader's position if ``checking``)."""
+
+        def commands(pipe: Any) -> None:
+            # Trimmed to well past what a reader may lag: the buffer bounds the lag.
+            pipe.xadd(self.key, {"d": payload}, maxlen=2 * self.buffer + 16, approximate=True)
+            pipe.publish(self.key, payload)
+            if self.sent == 1:
+                pipe.pexpire(self.key, self.expires_ms)
+            if checking:
+                pipe.get(self.read_key).exists(self.cancel_key)
+
+        return self._retrying(commands)
+
+    def _retrying(self, commands: Callable[[Any], None]) -> list[Any]:
+        """Run ``commands`` in one pipeline; wait out a result store that is away.
+
+        For ``idle_timeout`` at most. Writing a chunk again is safe: the reader drops a
+        chunk whose index it has had.
+
+        Raises:
+            BrokerUnavailable: the result store was away for ``idle_timeout``.
+        """
+        delay, given_up_at = WAIT_MOST / 4, self._clock() + self.idle_timeout
+        while True:
+            pipe = self.client.pipeline(transaction=False)
+            commands(pipe)
+            try:
+                results: list[Any] = pipe.execute()
+                return results
+            except OUTAGES as exc:
+                if self._clock() >= given_up_at or self.stopped():
+                    raise BrokerUnavailable(
+                        f"the result store was unreachable for {self.idle_timeout:g}s "
+                        f"(stream_idle_timeout) while streaming: {type(exc).__name__}: "
+                        f"{exc}", None, self.idle_timeout) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, WAIT_MOST * 10)
 
     def _checked(self, read: bytes | None, cancelled: int) -> None:
         now = self._clock()
@@ -117,6 +153,6 @@ class StreamSink:
             if self.stopped():
                 raise StreamCancelled("the call was given up on (it overran its "
                                       "call_timeout)")
-            read, cancelled = self.client.pipeline(transaction=False).get(
-                self.read_key).exists(self.cancel_key).execute()
+            read, cancelled = self._retrying(
+                lambda pipe: pipe.get(self.read_key).exists(self.cancel_key))
             self._checked(read, cancelled)
