@@ -354,7 +354,11 @@ def report(run: Run, downs: list[float], elapsed: float, subscriptions: int,
         print(f"  not as expected: {outcome} ({count})")
     if len(run.snapshots) == 2:
         print()
-        print(f"tracemalloc: the most growth between call {run.first_mark:,} and the last")
+        first_size, last_size = (sum(stat.size for stat in snapshot.statistics("filename"))
+                                 for snapshot in run.snapshots)
+        # RSS counts tracemalloc's own tables too: what Python allocated is this.
+        print(f"tracemalloc: Python's allocations {first_size / 2**20:.1f} MiB at call "
+              f"{run.first_mark:,}, {last_size / 2**20:.1f} MiB at the last; the most growth:")
         for stat in run.snapshots[1].compare_to(run.snapshots[0], "lineno")[:10]:
             print(f"  {stat}")
     met = all(row[3] is not False for row in rows)
