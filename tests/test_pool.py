@@ -30,6 +30,7 @@ from celery_warmpool import (
     Signal,
     telemetry,
 )
+from celery_warmpool.core.cancellation import NEVER
 from celery_warmpool.core.pool import START_ATTEMPTS
 
 from .core_agents import (
@@ -941,9 +942,9 @@ def test_call_timeout_abandons_and_replaces_the_agent(make_pool: Callable[..., P
     pool.checkin(agent)
     original_handle = agent.handle
 
-    def slow_handle(signal: Any) -> Any:
+    def slow_handle(signal: Any, cancellation: Any = NEVER) -> Any:
         proceed.wait(10)
-        return original_handle(signal)
+        return original_handle(signal, cancellation)
 
     agent.handle = slow_handle  # type: ignore[method-assign]
 
