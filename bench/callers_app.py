@@ -6,21 +6,9 @@ import os
 from typing import Any
 
 from celery import Celery
-from pydantic import BaseModel
 
-from celery_warmpool import Action, ActionContext, Agent, AgentState, PoolSpec, Result, WarmPool
-
-
-class Echo(Action):
-    """Give the signal's ``value`` back."""
-
-    name = "echo"
-
-    class Params(BaseModel):
-        value: Any = None
-
-    def run(self, params: Any, context: ActionContext) -> Result:
-        return Result(params.value)
+from bench.actions import Echo
+from celery_warmpool import Agent, AgentState, PoolSpec, WarmPool
 
 
 class EchoAgent(Agent[AgentState]):

@@ -15,17 +15,8 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel
 
+from bench.actions import Echo
 from celery_warmpool import Action, ActionContext, Agent, AgentState, PoolSpec, Result, WarmPool
-
-
-class Echo(Action):
-    name = "echo"
-
-    class Params(BaseModel):
-        value: Any = None
-
-    def run(self, params: Any, context: ActionContext) -> Result:
-        return Result(params.value)
 
 
 class Sleep(Action):
