@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from celery_warmpool import CallTimeout, CheckoutTimeout
+from celery_warmpool.client.listener import ReplyListener
 from celery_warmpool.core.signal import Signal
 from tests.conftest import ROOT, PrivateRedis, wait_until
 from tests.test_async_callers import echo, listener_of
@@ -232,3 +233,29 @@ def test_a_map_left_after_its_first_reply_leaves_nothing_pending(start_worker, c
     gc.collect()
     assert [record.getMessage() for record in caplog.records if record.name == "asyncio"] == []
     wait_until(lambda: listener_of(warm).subscriptions == 0, 1, "every subscription dropped")
+
+
+def test_a_command_the_store_refuses_does_not_stop_the_listener(clean_redis, caplog):
+    listener = ReplyListener({"host": "127.0.0.1", "port": 6379, "db": 9}, "test")
+    listener.submit(lambda client: client.execute_command("NO-SUCH-COMMAND"))
+    key = b"warmpool-test:refused"
+    redis.Redis(db=9).set(key, b"stored")
+    subscription = listener.subscribe(key, key)
+    assert next_payload(subscription.mailbox, 5.0) == b"stored"
+    redis.Redis(db=9).publish(key, b"published")
+    assert next_payload(subscription.mailbox, 5.0) == b"published"
+    listener.unsubscribe(subscription)
+    redis.Redis(db=9).delete(key)
+
+
+def test_a_health_check_interval_is_not_taken_for_an_outage(clean_redis, caplog):
+    listener = ReplyListener({"host": "127.0.0.1", "port": 6379, "db": 9,
+                              "health_check_interval": 1}, "test")
+    key = b"warmpool-test:healthy"
+    subscription = listener.subscribe(key, key)
+    time.sleep(2.5)  # two health checks' worth
+    redis.Redis(db=9).publish(key, b"published")
+    assert next_payload(subscription.mailbox, 5.0) == b"published"
+    assert listener.outage() is None
+    assert not outage_lines(caplog.records)
+    listener.unsubscribe(subscription)

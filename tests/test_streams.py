@@ -164,3 +164,13 @@ def test_a_stream_needs_a_redis_result_store(client):
     with pytest.raises(ConfigurationError, match="Redis result store"):
         warm.stream("counter", chunks(3))
     assert REDIS_BACKEND  # the other tests' store is Redis
+
+
+def test_a_generator_that_pauses_longer_than_the_idle_timeout_is_not_cancelled(
+        start_worker, client):
+    # The reader reads every chunk at once; the generator pauses between them for
+    # longer than stream_idle_timeout: the reader is there, the work must go on.
+    options = {"stream_idle_timeout": 1.0}
+    start_worker(counter(1, **options), pool="threads", concurrency=2)
+    _, warm = client(counter(1, **options))
+    assert list(warm.stream("counter", chunks(3, delay=1.5), call_timeout=30)) == [0, 1, 2]

@@ -209,9 +209,9 @@ class PoolClient:
             yield from self.publish(send, started + timeout, timeout)
             while True:
                 remaining = started + window - time.monotonic()
-                if remaining <= 0:
+                item = yield Receive(subscription.mailbox, max(0.0, remaining))
+                if item is None and remaining <= 0:
                     raise self.silence(listener, pool, timeout, window)
-                item = yield Receive(subscription.mailbox, remaining)
                 if item is RECONNECTED and time.monotonic() < started + timeout:
                     # The store was away: ask whether a worker took the message.
                     listener.submit(functools.partial(_ask_taken, task_id, subscription))
@@ -226,8 +226,8 @@ class PoolClient:
                         break
         except BaseException as exc:
             if not isinstance(exc, Exception):  # the caller left: cancelled, interrupted
-                listener.submit(functools.partial(mark_cancelled, task_id=task_id,
-                                                  seconds=window))
+                listener.leave(exc, functools.partial(mark_cancelled, task_id=task_id,
+                                                      seconds=window))
             raise
         finally:
             listener.unsubscribe(subscription)

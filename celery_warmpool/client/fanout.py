@@ -88,9 +88,25 @@ def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
                 return
             yield reply
     finally:
-        loop.run_until_complete(replies.aclose())
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+        _wind_down(loop, replies)
+
+
+def _wind_down(loop: asyncio.AbstractEventLoop,
+               replies: AsyncGenerator[AgentReply | Exception]) -> None:
+    """Close a fan-out's loop, however it was left (its end, ``break``, Ctrl-C).
+
+    A ``KeyboardInterrupt`` may leave the loop with a task still waiting for the next
+    reply: it is cancelled first (its calls in flight are cancelled with it), so that the
+    generator can close and the interrupt goes on as it came.
+    """
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(replies.aclose())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
 
 
 async def _signals(signals: Iterable[SignalLike] | AsyncIterable[SignalLike],

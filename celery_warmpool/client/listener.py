@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 #: Seconds between two tries to reach the result store: first and longest.
 RECONNECT_FIRST = 0.05
 RECONNECT_MOST = 0.5
+#: Seconds a connection, a command or the rest of a message may take.
+SOCKET_TIMEOUT = 5.0
 #: The most channels in one SUBSCRIBE when subscribing again after a reconnection.
 SUBSCRIBE_BATCH = 1000
 
@@ -119,7 +121,8 @@ class ReplyListener:
     def __init__(self, connection_params: dict[str, Any], url: str) -> None:
         self.url = url
         self._params = {name: value for name, value in connection_params.items()
-                        if value is not None and name != "max_connections"}
+                        if value is not None and name not in (
+                            "max_connections", "health_check_interval")}
         self._lock = threading.Lock()
         self._requests: deque[tuple[str, Any]] = deque()
         self._woken = False
@@ -131,6 +134,7 @@ class ReplyListener:
         self._pubsub: Any = None
         self._reads: Any = None
         self._client: redis.Redis | None = None
+        self._urgent_client: redis.Redis | None = None
         self._selector = selectors.DefaultSelector()
         self._watched: int | None = None  # the pub/sub socket's descriptor, once connected
         #: When the result store stopped answering, and why; ``None`` while it answers.
@@ -162,6 +166,38 @@ class ReplyListener:
         abandoned); a failure is logged.
         """
         self._request("command", command)
+
+    def leave(self, why: BaseException, command: Command) -> None:
+        """Run a caller's last write (its cancel mark) as it goes away for ``why``.
+
+        An interrupted program (``KeyboardInterrupt``, ``SystemExit``) may exit before
+        this thread would run it: it is written now. A cancelled coroutine or a closed
+        stream leaves it to this thread, so that no event loop waits for it.
+        """
+        if isinstance(why, KeyboardInterrupt | SystemExit):
+            self.run_now(command)
+        else:
+            self.submit(command)
+
+    def run_now(self, command: Command) -> None:
+        """Run ``command(client)`` in the calling thread, on a client of its own.
+
+        For the last write of a caller that is going away (an interrupted program exits
+        before the listener's thread would run it); a failure is logged.
+        """
+        try:
+            command(self._urgent())
+        except Exception:
+            logger.warning("reply listener: could not write to the result store %s",
+                           self.url, exc_info=True)
+
+    def _urgent(self) -> redis.Redis:
+        with self._lock:
+            if self._urgent_client is None:
+                self._urgent_client = redis.Redis(connection_pool=redis.ConnectionPool(
+                    **{**self._params, "socket_timeout": SOCKET_TIMEOUT / 5,
+                       "socket_connect_timeout": SOCKET_TIMEOUT / 5}))
+            return self._urgent_client
 
     def outage(self) -> BaseException | None:
         """Why the result store cannot be reached now, or ``None`` if it can."""
@@ -195,15 +231,23 @@ class ReplyListener:
     def _run(self) -> None:
         self._reconnect(None)
         while True:
-            timeout = RECONNECT_MOST if self._catching_up else None
-            for key, _ in self._selector.select(timeout):
-                if key.data == "wake":
-                    _drain(key.fileobj)  # type: ignore[arg-type]
-                    self._take_requests()
-                else:
-                    self._read_messages()
-            if self._catching_up:
-                self._read_stored()
+            try:
+                self._serve_once()
+            except Exception as exc:  # a store's odd answer must not end the listener
+                logger.exception("reply listener: unexpected error; reconnecting")
+                self._reconnect(exc)
+
+    def _serve_once(self) -> None:
+        """Wait for requests or messages, and deal with what came."""
+        timeout = RECONNECT_MOST if self._catching_up else None
+        for key, _ in self._selector.select(timeout):
+            if key.data == "wake":
+                _drain(key.fileobj)  # type: ignore[arg-type]
+                self._take_requests()
+            else:
+                self._read_messages()
+        if self._catching_up:
+            self._read_stored()
 
     def _take_requests(self) -> None:
         with self._lock:
@@ -245,6 +289,8 @@ class ReplyListener:
             command(self._client)
         except OUTAGES as exc:
             logger.debug("reply listener: a command to the result store failed: %r", exc)
+        except Exception:  # refused by the store (read-only, out of memory): go on serving
+            logger.exception("reply listener: the result store refused a command")
 
     def _read_messages(self) -> None:
         pubsub = self._pubsub
@@ -335,7 +381,9 @@ class ReplyListener:
                 self._selector.unregister(self._watched)
             self._watched = None
         if self._client is None:
-            self._client = redis.Redis(connection_pool=redis.ConnectionPool(**self._params))
+            self._client = redis.Redis(connection_pool=redis.ConnectionPool(
+                **{**self._params, "socket_timeout": SOCKET_TIMEOUT,
+                   "socket_connect_timeout": SOCKET_TIMEOUT}))
             self._reads = _connection(self._params)
         self._pubsub = pubsub = _connection(self._params)
         pubsub.connect()
@@ -361,8 +409,14 @@ def _connection(params: dict[str, Any]) -> Any:
     """A connection to the result store, as Celery's parameters describe it."""
     options = dict(params)
     base = options.pop("connection_class", redis.Connection)
-    # Reads wait as long as it takes (the selector says when there is something).
-    options.pop("socket_timeout", None)
+    # Bounded, so that a store that accepts but never answers is an outage, not a hang
+    # (the selector says when a message is there; a read waits only for its rest).
+    options["socket_timeout"] = SOCKET_TIMEOUT
+    options["socket_connect_timeout"] = options.get("socket_connect_timeout") or SOCKET_TIMEOUT
+    options["socket_keepalive"] = True
+    # redis-py's health check expects a plain PONG, which a subscribed connection never
+    # gives: it would take every check for an outage.
+    options.pop("health_check_interval", None)
     # RESP2: messages come as replies (RESP3 would hand them to a push handler).
     options["protocol"] = 2
     kind = _Connection if base is redis.Connection else type(

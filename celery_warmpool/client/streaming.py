@@ -108,12 +108,20 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
         yield from client.publish(functools.partial(client.publisher.send, message),
                                   started + timeout, timeout)
         outcome: Callable[[], AgentReply] | None = None
+        quiet = min(REPORT_INTERVAL, spec.stream_idle_timeout / 4)
         while True:
             remaining = started + window - time.monotonic()
-            if remaining <= 0:
-                raise client.silence(listener, pool, timeout, window)
-            item = yield Receive(mailbox, remaining)
+            # Waiting with reads the worker has not heard of: say so once it is quiet, so
+            # that a pause of the generator is not taken for a reader gone away.
+            unreported = order.next - 1 > position.reported
+            item = yield Receive(mailbox, max(0.0, min(remaining, quiet) if unreported
+                                               else remaining))
             if item is None:
+                if remaining <= 0:
+                    raise client.silence(listener, pool, timeout, window)
+                if unreported:
+                    position.reported, position.at = order.next - 1, time.monotonic()
+                    listener.submit(functools.partial(_report, task_id, order.next - 1))
                 continue
             tag, data = item
             if tag == CHUNK:
@@ -121,9 +129,10 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
                     yield Deliver(chunk)
                 if position.due(order.next - 1):
                     listener.submit(functools.partial(_report, task_id, order.next - 1))
-            elif tag == REPLY and outcome is None:
-                outcome = _outcome(client, data)
-                if outcome is not None:  # final: read back what is left, then end
+            elif tag == REPLY:
+                outcome = outcome or _outcome(client, data)
+                if outcome is not None:  # final: read back what is left, then end (again,
+                    # if the reply comes again: a read back lost to an outage)
                     listener.submit(functools.partial(_read_back, chunks_key, mailbox,
                                                       drained=True))
             elif tag == DRAINED and outcome is not None:
@@ -131,8 +140,8 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
                 return outcome()
     except BaseException as exc:
         if not finished and not isinstance(exc, Exception):  # the reader left
-            listener.submit(functools.partial(mark_cancelled, task_id=task_id,
-                                              seconds=window))
+            listener.leave(exc, functools.partial(mark_cancelled, task_id=task_id,
+                                                  seconds=window))
         raise
     finally:
         for subscription in subscriptions:

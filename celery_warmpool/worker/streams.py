@@ -100,9 +100,10 @@ class StreamSink:
             # Trimmed to well past what a reader may lag: the buffer bounds the lag.
             pipe.xadd(self.key, {"d": payload}, maxlen=2 * self.buffer + 16, approximate=True)
             pipe.publish(self.key, payload)
-            if self.sent == 1:
-                pipe.pexpire(self.key, self.expires_ms)
             if checking:
+                # Also now and then, not only with the first chunk: a reader that left
+                # deletes the stream, and a chunk written after that makes it again.
+                pipe.pexpire(self.key, self.expires_ms)
                 pipe.get(self.read_key).exists(self.cancel_key)
 
         return self._retrying(commands)
