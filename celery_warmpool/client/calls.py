@@ -21,13 +21,12 @@ from celery.result import AsyncResult
 
 from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
 from ..core.ids import new_id
-from ..core.marks import taken_key
+from ..core.marks import mark_cancelled, taken_key
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
 from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
-from .marks import mark_cancelled
 from .protocol import Receive, Steps, publish_steps
 from .publisher import Message, Publisher
 from .shells import AsyncStream, blocking_chunks, run_async, run_blocking

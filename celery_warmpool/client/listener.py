@@ -120,6 +120,8 @@ class ReplyListener:
 
     def __init__(self, connection_params: dict[str, Any], url: str) -> None:
         self.url = url
+        # No health checks: redis-py's expects a plain PONG, which a subscribed connection
+        # never gives, so it would take every check for an outage.
         self._params = {name: value for name, value in connection_params.items()
                         if value is not None and name not in (
                             "max_connections", "health_check_interval")}
@@ -414,9 +416,6 @@ def _connection(params: dict[str, Any]) -> Any:
     options["socket_timeout"] = SOCKET_TIMEOUT
     options["socket_connect_timeout"] = options.get("socket_connect_timeout") or SOCKET_TIMEOUT
     options["socket_keepalive"] = True
-    # redis-py's health check expects a plain PONG, which a subscribed connection never
-    # gives: it would take every check for an outage.
-    options.pop("health_check_interval", None)
     # RESP2: messages come as replies (RESP3 would hand them to a push handler).
     options["protocol"] = 2
     kind = _Connection if base is redis.Connection else type(

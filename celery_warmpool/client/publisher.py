@@ -10,6 +10,7 @@ small thread pool of their own, since Kombu has no asyncio producer.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +56,13 @@ class Publisher:
         """The message that runs task ``name`` with ``args`` on ``queue``."""
         body = self.app.amqp.create_task_message(
             task_id, name, args, {}, argsrepr=argsrepr, kwargsrepr="{}",
-            reply_to=self.app.oid,
-            create_sent_event=self.app.conf.task_send_sent_event)
+            reply_to=self.app.oid, create_sent_event=self._sent_events)
         return Message(task_id, name, body, self._route(name, queue))
+
+    @functools.cached_property
+    def _sent_events(self) -> bool:
+        # Read once, on first use (the app is configured by then), not on every call.
+        return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
         """Publish ``message`` on a connection of the app's producer pool (blocking)."""

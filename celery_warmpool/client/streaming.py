@@ -22,11 +22,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.ids import new_id
+from ..core.marks import mark_cancelled, read_key, stream_key
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from .listener import ReplyListener
 from .mailbox import Mailbox
-from .marks import mark_cancelled, read_key, stream_key
 from .protocol import Deliver, Receive, Steps
 
 if TYPE_CHECKING:
@@ -75,11 +75,16 @@ class _Position:
         self.at = time.monotonic()
 
     def due(self, read: int) -> bool:
+        """Whether ``read`` is to be reported now (and it is taken as reported)."""
         if read - self.reported >= self.step or (
                 read > self.reported and time.monotonic() - self.at >= REPORT_INTERVAL):
-            self.reported, self.at = read, time.monotonic()
+            self.mark(read)
             return True
         return False
+
+    def mark(self, read: int) -> None:
+        """Take ``read`` as reported, now."""
+        self.reported, self.at = read, time.monotonic()
 
 
 def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: Signal,
@@ -120,7 +125,7 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
                 if remaining <= 0:
                     raise client.silence(listener, pool, timeout, window)
                 if unreported:
-                    position.reported, position.at = order.next - 1, time.monotonic()
+                    position.mark(order.next - 1)
                     listener.submit(functools.partial(_report, task_id, order.next - 1))
                 continue
             tag, data = item

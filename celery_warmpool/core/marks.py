@@ -1,4 +1,9 @@
-"""The "taken" mark: how a caller learns that a worker took its call.
+"""The marks a call keeps in the result store besides its reply: taken, cancelled, streams.
+
+They are plain keys, named here for the callers and the workers alike (which write them
+with their own Redis clients); nothing here imports Celery.
+
+**The taken mark**: how a caller learns that a worker took its call.
 
 A Redis broker can lose a call after the caller's publish succeeded: a server that shuts
 down serves a worker's ``BRPOP`` in its last event-loop turn, records the pop in its
@@ -20,14 +25,30 @@ task id and deadline, while no mark exists, without the work running twice.
 
 Only calls and transactions are marked (``warm.call``, ``warm.transaction``), and only
 with a Redis result store; casts are delivered at least once and carry no mark.
+
+**Cancel marks** tell the workers not to start a call whose caller stopped waiting.
+Revoking a Celery task is a broadcast every worker keeps in memory, lost when a worker
+restarts, and it only skips tasks not yet started. A cancel mark is a key written when a
+caller leaves a call (a cancelled coroutine, an interrupted thread, a closed stream) and
+kept as long as the call could still be waited for: the worker reads it before it starts
+a call that waited for an agent (and drops the call unrun), and a running action reads it
+through ``context.cancelled``. A caller that leaves before any worker took the call also
+sets its taken mark, so that the worker drops it at its claim.
+
+**Streams**: the chunks of a streaming call go to a Redis Stream named after its task id
+(and are published on a channel of the same name); its reader says how far it has read
+in a key beside it (see :mod:`celery_warmpool.worker.streams`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["TAKEN_KEY", "TAKEN_MARGIN", "TakenMark", "taken_key", "taken_ttl", "taken_value"]
+__all__ = ["TAKEN_KEY", "TAKEN_MARGIN", "TakenMark", "cancel_key", "is_cancelled",
+           "mark_cancelled", "read_key", "stream_key", "taken_key", "taken_ttl",
+           "taken_value"]
 
 #: The key of a call's mark, formatted with the call's task id.
 TAKEN_KEY = "warmpool:taken:{task_id}"
@@ -74,3 +95,45 @@ def taken_ttl(deadline: float | None, now: float) -> float:
     """
     left = 0.0 if deadline is None else max(0.0, deadline - now)
     return left + TAKEN_MARGIN
+
+
+# -- cancel marks and streams ------------------------------------------------------------
+
+#: The key of a call's cancel mark, by its task id.
+CANCEL_KEY = "warmpool:cancelled:{task_id}"
+#: The taken mark a caller leaves on a call it cancelled before any worker took it.
+CANCELLED = '{"cancelled": true}'
+#: The key (a Redis Stream) and pub/sub channel of a call's chunks, by its task id.
+STREAM_KEY = "warmpool:stream:{task_id}"
+
+
+def cancel_key(task_id: str) -> str:
+    """The key of the cancel mark of the call ``task_id``."""
+    return CANCEL_KEY.format(task_id=task_id)
+
+
+def mark_cancelled(client: Any, *, task_id: str, seconds: float) -> None:
+    """Mark the call ``task_id`` cancelled for ``seconds`` (a Redis client).
+
+    The call's taken mark is set too, unless a worker set it already: a worker that takes
+    the call later finds it taken and drops it unrun, at no cost of its own.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.set(taken_key(task_id), CANCELLED, nx=True, px=max(1, int(seconds * 1000)))
+    pipe.set(cancel_key(task_id), b"1", px=max(1, int(seconds * 1000)))
+    pipe.execute()
+
+
+def is_cancelled(client: Any, task_id: str) -> bool:
+    """Whether the call ``task_id`` was cancelled by its caller (a Redis client)."""
+    return bool(client.exists(cancel_key(task_id)))
+
+
+def stream_key(task_id: str) -> str:
+    """The Redis Stream (and channel) that carries the chunks of call ``task_id``."""
+    return STREAM_KEY.format(task_id=task_id)
+
+
+def read_key(task_id: str) -> str:
+    """Where the reader of call ``task_id`` says how many chunks it has read."""
+    return f"{stream_key(task_id)}:read"

@@ -5,7 +5,7 @@
 
 1. drops the call unrun if its deadline (the caller's ``timeout``) has passed;
 2. checks an agent out, waiting at most until that deadline, and drops the call unrun if
-   its caller left it meanwhile (a cancel mark, see :mod:`..client.marks`; a caller
+   its caller left it meanwhile (a cancel mark, see :mod:`..core.marks`; a caller
    that left before any worker took the call marked it taken, see :mod:`.claims`);
 3. runs the signals on it inline (a transaction: all or nothing);
 4. with a ``call_timeout``, has the process's watchdog answer the caller with
@@ -30,7 +30,6 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
 
-from ..client.marks import is_cancelled
 from ..core.agent import Agent
 from ..core.cancellation import Cancellation
 from ..core.errors import (
@@ -40,6 +39,7 @@ from ..core.errors import (
     StreamCancelled,
     WarmPoolError,
 )
+from ..core.marks import is_cancelled
 from ..core.pool import AgentPool
 from ..core.reply import AgentReply
 from ..core.signal import Signal
@@ -190,7 +190,7 @@ def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> flo
 
 
 def _cancelled(task: Task) -> bool:  # type: ignore[type-arg]
-    """Whether the caller of this call left it (see :mod:`..client.marks`)."""
+    """Whether the caller of this call left it (see :mod:`..core.marks`)."""
     client = getattr(task.backend, "client", None)
     task_id = task.request.id
     if task_id is None or getattr(task, "warmpool_kind", None) != "call" or client is None:

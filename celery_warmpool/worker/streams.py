@@ -29,8 +29,8 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
-from ..client.marks import cancel_key, read_key, stream_key
 from ..core.errors import BrokerUnavailable, StreamCancelled
+from ..core.marks import cancel_key, read_key, stream_key
 
 __all__ = ["StreamSink"]
 
