@@ -264,3 +264,26 @@ def test_stream_counters_are_exported_by_outcome_and_chunks():
         ("warmpool_streams_total", "cancelled"): 1.0,
         ("warmpool_stream_chunks_total", None): 12.0,
     }
+
+
+def test_a_file_being_created_does_not_fail_the_scrape(tmp_path):
+    # A process creates its file empty and sizes it a moment later: a scrape between the
+    # two must still answer, with every other process's numbers.
+    import json
+
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from celery_warmpool.ops.metrics import ProcessFiles
+
+    written = MmapedDict(str(tmp_path / "counter_101.db"))
+    key = json.dumps(["warmpool_calls", "warmpool_calls_total",
+                      {"pool": "counter", "node": "n"}, "Signals handled."])
+    written.write_value(key, 4.0, 0.0)
+    written.close()
+    (tmp_path / "counter_102.db").touch()
+
+    families = list(ProcessFiles(str(tmp_path)).collect())
+
+    samples = [(sample.name, sample.value) for family in families
+               for sample in family.samples]
+    assert samples == [("warmpool_calls_total", 4.0)]

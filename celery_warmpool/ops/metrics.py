@@ -38,6 +38,7 @@ change, at most 50 times a second), the main process before it answers a scrape.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -246,6 +247,36 @@ class PoolGauges:
             yield gauge
 
 
+class ProcessFiles:
+    """A Prometheus collector of the counters and histograms every process wrote.
+
+    ``prometheus_client``'s multiprocess files, summed when scraped. A file a process has
+    only just created (empty until it is sized) holds nothing yet and is passed over:
+    reading it would fail the whole scrape.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Any]:
+        """Every metric in the folder's files, summed over the processes."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = [path for path in glob.glob(os.path.join(self.directory, "*.db"))
+                 if _sized(path)]
+        merged: Iterable[Any] = MultiProcessCollector.merge(files, accumulate=True)
+        return merged
+
+
+def _sized(path: str) -> bool:
+    # A new file is created empty, then sized at once to its first block; the block's
+    # header (how much of it is used) starts at zero, which reads as holding nothing.
+    try:
+        return os.path.getsize(path) >= 8
+    except OSError:
+        return False
+
+
 class MetricsExporter:
     """Serves one node's ``/metrics`` over HTTP from the worker's main process."""
 
@@ -270,13 +301,12 @@ class MetricsExporter:
 
     def start(self) -> None:
         """Serve ``/metrics`` in a daemon thread. A busy address is logged, not fatal."""
-        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+        from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
         # First: it brings this process's counters up to date before the files are read.
         registry.register(PoolGauges(self.runtime, self.metrics))
-        files: Any = multiprocess.MultiProcessCollector  # untyped in prometheus_client
-        files(registry, path=self.directory)
+        registry.register(ProcessFiles(self.directory))
         host, port = self.address
         try:
             self._server, self._thread = start_http_server(port, host, registry=registry)
