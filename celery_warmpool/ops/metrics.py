@@ -264,7 +264,8 @@ class ProcessFiles:
 
         files = [path for path in glob.glob(os.path.join(self.directory, "*.db"))
                  if _sized(path)]
-        merged: Iterable[Any] = MultiProcessCollector.merge(files, accumulate=True)
+        merge: Any = MultiProcessCollector.merge  # untyped in prometheus_client
+        merged: Iterable[Any] = merge(files, accumulate=True)
         return merged
 
 
