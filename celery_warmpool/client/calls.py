@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,7 @@ from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
 from .protocol import Receive, Steps, publish_steps
 from .publisher import Message, Publisher
+from .resends import SentCasts
 from .shells import AsyncStream, blocking_chunks, run_async, run_blocking
 from .streaming import stream_steps
 
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from ..configuration import PoolConfiguration
 
 __all__ = ["PoolClient", "SignalLike"]
+
+logger = logging.getLogger(__name__)
 
 #: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply to travel back.
 REPLY_GRACE = 2.0
@@ -64,6 +68,7 @@ class PoolClient:
         self.reply_grace = REPLY_GRACE
         self._listener: ReplyListener | None = None
         self._listener_pid = 0
+        self._sent_casts: SentCasts | None = None
 
     @functools.cached_property
     def _backend(self) -> Any:
@@ -213,7 +218,8 @@ class PoolClient:
                     raise self.silence(listener, pool, timeout, window)
                 if item is RECONNECTED and time.monotonic() < started + timeout:
                     # The store was away: ask whether a worker took the message.
-                    listener.submit(functools.partial(_ask_taken, task_id, subscription))
+                    listener.submit(functools.partial(_ask_taken, task_id, subscription),
+                                    retry_for=started + timeout - time.monotonic())
                 elif isinstance(item, _Taken):
                     if not item.taken and time.monotonic() < started + timeout:
                         # Lost with a broker that went away: send the same call again
@@ -280,18 +286,47 @@ class PoolClient:
 
     def cast_steps(self, pool: str, signal: SignalLike, timeout: float | None,
                    call_timeout: float | None) -> Steps[AsyncResult]:  # type: ignore[type-arg]
-        """The steps of a cast: publishing only, retried while the broker is away."""
+        """The steps of a cast: publishing only, retried while the broker is away.
+
+        The cast is then kept for a while, to be sent again if a broker restart lost it
+        (see :mod:`.resends`).
+        """
         event = Signal.parse(signal)
         spec = self.configuration.spec(pool)
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
         task_id = new_id()
-        message = self.publisher.message(
-            self.cast_task.name, task_id, (pool, [event.to_wire()], deadline, call_timeout,
-                                           False), spec.queue, _argsrepr(pool, [event]))
-        yield from self.publish(functools.partial(self.publisher.send, message),
+        message = functools.partial(
+            self._cast_message, task_id, pool, event.to_wire(), deadline, call_timeout,
+            spec.queue, _argsrepr(pool, [event]))
+        yield from self.publish(functools.partial(self.publisher.send, message(0)),
                                 time.monotonic() + bound, bound)
+        if self.listener() is not None and self._sent_casts is not None:
+            self._sent_casts.add(task_id, message)
         return AsyncResult(task_id, app=self.app)
+
+    def _cast_message(self, task_id: str, pool: str, signal: dict[str, Any],
+                      deadline: float | None, call_timeout: float | None, queue: str,
+                      argsrepr: str, copy: int) -> Message:
+        """Copy ``copy`` of a cast's message (``0``: as first sent)."""
+        return self.publisher.message(
+            self.cast_task.name, task_id,
+            (pool, [signal], deadline, call_timeout, False, *((copy,) if copy else ())),
+            queue, argsrepr)
+
+    def _send_again(self, messages: list[Message]) -> None:
+        """Publish casts again (see :mod:`.resends`), on a publishing thread."""
+        self.publisher.executor.submit(self._publish_all, messages)
+
+    def _publish_all(self, messages: list[Message]) -> None:
+        for message in messages:
+            try:
+                run_blocking(self.publish(functools.partial(self.publisher.send, message),
+                                          time.monotonic() + PUBLISH_TIMEOUT,
+                                          PUBLISH_TIMEOUT))
+            except Exception:
+                logger.warning("could not send cast %s again", message.task_id,
+                               exc_info=True)
 
     def listener(self) -> ReplyListener | None:
         """This process's reply listener for the app's result store, or ``None``.
@@ -301,8 +336,12 @@ class PoolClient:
         """
         pid = os.getpid()
         if self._listener_pid != pid:  # looked up once per process: it is on every call
-            self._listener = ReplyListener.for_backend(self.app.backend)
-            self._listener_pid = pid
+            listener = ReplyListener.for_backend(self.app.backend)
+            self._sent_casts = None
+            if listener is not None:  # it watches for outages: casts lost in one go again
+                self._sent_casts = SentCasts(self._send_again)
+                listener.after_outage(self._sent_casts.check)
+            self._listener, self._listener_pid = listener, pid
         return self._listener
 
     def result_key(self, task_id: str) -> bytes:

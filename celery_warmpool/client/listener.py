@@ -56,6 +56,8 @@ RECONNECT_MOST = 0.5
 SOCKET_TIMEOUT = 5.0
 #: The most channels in one SUBSCRIBE when subscribing again after a reconnection.
 SUBSCRIBE_BATCH = 1000
+#: Seconds a command run after an outage is tried again while the store fails it.
+AFTER_OUTAGE_RETRY = 60.0
 
 #: What says "the result store cannot be reached".
 OUTAGES: tuple[type[BaseException], ...] = (
@@ -132,6 +134,9 @@ class ReplyListener:
         # The listener thread's own, from here on.
         self._subscriptions: dict[bytes, Subscription] = {}
         self._catching_up: list[Subscription] = []
+        self._after_outage: list[Command] = []
+        #: Commands to try again while the store fails them, each until a monotonic time.
+        self._due: list[tuple[Command, float]] = []
         # redis-py's connections (their methods are untyped).
         self._pubsub: Any = None
         self._reads: Any = None
@@ -161,13 +166,23 @@ class ReplyListener:
         """Stop listening for ``subscription`` (returns at once)."""
         self._request("unsubscribe", subscription)
 
-    def submit(self, command: Command) -> None:
+    def submit(self, command: Command, *, retry_for: float = 0.0) -> None:
         """Run ``command(client)`` on the listener's thread, without waiting for it.
 
         For writes a caller must not wait on (a cancel mark written as a call is
-        abandoned); a failure is logged.
+        abandoned) and reads whose answer goes to a mailbox. A command the result store
+        fails for an outage (or while it loads its data after a restart) is tried again
+        for ``retry_for`` seconds; any other failure is logged.
         """
-        self._request("command", command)
+        self._request("command", (command, time.monotonic() + retry_for))
+
+    def after_outage(self, command: Command) -> None:
+        """Run ``command(client)`` on the listener's thread each time the result store
+        answers again after an outage (tried again while it fails, for a minute).
+
+        Starts the listener if it is not running, so that it watches for outages.
+        """
+        self._request("after_outage", command)
 
     def leave(self, why: BaseException, command: Command) -> None:
         """Run a caller's last write (its cancel mark) as it goes away for ``why``.
@@ -241,7 +256,7 @@ class ReplyListener:
 
     def _serve_once(self) -> None:
         """Wait for requests or messages, and deal with what came."""
-        timeout = RECONNECT_MOST if self._catching_up else None
+        timeout = RECONNECT_MOST if self._catching_up or self._due else None
         for key, _ in self._selector.select(timeout):
             if key.data == "wake":
                 _drain(key.fileobj)  # type: ignore[arg-type]
@@ -250,6 +265,8 @@ class ReplyListener:
                 self._read_messages()
         if self._catching_up:
             self._read_stored()
+        if self._due:
+            self._run_due()
 
     def _take_requests(self) -> None:
         with self._lock:
@@ -258,7 +275,7 @@ class ReplyListener:
             self._woken = False
         added: dict[bytes, Subscription] = {}
         removed: list[bytes] = []
-        commands: list[Command] = []
+        commands: list[tuple[Command, float]] = []
         for kind, item in requests:
             if kind == "subscribe":
                 added[item.channel] = item
@@ -269,6 +286,8 @@ class ReplyListener:
                     del self._subscriptions[channel]
                 if added.pop(channel, None) is None:
                     removed.append(channel)  # sent before: unsubscribe in Redis too
+            elif kind == "after_outage":
+                self._after_outage.append(item)
             else:
                 commands.append(item)
         if self.down_since is None:  # else the reconnection subscribes to all held then
@@ -277,22 +296,30 @@ class ReplyListener:
                 self._send("UNSUBSCRIBE", removed)
             except OUTAGES as exc:
                 self._reconnect(exc)
-        for command in commands:
-            self._command(command)
+        for command, until in commands:
+            self._command(command, until)
 
     def _send(self, command: str, channels: list[bytes]) -> None:
         if channels:
             assert self._pubsub is not None
             self._pubsub.send_command(command, *channels)
 
-    def _command(self, command: Command) -> None:
+    def _command(self, command: Command, until: float = 0.0) -> None:
+        """Run ``command``; keep it to try again until ``until`` if the store is away."""
         assert self._client is not None
         try:
             command(self._client)
         except OUTAGES as exc:
             logger.debug("reply listener: a command to the result store failed: %r", exc)
+            if time.monotonic() < until:
+                self._due.append((command, until))
         except Exception:  # refused by the store (read-only, out of memory): go on serving
             logger.exception("reply listener: the result store refused a command")
+
+    def _run_due(self) -> None:
+        due, self._due = self._due, []
+        for command, until in due:
+            self._command(command, until)
 
     def _read_messages(self) -> None:
         pubsub = self._pubsub
@@ -372,6 +399,9 @@ class ReplyListener:
                 time.monotonic() - self.down_since, type(self.last_error).__name__,
                 self.last_error, len(self._subscriptions))
             self.down_since = None
+            until = time.monotonic() + AFTER_OUTAGE_RETRY
+            self._due.extend((command, until) for command in self._after_outage
+                             if all(command is not other for other, _ in self._due))
 
     def _connect(self) -> None:
         if self._pubsub is not None:

@@ -23,8 +23,15 @@ call (same task id), only the copy whose worker set the mark runs, and any other
 dropped unrun and unanswered. A caller may therefore publish a call again, with the same
 task id and deadline, while no mark exists, without the work running twice.
 
-Only calls and transactions are marked (``warm.call``, ``warm.transaction``), and only
-with a Redis result store; casts are delivered at least once and carry no mark.
+Casts are marked too (with a Redis result store), but they are delivered at least once,
+so their mark also says which *copy* took the cast: ``0`` for the message as first sent,
+``n`` for the ``n``-th copy its caller sent again because no mark appeared after the
+broker came back (see :mod:`celery_warmpool.client.resends`). A cast's message that
+finds its own copy number in the mark runs again: the broker or the worker delivering
+the same message again after the process running it died, as at least once means. One
+that finds another copy's number is dropped: a copy sent again never runs beside the
+copy it stands in for. A cast's mark lives :data:`CAST_MARGIN` seconds past its deadline,
+longer than its caller keeps it to send again (:data:`CAST_KEPT`).
 
 **Cancel marks** tell the workers not to start a call whose caller stopped waiting.
 Revoking a Celery task is a broadcast every worker keeps in memory, lost when a worker
@@ -46,23 +53,28 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TAKEN_KEY", "TAKEN_MARGIN", "TakenMark", "cancel_key", "is_cancelled",
-           "mark_cancelled", "read_key", "stream_key", "taken_key", "taken_ttl",
-           "taken_value"]
+__all__ = ["CAST_KEPT", "CAST_MARGIN", "TAKEN_KEY", "TAKEN_MARGIN", "TakenMark",
+           "cancel_key", "is_cancelled", "mark_cancelled", "read_key", "stream_key",
+           "taken_key", "taken_ttl", "taken_value"]
 
 #: The key of a call's mark, formatted with the call's task id.
 TAKEN_KEY = "warmpool:taken:{task_id}"
 #: Seconds a mark outlives its call's deadline (room for clocks that disagree).
 TAKEN_MARGIN = 60.0
+#: Seconds a caller keeps a cast it sent, to send it again if no worker took it.
+CAST_KEPT = 300.0
+#: Seconds a cast's mark outlives its deadline: longer than its caller keeps it.
+CAST_MARGIN = CAST_KEPT + TAKEN_MARGIN
 
 
 @dataclass(frozen=True)
 class TakenMark:
-    """Who took a call, and when (unix time)."""
+    """Who took a call, when (unix time), and which copy of it (casts: see the module)."""
 
     node: str
     pid: int
     at: float
+    copy: int = 0
 
     @classmethod
     def parse(cls, value: str | bytes) -> TakenMark:
@@ -73,8 +85,9 @@ class TakenMark:
         """
         try:
             data = json.loads(value)
-            return cls(node=str(data["node"]), pid=int(data["pid"]), at=float(data["at"]))
-        except (TypeError, KeyError, json.JSONDecodeError) as exc:
+            return cls(node=str(data["node"]), pid=int(data["pid"]), at=float(data["at"]),
+                       copy=int(data.get("copy", 0)))
+        except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a taken mark: {value!r}") from exc
 
 
@@ -83,18 +96,19 @@ def taken_key(task_id: str) -> str:
     return TAKEN_KEY.format(task_id=task_id)
 
 
-def taken_value(node: str, pid: int, at: float) -> str:
-    """The value a worker stores as its mark: JSON ``node``, ``pid``, ``at``."""
-    return json.dumps({"node": node, "pid": pid, "at": at})
+def taken_value(node: str, pid: int, at: float, copy: int = 0) -> str:
+    """The value a worker stores as its mark: JSON ``node``, ``pid``, ``at``, ``copy``."""
+    return json.dumps({"node": node, "pid": pid, "at": at, "copy": copy})
 
 
-def taken_ttl(deadline: float | None, now: float) -> float:
-    """Seconds a mark made at ``now`` lives, for a call due to start by ``deadline``.
+def taken_ttl(deadline: float | None, now: float, margin: float = TAKEN_MARGIN) -> float:
+    """Seconds a mark made at ``now`` lives, for work due to start by ``deadline``.
 
-    A call without a deadline is marked for :data:`TAKEN_MARGIN` seconds.
+    Work without a deadline is marked for ``margin`` seconds (:data:`TAKEN_MARGIN` for
+    calls, :data:`CAST_MARGIN` for casts).
     """
     left = 0.0 if deadline is None else max(0.0, deadline - now)
-    return left + TAKEN_MARGIN
+    return left + margin
 
 
 # -- cancel marks and streams ------------------------------------------------------------

@@ -17,6 +17,9 @@ are the messages acknowledged.
   action reads state and changes none, so running it again is safe), up to the pool's
   ``max_redeliveries``; past that its caller gets :class:`AgentLost`, and a cast is
   dead-lettered.
+- Each message of a batch is marked taken as the batch starts (one round trip for the
+  batch, see :mod:`.claims`): a copy of a call or cast another copy of which was taken
+  is dropped from the batch.
 - Batched calls are not Celery requests of the worker: ``inspect active`` does not list
   them, and no task events are sent for them.
 """
@@ -37,6 +40,7 @@ from ..core.action import BatchAction
 from ..core.batching import BatchWindow
 from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, HandedBack, WarmPoolError
 from ..core.signal import Signal
+from .claims import CallClaims
 from .handler import CAST_TASK, HANDLE_TASK
 from .watchdog import Watchdog
 
@@ -176,6 +180,7 @@ class PoolBatches:
             "id": message.headers["id"], "kind": kind, "pool": self.spec.name,
             "signal": signals[0],
             "deadline": deadline, "call_timeout": call_timeout,
+            "copy": (args[5] if len(args) > 5 else 0) if kind == "cast" else None,
             "reply_to": properties.get("reply_to"),
             "correlation_id": properties.get("correlation_id") or message.headers["id"],
             "retries": message.headers.get("retries") or 0}
@@ -286,13 +291,18 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
     stored as every caller's error.
     """
     runtime = RUNTIMES[app]
+    # Copies of work another copy of which was taken are dropped (see .claims).
+    taken = CallClaims(runtime).claim_all(runtime.app.backend, [
+        (item["id"], item["deadline"], item.get("copy")) for item in items])
+    mine = [item for item, ours in zip(items, taken, strict=True) if ours]
     try:
-        outcomes = _run(runtime, pool, items)
+        outcomes = _run(runtime, pool, mine)
     except HandedBack:
+        CallClaims(runtime).release_all(runtime.app.backend, [item["id"] for item in mine])
         return HANDED_BACK  # nothing ran: the messages go back to the broker
     except Exception as exc:
-        outcomes = [exc] * len(items)
-    for item, outcome in zip(items, outcomes, strict=True):
+        outcomes = [exc] * len(mine)
+    for item, outcome in zip(mine, outcomes, strict=True):
         if outcome is _ANSWERED:
             continue
         try:

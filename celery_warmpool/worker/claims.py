@@ -1,8 +1,9 @@
-"""Marking a call taken before it starts, so that one copy of it runs at most.
+"""Marking calls and casts taken before they start, so that a copy sent again never runs
+beside the one it stands in for.
 
 See :mod:`celery_warmpool.core.marks` for the mark, why it exists and what a caller reads
-in it. The process that is about to run a call sets the mark only if it is absent; a
-process that finds it set by another drops its copy.
+in it. The process that is about to run a call or a cast sets the mark only if it is
+absent; a process that finds it set by another copy drops its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from celery.exceptions import Ignore, Reject
 
 from ..core.errors import CheckoutTimeout
-from ..core.marks import taken_key, taken_ttl, taken_value
+from ..core.marks import (
+    CAST_MARGIN,
+    TAKEN_MARGIN,
+    TakenMark,
+    taken_key,
+    taken_ttl,
+    taken_value,
+)
 
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
@@ -29,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two tries to mark a call while the result store is away: first, most.
 RETRY_FIRST, RETRY_MOST = 0.05, 0.5
+#: Seconds work without a deadline (a cast sent without ``timeout``) waits for an
+#: unreachable result store before it runs unmarked: at least once, rather than never.
+UNMARKED_AFTER = 10.0
 
 
 class CallClaims:
@@ -38,20 +49,23 @@ class CallClaims:
         self.runtime = runtime
 
     def run_once(self, task: Any, pool: str, deadline: float | None,
-                 run: Callable[[], T]) -> T:
-        """``run()`` the call ``task`` carries if this process takes it first.
+                 run: Callable[[], T], copy: int | None = None) -> T:
+        """``run()`` the work ``task`` carries if this process takes it.
 
-        A copy of a call taken already elsewhere is dropped unrun and unanswered
-        (:class:`~celery.exceptions.Ignore`: the copy that runs answers). A call handed
+        A call (``copy`` ``None``) runs only if no copy of it was taken already; a cast
+        (``copy``: which copy of it this message is) runs unless another copy was (see
+        :mod:`celery_warmpool.core.marks`). A copy that is not run is dropped unanswered
+        (:class:`~celery.exceptions.Ignore`: the copy that runs answers). Work handed
         back to the broker (:class:`~celery.exceptions.Reject`) loses its mark, so that
         another node may take it.
         """
         task_id = task.request.id
         if task_id is None:  # called directly, not sent: nothing to mark
             return run()
-        if not self.claim(task.backend, pool, str(task_id), deadline):
-            logger.info("pool %r: call %s was taken already; this copy is dropped", pool,
-                        task_id)
+        if not self.claim(task.backend, pool, str(task_id), deadline, copy):
+            what = "call" if copy is None else f"cast (copy {copy})"
+            logger.info("pool %r: %s %s was taken already; this copy is dropped", pool,
+                        what, task_id)
             raise Ignore()
         try:
             return run()
@@ -59,23 +73,28 @@ class CallClaims:
             self.release(task.backend, str(task_id))
             raise
 
-    def claim(self, backend: Any, pool: str, task_id: str, deadline: float | None) -> bool:
-        """Mark the call ``task_id`` taken by this process; false if another copy was.
+    def claim(self, backend: Any, pool: str, task_id: str, deadline: float | None,
+              copy: int | None = None) -> bool:
+        """Mark ``task_id`` taken by this process; false if another copy took it.
 
-        A result store that cannot hold a mark (not Redis) claims every call. One that is
-        away is tried again until the call's deadline.
+        ``copy`` is ``None`` for a call, and which copy a cast's message is for a cast
+        (a cast's copy runs again where the mark holds its own number). A result store
+        that cannot hold a mark (not Redis) claims everything. One that is away is tried
+        again until the deadline (work without one: :data:`UNMARKED_AFTER` seconds, then
+        it runs unmarked).
 
         Raises:
             CheckoutTimeout: the result store could not be reached before the deadline;
-                the call is not run.
+                the work is not run.
         """
         client = _redis_client(backend)
         if client is None:
             return True
         now = time.time()
         key = taken_key(task_id)
-        mine = taken_value(self.runtime.node or "", os.getpid(), now)
-        ttl_ms = max(1, int(taken_ttl(deadline, now) * 1000))
+        mine = taken_value(self.runtime.node or "", os.getpid(), now, copy or 0)
+        margin = TAKEN_MARGIN if copy is None else CAST_MARGIN
+        ttl_ms = max(1, int(taken_ttl(deadline, now, margin) * 1000))
         delay = RETRY_FIRST
         while True:
             try:
@@ -83,28 +102,68 @@ class CallClaims:
                     return True
                 # The set may have reached the server and its answer been lost to a
                 # reconnection (redis-py then sends it again): the mark is ours if it
-                # holds our own value.
-                return _text(client.get(key)) == mine
+                # holds our own value (a cast's: our copy number).
+                return _holds(client.get(key), mine, copy)
             except backend.connection_errors as exc:
+                if deadline is None and time.time() >= now + UNMARKED_AFTER:
+                    logger.warning("could not mark %s taken for %.0fs (%r): it runs "
+                                   "unmarked", task_id, UNMARKED_AFTER, exc)
+                    return True
                 if deadline is not None and time.time() >= deadline:
                     raise CheckoutTimeout(
-                        f"pool {pool!r}: the result store was unreachable until the call's "
-                        f"checkout deadline ({type(exc).__name__}: {exc}); it was not run",
-                        pool, time.time() - deadline) from exc
-                logger.debug("could not mark call %s taken (%r); retrying", task_id, exc)
+                        f"pool {pool!r}: the result store was unreachable until the "
+                        f"checkout deadline of {task_id} ({type(exc).__name__}: {exc}); "
+                        "it was not run", pool, time.time() - deadline) from exc
+                logger.debug("could not mark %s taken (%r); retrying", task_id, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MOST)
 
-    def release(self, backend: Any, task_id: str) -> None:
-        """Remove this process's mark of ``task_id`` (the call goes back to the broker)."""
+    def claim_all(self, backend: Any,
+                  work: list[tuple[str, float | None, int | None]]) -> list[bool]:
+        """:meth:`claim` for a batch in one round trip: which of ``work`` (task id,
+        deadline, copy) this process may run.
+
+        Batches run batch actions, which change no state and are safe to run twice: a
+        message the batch delivers again after its process died runs again, a call's as
+        a cast's (its mark holds its own copy number), and a result store that cannot be
+        reached lets every item run, unmarked.
+        """
         client = _redis_client(backend)
-        if client is None:
+        if client is None or not work:
+            return [True] * len(work)
+        now = time.time()
+        node, pid = self.runtime.node or "", os.getpid()
+        values = [taken_value(node, pid, now, copy or 0) for _, _, copy in work]
+        pipe = client.pipeline(transaction=False)
+        for (task_id, deadline, copy), value in zip(work, values, strict=True):
+            margin = TAKEN_MARGIN if copy is None else CAST_MARGIN
+            pipe.set(taken_key(task_id), value, nx=True,
+                     px=max(1, int(taken_ttl(deadline, now, margin) * 1000)))
+            pipe.get(taken_key(task_id))  # the set's or the other copy's mark
+        try:
+            answers = pipe.execute()
+        except backend.connection_errors as exc:
+            logger.warning("could not mark a batch of %d taken (%r): it runs unmarked",
+                           len(work), exc)
+            return [True] * len(work)
+        return [_holds(stored, value, copy or 0) for stored, value, (_, _, copy)
+                in zip(answers[1::2], values, work, strict=True)]
+
+    def release(self, backend: Any, task_id: str) -> None:
+        """Remove this process's mark of ``task_id`` (it goes back to the broker)."""
+        self.release_all(backend, [task_id])
+
+    def release_all(self, backend: Any, task_ids: list[str]) -> None:
+        """Remove this process's marks of ``task_ids`` (they go back to the broker)."""
+        client = _redis_client(backend)
+        if client is None or not task_ids:
             return
         try:
-            client.delete(taken_key(task_id))
+            client.delete(*[taken_key(task_id) for task_id in task_ids])
         except backend.connection_errors:
-            # The call then waits for its mark to expire: it is answered at its deadline.
-            logger.warning("could not remove the taken mark of call %s", task_id,
+            # The work then waits for its mark to expire: a call is answered at its
+            # deadline, a cast's copy sent again by its caller runs then.
+            logger.warning("could not remove the taken marks of %s", ", ".join(task_ids),
                            exc_info=True)
 
 
@@ -128,5 +187,14 @@ def _redis_client(backend: Any) -> Any:
     return backend.client if isinstance(backend, RedisBackend) else None
 
 
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
+def _holds(stored: Any, mine: str, copy: int | None) -> bool:
+    """Whether the mark ``stored`` lets this message run (see :meth:`CallClaims.claim`)."""
+    if stored is None:  # expired between the set and the get: nobody holds it
+        return False
+    text = stored.decode() if isinstance(stored, bytes) else str(stored)
+    if copy is None:
+        return text == mine
+    try:
+        return TakenMark.parse(text).copy == copy
+    except ValueError:  # not a worker's mark (a cancelled call's): not this cast's
+        return False

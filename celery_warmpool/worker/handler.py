@@ -224,10 +224,15 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
 
     def cast(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
              deadline: float | None = None, call_timeout: float | None = None,
-             transaction: bool = False) -> list[dict[str, Any]]:
-        """Run a cast's signal on one agent of ``pool``; dead-letter it if it fails."""
+             transaction: bool = False, copy: int = 0) -> list[dict[str, Any]]:
+        """Run a cast's signal on one agent of ``pool``; dead-letter it if it fails.
+
+        ``copy`` says which copy of the cast this message is: ``0`` as first sent, more
+        when its caller sent it again after a broker restart (see :mod:`.claims`).
+        """
         try:
-            return handler.handle(task, pool, signals, deadline, call_timeout, transaction)
+            return claims.run_once(task, pool, deadline, lambda: handler.handle(
+                task, pool, signals, deadline, call_timeout, transaction), copy)
         except WarmPoolError as exc:
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
