@@ -73,6 +73,8 @@ class Torture:
     lost: list[str] = field(default_factory=list)
     casts: list[str] = field(default_factory=list)
     outages: list[float] = field(default_factory=list)
+    #: Casts the callers' process sent again, found not taken after an outage.
+    sent_again: int = 0
     #: The first message of each kind of error, to show with the counts.
     examples: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -114,6 +116,18 @@ class CallerNoise(logging.Handler):
     def unraisable(self, unraisable: Any) -> None:
         """``sys.unraisablehook``: an error raised where nothing could catch it."""
         self.note(f"ignored in {unraisable.object!r}: {unraisable.exc_value!r}")
+
+
+class SentAgain(logging.Handler):
+    """Counts the casts the callers' process sent again after an outage (no mark yet)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.casts = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args and isinstance(record.args, tuple):
+            self.casts += int(record.args[0])
 
 
 def blocking_caller(warm: Any, torture: Torture, stop: threading.Event) -> None:
@@ -232,8 +246,11 @@ def torture(workers: list[WorkerProcess], store: RedisServer, records: Path,
             options: argparse.Namespace) -> int:
     from bench.soak_app import warm
 
-    noise = CallerNoise()
+    noise, sent_again = CallerNoise(), SentAgain()
     logging.getLogger().addHandler(noise)
+    resends = logging.getLogger("celery_warmpool.client.resends")
+    resends.setLevel(logging.INFO)
+    resends.addHandler(sent_again)
     sys.unraisablehook = noise.unraisable
     run, stop = Torture(), threading.Event()
     run_id = uuid.uuid4().hex[:8]
@@ -266,6 +283,7 @@ def torture(workers: list[WorkerProcess], store: RedisServer, records: Path,
     done, dead, twice = settle_casts(warm, records, sent, within=120)
     out, alive = at_rest(warm, workers)
     exits = sum(worker.exited() or "Unrecoverable error" in worker.log() for worker in workers)
+    run.sent_again = sent_again.casts
     return report(run, options, noise, len(sent), done, dead, twice, out, alive, exits, elapsed)
 
 
@@ -293,6 +311,7 @@ def report(run: Torture, options: argparse.Namespace, noise: CallerNoise, casts:
         ("calls lost (outside the contract)", run.outcomes["lost (outside the contract)"], 0),
         ("casts done", done, None),
         ("casts done twice (at least once)", len(twice), None),
+        ("casts sent again after an outage", run.sent_again, None),
         ("casts dead-lettered", dead, None),
         ("casts missing", casts - done - dead, 0),
         ("worker exits (or unrecoverable errors)", exits, 0),
