@@ -27,6 +27,7 @@ from celery_warmpool.worker import claims as claims_module
 from celery_warmpool.worker.claims import CallClaims
 from tests.conftest import PrivateRedis, wait_until
 from tests.flower_page import free_port
+from tests.test_streams import chunks
 from tests.test_worker import INCREMENT, counter
 
 pytestmark = pytest.mark.integration
@@ -155,8 +156,8 @@ def queued_ids(server: PrivateRedis, queue: str) -> list[str]:
             for raw in redis.Redis(port=server.port).lrange(queue, 0, -1)]
 
 
-def test_calls_and_casts_lost_with_the_broker_run_once_after_its_restart(
-        private_redis, start_worker, client):
+def test_calls_streams_and_casts_lost_with_the_broker_run_once_after_its_restart(
+        private_redis, start_worker, client, tmp_path):
     specs = counter(1)
     broker, backend = f"{private_redis.url}/0", f"{private_redis.url}/1"
     _, warm = client(specs, broker=broker, backend=backend)
@@ -164,26 +165,34 @@ def test_calls_and_casts_lost_with_the_broker_run_once_after_its_restart(
     lost_cast = warm.cast("counter", INCREMENT).id
     kept_cast = warm.cast("counter", INCREMENT).id
     replies: list[Any] = []
-    caller = threading.Thread(target=lambda: replies.append(
-        warm.call("counter", INCREMENT, timeout=90)))
-    caller.start()
-    wait_until(lambda: len(queued_ids(private_redis, queue)) == 3, 10, "three messages queued")
-    call = next(task_id for task_id in queued_ids(private_redis, queue)
-                if task_id not in (lost_cast, kept_cast))
-    take_out(private_redis, queue, lost_cast)
-    take_out(private_redis, queue, call)
+    produced = tmp_path / "produced"
+    callers = [
+        threading.Thread(target=lambda: replies.append(
+            warm.call("counter", INCREMENT, timeout=90))),
+        threading.Thread(target=lambda: replies.append(list(warm.stream(
+            "counter", chunks(3, log=produced), timeout=90)))),
+    ]
+    for caller in callers:
+        caller.start()
+    wait_until(lambda: len(queued_ids(private_redis, queue)) == 4, 10, "four messages queued")
+    waited = [task_id for task_id in queued_ids(private_redis, queue)
+              if task_id not in (lost_cast, kept_cast)]
+    for task_id in (lost_cast, *waited):
+        take_out(private_redis, queue, task_id)
 
     private_redis.restart(down=0.5)
-    # After the restart: the call and the lost cast sent again, and the cast still queued
-    # too (nothing tells it from a lost one), as copies that cannot run twice.
+    # After the restart: the call, the stream and the lost cast sent again, and the cast
+    # still queued too (nothing tells it from a lost one), as copies that cannot run twice.
     wait_until(lambda: sorted(queued_ids(private_redis, queue)) == sorted(
-        [kept_cast, lost_cast, call, kept_cast]), 20, "the call and both casts sent again")
+        [kept_cast, lost_cast, *waited, kept_cast]), 20, "all sent again")
     worker = start_worker(specs, pool="threads", concurrency=2, broker=broker,
                           backend=backend)
-    caller.join(60)
+    for caller in callers:
+        caller.join(60)
 
-    # Each ran once: two casts and the call, then this call.
-    assert warm.call("counter", INCREMENT, timeout=30).state["count"] == 4
-    assert replies[0].state["count"] in (1, 2, 3)
+    # Each ran once: two casts, the call and the stream, then this call.
+    assert warm.call("counter", INCREMENT, timeout=30).state["count"] == 5
+    assert [0, 1, 2] in replies and len(replies) == 2
+    assert produced.read_text().split() == ["0", "1", "2", "end"]  # it ran once
     wait_until(lambda: f"cast (copy 1) {kept_cast} was taken already" in worker.log(), 10,
                "the second copy of the cast still queued dropped")

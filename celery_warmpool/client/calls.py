@@ -22,13 +22,13 @@ from celery.result import AsyncResult
 
 from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
 from ..core.ids import new_id
-from ..core.marks import mark_cancelled, taken_key
+from ..core.marks import mark_cancelled
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
 from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
-from .protocol import Receive, Steps, publish_steps
+from .protocol import Receive, Steps, Taken, ask_taken, publish_steps
 from .publisher import Message, Publisher
 from .resends import SentCasts
 from .shells import AsyncStream, blocking_chunks, run_async, run_blocking
@@ -216,15 +216,9 @@ class PoolClient:
                 item = yield Receive(subscription.mailbox, max(0.0, remaining))
                 if item is None and remaining <= 0:
                     raise self.silence(listener, pool, timeout, window)
-                if item is RECONNECTED and time.monotonic() < started + timeout:
-                    # The store was away: ask whether a worker took the message.
-                    listener.submit(functools.partial(_ask_taken, task_id, subscription),
-                                    retry_for=started + timeout - time.monotonic())
-                elif isinstance(item, _Taken):
-                    if not item.taken and time.monotonic() < started + timeout:
-                        # Lost with a broker that went away: send the same call again
-                        # (its deadline and id: only one copy can run, see core.marks).
-                        yield from self.publish(send, started + timeout, timeout)
+                if item is RECONNECTED or isinstance(item, Taken):
+                    yield from self.recover(listener, subscription, task_id, item, send,
+                                            started + timeout)
                 elif isinstance(item, bytes):
                     replies = self.read_reply(item)
                     if replies is not None:
@@ -237,6 +231,23 @@ class PoolClient:
         finally:
             listener.unsubscribe(subscription)
         return [AgentReply.model_validate(reply) for reply in replies]
+
+    def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
+                notice: Any, send: Callable[[], None], deadline: float) -> Steps[None]:
+        """The steps of a call (or stream) after an outage, until ``deadline`` (monotonic,
+        the call's checkout deadline): on :data:`RECONNECTED`, ask whether a worker took
+        the message (the answer, a :class:`Taken`, comes to ``subscription``); on a
+        :class:`Taken` that says none did, publish it again. The message was lost with a
+        broker that went away; the copy has the same id and deadline, and only one copy
+        can run (see :mod:`celery_warmpool.core.marks`)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        if notice is RECONNECTED:
+            listener.submit(functools.partial(ask_taken, task_id, subscription),
+                            retry_for=left)
+        elif not notice.taken:
+            yield from self.publish(send, deadline, left)
 
     def publish(self, send: Callable[[], None], deadline: float,
                 timeout: float) -> Steps[None]:
@@ -365,19 +376,6 @@ class PoolClient:
                                      spec.max_overflow)
         replies = self.delivery.wait(result, started + window, window, no_reply)
         return [AgentReply.model_validate(reply) for reply in replies]
-
-
-class _Taken:
-    """Whether a worker took a call's message (read from its taken mark)."""
-
-    __slots__ = ("taken",)
-
-    def __init__(self, taken: bool) -> None:
-        self.taken = taken
-
-
-def _ask_taken(task_id: str, subscription: Subscription, client: Any) -> None:
-    subscription.mailbox.put(_Taken(bool(client.exists(taken_key(task_id)))))
 
 
 def _no_reply(pool: str, timeout: float, window: float, size: int,

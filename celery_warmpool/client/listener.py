@@ -63,8 +63,9 @@ AFTER_OUTAGE_RETRY = 60.0
 OUTAGES: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
-#: Put in the mailbox of every (untagged) subscription once the listener is back from an
-#: outage of the result store: a call may then ask whether its message was taken.
+#: Put in the mailbox of every subscription to a stored reply (one with a ``key``, tagged
+#: if it has a tag) once the listener is back from an outage of the result store: a call
+#: may then ask whether its message was taken.
 RECONNECTED: Final = object()
 
 #: A command run on the listener's client: for writes nobody waits on, and read-backs.
@@ -91,7 +92,7 @@ class Subscription:
         self.mailbox = mailbox or Mailbox()
         self.tag = tag
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: Any) -> None:
         """Leave ``data`` in the mailbox (tagged, if the subscription has a tag)."""
         self.mailbox.put(data if self.tag is None else (self.tag, data))
 
@@ -391,8 +392,8 @@ class ReplyListener:
                 delay = min(delay * 2, RECONNECT_MOST)
         if self.down_since is not None:
             for subscription in self._subscriptions.values():
-                if subscription.tag is None:
-                    subscription.mailbox.put(RECONNECTED)
+                if subscription.key is not None:
+                    subscription.put(RECONNECTED)
             logger.warning(
                 "result store %s was unreachable for %.1fs (%s: %s); reconnected: the %d "
                 "calls waiting read their replies", self.url,

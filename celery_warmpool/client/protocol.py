@@ -20,12 +20,17 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core.errors import BrokerUnavailable, WarmPoolError
+from ..core.marks import taken_key
 from .mailbox import Mailbox
 
-__all__ = ["Deliver", "Pause", "Publish", "Receive", "Step", "Steps", "publish_steps"]
+if TYPE_CHECKING:
+    from .listener import Subscription
+
+__all__ = ["Deliver", "Pause", "Publish", "Receive", "Step", "Steps", "Taken", "ask_taken",
+           "publish_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +101,16 @@ def publish_steps(send: Callable[[], T], deadline: float, timeout: float,
             logger.debug("broker %s unreachable (%r); retrying", broker_url, exc)
             yield Pause(min(delay, remaining))
             delay = min(delay * 2, RETRY_MOST)
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """Whether a worker took a call's message, as its taken mark said when asked."""
+
+    taken: bool
+
+
+def ask_taken(task_id: str, subscription: Subscription, client: Any) -> None:
+    """Put in ``subscription``'s mailbox whether the call ``task_id`` was taken (run on
+    the reply listener's thread, with its Redis client)."""
+    subscription.put(Taken(bool(client.exists(taken_key(task_id)))))

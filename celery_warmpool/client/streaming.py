@@ -25,9 +25,9 @@ from ..core.ids import new_id
 from ..core.marks import mark_cancelled, read_key, stream_key
 from ..core.reply import AgentReply
 from ..core.signal import Signal
-from .listener import ReplyListener
+from .listener import RECONNECTED, ReplyListener
 from .mailbox import Mailbox
-from .protocol import Deliver, Receive, Steps
+from .protocol import Deliver, Receive, Steps, Taken
 
 if TYPE_CHECKING:
     from .calls import PoolClient
@@ -109,9 +109,9 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
     ]
     order, position = _InOrder(), _Position(spec.stream_buffer)
     finished = False
+    send = functools.partial(client.publisher.send, message)
     try:
-        yield from client.publish(functools.partial(client.publisher.send, message),
-                                  started + timeout, timeout)
+        yield from client.publish(send, started + timeout, timeout)
         outcome: Callable[[], AgentReply] | None = None
         quiet = min(REPORT_INTERVAL, spec.stream_idle_timeout / 4)
         while True:
@@ -129,7 +129,11 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
                     listener.submit(functools.partial(_report, task_id, order.next - 1))
                 continue
             tag, data = item
-            if tag == CHUNK:
+            if data is RECONNECTED or isinstance(data, Taken):
+                # The result store was away: the message may be lost with the broker.
+                yield from client.recover(listener, subscriptions[0], task_id, data, send,
+                                          started + timeout)
+            elif tag == CHUNK:
                 for chunk in order.add(data):
                     yield Deliver(chunk)
                 if position.due(order.next - 1):
