@@ -10,6 +10,7 @@ too, as in the usual set-up), and only then start a worker.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -196,3 +197,32 @@ def test_calls_streams_and_casts_lost_with_the_broker_run_once_after_its_restart
     assert produced.read_text().split() == ["0", "1", "2", "end"]  # it ran once
     wait_until(lambda: f"cast (copy 1) {kept_cast} was taken already" in worker.log(), 10,
                "the second copy of the cast still queued dropped")
+
+
+def test_a_broker_on_its_own_server_is_watched_and_what_it_lost_sent_again(
+        private_redis, start_worker, client, caplog):
+    # The result store stays up: only the broker's own watch sees the restart.
+    caplog.set_level(logging.WARNING, "celery_warmpool.client.listener")
+    specs = counter(1)
+    broker = f"{private_redis.url}/0"
+    _, warm = client(specs, broker=broker)
+    queue = warm.spec("counter").queue
+    lost_cast = warm.cast("counter", INCREMENT).id
+    replies: list[Any] = []
+    caller = threading.Thread(target=lambda: replies.append(
+        warm.call("counter", INCREMENT, timeout=90)))
+    caller.start()
+    wait_until(lambda: len(queued_ids(private_redis, queue)) == 2, 10, "two messages queued")
+    for task_id in queued_ids(private_redis, queue):
+        take_out(private_redis, queue, task_id)
+
+    private_redis.restart(down=0.5)
+    wait_until(lambda: len(queued_ids(private_redis, queue)) == 2, 20, "both sent again")
+    assert lost_cast in queued_ids(private_redis, queue)
+    start_worker(specs, pool="threads", concurrency=2, broker=broker)
+    caller.join(60)
+
+    assert replies and warm.call("counter", INCREMENT, timeout=30).state["count"] == 3
+    lines = [record.getMessage() for record in caplog.records
+             if record.name == "celery_warmpool.client.listener"]
+    assert len(lines) == 1 and lines[0].startswith(f"broker {broker} was unreachable for")

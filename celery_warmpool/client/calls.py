@@ -347,7 +347,7 @@ class PoolClient:
         """
         pid = os.getpid()
         if self._listener_pid != pid:  # looked up once per process: it is on every call
-            listener = ReplyListener.for_backend(self.app.backend)
+            listener = ReplyListener.for_backend(self.app.backend, self.app.conf.broker_url)
             self._sent_casts = None
             if listener is not None:  # it watches for outages: casts lost in one go again
                 self._sent_casts = SentCasts(self._send_again)

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final
 
 import redis
 from celery.backends.redis import RedisBackend, SentinelBackend
+from kombu.utils.url import maybe_sanitize_url
 from redis import exceptions as redis_errors
 
 from .mailbox import Mailbox
@@ -58,6 +59,8 @@ SOCKET_TIMEOUT = 5.0
 SUBSCRIBE_BATCH = 1000
 #: Seconds a command run after an outage is tried again while the store fails it.
 AFTER_OUTAGE_RETRY = 60.0
+#: Names of this machine, as one server's address.
+LOCAL_NAMES = {"localhost": "127.0.0.1", "::1": "127.0.0.1"}
 
 #: What says "the result store cannot be reached".
 OUTAGES: tuple[type[BaseException], ...] = (
@@ -105,9 +108,13 @@ class ReplyListener:
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
-    def for_backend(cls, backend: Any) -> ReplyListener | None:
+    def for_backend(cls, backend: Any, broker_url: str | None = None) -> ReplyListener | None:
         """This process's listener for ``backend`` (a Celery result backend), made on
-        first use; ``None`` unless the backend is a plain Redis one (not Sentinel)."""
+        first use; ``None`` unless the backend is a plain Redis one (not Sentinel).
+
+        A Redis broker at ``broker_url`` on another server is watched too (see
+        :meth:`watch_broker`).
+        """
         if not isinstance(backend, RedisBackend) or isinstance(backend, SentinelBackend):
             return None
         url = str(backend.as_uri())
@@ -119,10 +126,14 @@ class ReplyListener:
                 if listener is None:
                     params = dict(backend.connparams)  # type: ignore[attr-defined]
                     listener = cls._listeners[key] = cls(params, url)
+                    listener.watch_broker(broker_url)
         return listener
 
-    def __init__(self, connection_params: dict[str, Any], url: str) -> None:
+    def __init__(self, connection_params: dict[str, Any], url: str,
+                 role: str = "result store") -> None:
         self.url = url
+        #: What this listener's server is to its callers: ``"result store"``, ``"broker"``.
+        self.role = role
         # No health checks: redis-py's expects a plain PONG, which a subscribed connection
         # never gives, so it would take every check for an outage.
         self._params = {name: value for name, value in connection_params.items()
@@ -217,6 +228,23 @@ class ReplyListener:
                        "socket_connect_timeout": SOCKET_TIMEOUT / 5}))
             return self._urgent_client
 
+    def watch_broker(self, broker_url: str | None) -> None:
+        """Take an outage of the Redis broker at ``broker_url`` as one of the result store.
+
+        A broker that restarts can lose a message a worker popped in its last moment (see
+        :mod:`celery_warmpool.core.marks`); calls learn of it from the result store's
+        outage when both are one server. A broker on a server of its own is watched by a
+        second listener that only holds a connection to it: once it answers again after
+        an outage, this listener tells its calls and runs its commands for after an
+        outage, as it does after its own. Other brokers (RabbitMQ) lose no popped message
+        and are not watched.
+        """
+        params = _broker_params(broker_url, self._params)
+        if params is None or broker_url is None:
+            return
+        watch = ReplyListener(params, str(maybe_sanitize_url(broker_url)), role="broker")
+        watch.after_outage(lambda _: self._request("outage over", None))
+
     def outage(self) -> BaseException | None:
         """Why the result store cannot be reached now, or ``None`` if it can."""
         return self.last_error if self.down_since is not None else None
@@ -289,6 +317,8 @@ class ReplyListener:
                     removed.append(channel)  # sent before: unsubscribe in Redis too
             elif kind == "after_outage":
                 self._after_outage.append(item)
+            elif kind == "outage over":  # the broker's, seen by its watch
+                self._outage_over()
             else:
                 commands.append(item)
         if self.down_since is None:  # else the reconnection subscribes to all held then
@@ -391,18 +421,23 @@ class ReplyListener:
                 time.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MOST)
         if self.down_since is not None:
-            for subscription in self._subscriptions.values():
-                if subscription.key is not None:
-                    subscription.put(RECONNECTED)
+            waiting = (f": the {len(self._subscriptions)} calls waiting read their replies"
+                       if self.role == "result store" else "")
             logger.warning(
-                "result store %s was unreachable for %.1fs (%s: %s); reconnected: the %d "
-                "calls waiting read their replies", self.url,
-                time.monotonic() - self.down_since, type(self.last_error).__name__,
-                self.last_error, len(self._subscriptions))
+                "%s %s was unreachable for %.1fs (%s: %s); reconnected%s", self.role,
+                self.url, time.monotonic() - self.down_since, type(self.last_error).__name__,
+                self.last_error, waiting)
             self.down_since = None
-            until = time.monotonic() + AFTER_OUTAGE_RETRY
-            self._due.extend((command, until) for command in self._after_outage
-                             if all(command is not other for other, _ in self._due))
+            self._outage_over()
+
+    def _outage_over(self) -> None:
+        """Tell every call waiting that an outage is over, and run the commands for it."""
+        for subscription in self._subscriptions.values():
+            if subscription.key is not None:
+                subscription.put(RECONNECTED)
+        until = time.monotonic() + AFTER_OUTAGE_RETRY
+        self._due.extend((command, until) for command in self._after_outage
+                         if all(command is not other for other, _ in self._due))
 
     def _connect(self) -> None:
         if self._pubsub is not None:
@@ -452,6 +487,22 @@ def _connection(params: dict[str, Any]) -> Any:
     kind = _Connection if base is redis.Connection else type(
         "_Watched" + base.__name__, (base,), {"fileno": _Connection.fileno})
     return kind(**options)
+
+
+def _broker_params(broker_url: str | None, store: dict[str, Any]) -> dict[str, Any] | None:
+    """How to reach a Redis broker at ``broker_url`` if it is not the server of the
+    result store (connection parameters ``store``); else ``None``."""
+    first = (broker_url or "").split(";")[0].strip()  # of a failover list, the first
+    if first.partition("://")[0] != "redis":  # TLS and sockets are not watched
+        return None
+    parse: Any = redis.connection.parse_url  # untyped in redis-py
+    params: dict[str, Any] = parse(first)
+    return None if _server(params) == _server(store) else params
+
+
+def _server(params: dict[str, Any]) -> tuple[Any, ...]:
+    host = params.get("host") or "localhost"
+    return (LOCAL_NAMES.get(host, host), int(params.get("port") or 6379), params.get("path"))
 
 
 def _drain(wake: socket.socket) -> None:
