@@ -224,5 +224,6 @@ def test_a_broker_on_its_own_server_is_watched_and_what_it_lost_sent_again(
 
     assert replies and warm.call("counter", INCREMENT, timeout=30).state["count"] == 3
     lines = [record.getMessage() for record in caplog.records
-             if record.name == "celery_warmpool.client.listener"]
+             if record.name == "celery_warmpool.client.listener"
+             and str(private_redis.port) in record.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"broker {broker} was unreachable for")

@@ -126,7 +126,7 @@ class ReplyListener:
                 if listener is None:
                     params = dict(backend.connparams)  # type: ignore[attr-defined]
                     listener = cls._listeners[key] = cls(params, url)
-                    listener.watch_broker(broker_url)
+        listener.watch_broker(broker_url)  # each app's broker: apps may share a store
         return listener
 
     def __init__(self, connection_params: dict[str, Any], url: str,
@@ -147,6 +147,7 @@ class ReplyListener:
         self._subscriptions: dict[bytes, Subscription] = {}
         self._catching_up: list[Subscription] = []
         self._after_outage: list[Command] = []
+        self._brokers: set[tuple[Any, ...]] = set()  # the servers of the brokers watched
         #: Commands to try again while the store fails them, each until a monotonic time.
         self._due: list[tuple[Command, float]] = []
         # redis-py's connections (their methods are untyped).
@@ -242,6 +243,10 @@ class ReplyListener:
         params = _broker_params(broker_url, self._params)
         if params is None or broker_url is None:
             return
+        with self._lock:
+            if _server(params) in self._brokers:
+                return  # watched already, for another app of this process
+            self._brokers.add(_server(params))
         watch = ReplyListener(params, str(maybe_sanitize_url(broker_url)), role="broker")
         watch.after_outage(lambda _: self._request("outage over", None))
 
