@@ -152,6 +152,8 @@ def test_a_call_published_twice_runs_once_on_a_worker(private_redis, start_worke
 
     wait_until(lambda: "was taken already; this copy is dropped" in worker.log(), 20,
                "the worker dropped the second copy")
+    # The copies run side by side: the second may be dropped before the first has stored.
+    wait_until(lambda: store.exists(f"celery-task-meta-{task_id}"), 10, "the reply stored")
     stored = json.loads(store.get(f"celery-task-meta-{task_id}"))
     assert stored["status"] == "SUCCESS"
     assert stored["result"][0]["state"]["count"] == 1

@@ -312,7 +312,8 @@ class PoolClient:
             spec.queue, _argsrepr(pool, [event]))
         yield from self.publish(functools.partial(self.publisher.send, message(0)),
                                 time.monotonic() + bound, bound)
-        if self.listener() is not None and self._sent_casts is not None:
+        self.listener()  # this process's: its record of casts comes with it
+        if self._sent_casts is not None:
             self._sent_casts.add(task_id, message)
         return AsyncResult(task_id, app=self.app)
 

@@ -291,14 +291,15 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
     stored as every caller's error.
     """
     runtime = RUNTIMES[app]
+    claims, backend = CallClaims(runtime), runtime.app.backend
     # Copies of work another copy of which was taken are dropped (see .claims).
-    taken = CallClaims(runtime).claim_all(runtime.app.backend, [
+    taken = claims.claim_all(backend, [
         (item["id"], item["deadline"], item.get("copy")) for item in items])
     mine = [item for item, ours in zip(items, taken, strict=True) if ours]
     try:
         outcomes = _run(runtime, pool, mine)
     except HandedBack:
-        CallClaims(runtime).release_all(runtime.app.backend, [item["id"] for item in mine])
+        claims.release_all(backend, [item["id"] for item in mine])
         return HANDED_BACK  # nothing ran: the messages go back to the broker
     except Exception as exc:
         outcomes = [exc] * len(mine)

@@ -92,9 +92,7 @@ class CallClaims:
             return True
         now = time.time()
         key = taken_key(task_id)
-        mine = taken_value(self.runtime.node or "", os.getpid(), now, copy or 0)
-        margin = TAKEN_MARGIN if copy is None else CAST_MARGIN
-        ttl_ms = max(1, int(taken_ttl(deadline, now, margin) * 1000))
+        mine, ttl_ms = self._mark(now, deadline, copy)
         delay = RETRY_FIRST
         while True:
             try:
@@ -132,13 +130,11 @@ class CallClaims:
         if client is None or not work:
             return [True] * len(work)
         now = time.time()
-        node, pid = self.runtime.node or "", os.getpid()
-        values = [taken_value(node, pid, now, copy or 0) for _, _, copy in work]
+        marks = [self._mark(now, deadline, copy) for _, deadline, copy in work]
+        values = [value for value, _ in marks]
         pipe = client.pipeline(transaction=False)
-        for (task_id, deadline, copy), value in zip(work, values, strict=True):
-            margin = TAKEN_MARGIN if copy is None else CAST_MARGIN
-            pipe.set(taken_key(task_id), value, nx=True,
-                     px=max(1, int(taken_ttl(deadline, now, margin) * 1000)))
+        for (task_id, _, _), (value, ttl_ms) in zip(work, marks, strict=True):
+            pipe.set(taken_key(task_id), value, nx=True, px=ttl_ms)
             pipe.get(taken_key(task_id))  # the set's or the other copy's mark
         try:
             answers = pipe.execute()
@@ -148,6 +144,13 @@ class CallClaims:
             return [True] * len(work)
         return [_holds(stored, value, copy or 0) for stored, value, (_, _, copy)
                 in zip(answers[1::2], values, work, strict=True)]
+
+    def _mark(self, now: float, deadline: float | None, copy: int | None) -> tuple[str, int]:
+        """This process's mark for work taken ``now`` (a call: ``copy`` ``None``), and
+        how many milliseconds it lives."""
+        value = taken_value(self.runtime.node or "", os.getpid(), now, copy or 0)
+        margin = TAKEN_MARGIN if copy is None else CAST_MARGIN
+        return value, max(1, int(taken_ttl(deadline, now, margin) * 1000))
 
     def release(self, backend: Any, task_id: str) -> None:
         """Remove this process's mark of ``task_id`` (it goes back to the broker)."""
