@@ -49,3 +49,25 @@ def test_many_watches_each_settle_exactly_once() -> None:
     finished = [watchdog.done(token) for token in tokens]
     assert finished == [index % 2 == 0 for index in range(100)]
     assert sorted(fired) == list(range(1, 100, 2))
+
+
+def test_a_callback_that_waits_delays_no_other_decision() -> None:
+    # As when storing one call's CallTimeout waits for a restarting result store: another
+    # call's deadline must still be decided on time, not once its work has ended.
+    watchdog = Watchdog()
+    release, blocking = threading.Event(), threading.Event()
+
+    def wait_for_the_store() -> None:
+        blocking.set()
+        release.wait(10.0)
+
+    second_reported = threading.Event()
+    try:
+        watchdog.watch(0.0, wait_for_the_store)
+        assert blocking.wait(2.0)
+        token = watchdog.watch(0.05, second_reported.set)
+        assert not threading.Event().wait(0.5)  # the second call's work ends only now
+        assert watchdog.done(token) is False  # too late: it was decided at its deadline
+    finally:
+        release.set()
+    assert second_reported.wait(2.0)

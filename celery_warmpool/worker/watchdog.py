@@ -7,7 +7,9 @@ deadline, while the work itself finishes in its own time.
 Watching must cost next to nothing, since every call is watched: ``watch`` and ``done``
 are one dictionary operation each (atomic in CPython, so no lock), and a single thread
 looks over the watched work every ``TICK`` seconds. Whoever removes a token first wins:
-``done`` (the work ended in time) or the watchdog (it did not).
+``done`` (the work ended in time) or the watchdog (it did not). The watchdog thread only
+decides; the callbacks of overdue work run on a thread of their own, so that one that
+waits (storing an error while the result store restarts) delays no other decision.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["TICK", "Watchdog"]
 
@@ -54,6 +57,7 @@ class Watchdog:
         self._counter = itertools.count()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._callbacks: ThreadPoolExecutor | None = None  # made by the watchdog thread
 
     def watch(self, seconds: float, on_expire: Callable[[], None]) -> int:
         """Start watching work that must end within ``seconds``; return its token."""
@@ -102,7 +106,13 @@ class Watchdog:
             for token, (deadline, on_expire) in list(self._pending.items()):
                 if deadline > now or self._pending.pop(token, None) is None:
                     continue
-                try:
-                    on_expire()
-                except Exception:
-                    logger.exception("watchdog: handling an overrun failed")
+                if self._callbacks is None:
+                    self._callbacks = ThreadPoolExecutor(1, f"{self.name}-callbacks")
+                self._callbacks.submit(_expire, on_expire)
+
+
+def _expire(on_expire: Callable[[], None]) -> None:
+    try:
+        on_expire()
+    except Exception:
+        logger.exception("watchdog: handling an overrun failed")
