@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Other databases may be given (two test runs on one Redis must not share queues).
 REDIS_BROKER = os.environ.get("WARMPOOL_TEST_REDIS_BROKER", "redis://127.0.0.1:6379/2")
 REDIS_BACKEND = os.environ.get("WARMPOOL_TEST_REDIS_BACKEND", "redis://127.0.0.1:6379/3")
-RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+# A virtual host of its own may be given too (rabbitmqctl add_vhost; guest given rights).
+RABBITMQ_BROKER = os.environ.get("WARMPOOL_TEST_RABBITMQ_BROKER",
+                                 "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def at_once(call: Callable[[Any], Any], items: list[Any], within: float = 30) -> list[Any]:
