@@ -18,10 +18,8 @@ import click
 from celery import Celery, Task
 
 from .client.calls import PoolClient, SignalLike
-from .client.dead_letters import DeadLetters
 from .client.delivery import confirm_publishes, make_results_resilient
 from .client.fanout import afan_out, fan_out
-from .client.membership import NodeRecord
 from .client.shells import AsyncStream
 from .client.status import StatusReader
 from .configuration import PoolConfiguration
@@ -31,6 +29,9 @@ from .core.reply import AgentReply
 from .core.spec import PoolSpec
 from .core.status import PoolStatus
 from .core.stream import Stream
+from .ops import metrics
+from .wire.dead_letters import DeadLetters
+from .wire.membership import NodeRecord
 from .worker import control, prefork
 from .worker.bootstep import WarmPoolStep
 from .worker.consumers import PoolConsumers
@@ -73,6 +74,7 @@ class WarmPool:
         self.configuration = PoolConfiguration(app, pools, host)
         self.dead_letters = DeadLetters(app)
         self.runtime = WorkerRuntime(app, self.configuration, self.dead_letters)
+        self.runtime.service_factories.append(metrics.exporter_for)
         self.handle_task, self.cast_task = register_tasks(app, self.runtime)
         self.client = PoolClient(self.configuration, self.handle_task, self.cast_task)
         self.status_reader = StatusReader(app, self.configuration)

@@ -14,16 +14,16 @@ from celery import Celery
 from celery.exceptions import Ignore, Reject
 
 from celery_warmpool.core.errors import CheckoutTimeout
-from celery_warmpool.core.marks import (
+from celery_warmpool.core.signal import Signal
+from celery_warmpool.wire.marks import (
     TAKEN_MARGIN,
     TakenMark,
     taken_key,
     taken_ttl,
     taken_value,
 )
-from celery_warmpool.core.signal import Signal
+from celery_warmpool.wire.message import CALL_TASK, CallMessage
 from celery_warmpool.worker.claims import CallClaims
-from celery_warmpool.worker.handler import HANDLE_TASK
 from tests.conftest import REDIS_BROKER, wait_until
 from tests.flower_page import free_port
 from tests.test_worker import INCREMENT, counter
@@ -144,9 +144,9 @@ def test_a_call_published_twice_runs_once_on_a_worker(private_redis, start_worke
     task_id = str(uuid.uuid4())
     publisher = warm.client.publisher
     message = publisher.message(
-        HANDLE_TASK, task_id,
-        ("counter", [Signal.parse(INCREMENT).to_wire()], time.time() + 10, 5.0, False),
-        warm.spec("counter").queue, "('counter', [counter.increment])")
+        CALL_TASK, task_id,
+        CallMessage("counter", [Signal.parse(INCREMENT).to_wire()], time.time() + 10, 5.0),
+        warm.spec("counter").queue)
     publisher.send(message)
     publisher.send(message)  # the same call again, as a caller that saw no mark would
 
@@ -166,8 +166,8 @@ class ReservedCall:
     """A call waiting in a worker's main process (what LateCalls reads of a request)."""
 
     def __init__(self, task_id: str, deadline: float) -> None:
-        self.id, self.name = task_id, HANDLE_TASK
-        self.args = ("pool", [], deadline, 5.0, False)
+        self.id, self.name = task_id, CALL_TASK
+        self.args = CallMessage("pool", [], deadline, 5.0).to_args()
 
 
 @pytest.mark.integration

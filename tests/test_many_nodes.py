@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from celery_warmpool.client.membership import EXPIRES_AFTER, HEARTBEAT
+from celery_warmpool.wire.membership import EXPIRES_AFTER, HEARTBEAT
 from tests.conftest import REDIS_BACKEND, REDIS_BROKER, ROOT, wait_until
 from tests.test_worker import INCREMENT, counter, max_overlap, node_status, work
 
@@ -185,7 +185,7 @@ def test_without_membership_records_status_waits_out_the_timeout_and_says_so_onc
         start_worker, client, caplog):
     worker = start_worker(counter(1), pool="solo", concurrency=1, backend="rpc://")
     _, warm = client(counter(1), backend="rpc://")
-    with caplog.at_level("INFO", logger="celery_warmpool.client.membership"):
+    with caplog.at_level("INFO", logger="celery_warmpool.wire.membership"):
         started = time.monotonic()
         first = warm.status("counter", timeout=0.6)
         waited = time.monotonic() - started

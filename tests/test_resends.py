@@ -23,7 +23,7 @@ from celery import Celery
 from celery.exceptions import Ignore
 
 from celery_warmpool.client.resends import SentCasts
-from celery_warmpool.core.marks import CAST_MARGIN, TakenMark, taken_key
+from celery_warmpool.wire.marks import CAST_MARGIN, TakenMark, taken_key
 from celery_warmpool.worker import claims as claims_module
 from celery_warmpool.worker.claims import CallClaims
 from tests.conftest import PrivateRedis, wait_until

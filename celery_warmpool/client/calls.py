@@ -10,6 +10,7 @@ is Redis; with another result backend a call waits as Celery's own ``get()`` doe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -22,10 +23,11 @@ from celery.result import AsyncResult
 
 from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
 from ..core.ids import new_id
-from ..core.marks import mark_cancelled
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
+from ..wire.marks import mark_cancelled
+from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
 from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
 from .protocol import Receive, Steps, Taken, ask_taken, publish_steps
@@ -239,7 +241,7 @@ class PoolClient:
         the message (the answer, a :class:`Taken`, comes to ``subscription``); on a
         :class:`Taken` that says none did, publish it again. The message was lost with a
         broker that went away; the copy has the same id and deadline, and only one copy
-        can run (see :mod:`celery_warmpool.core.marks`)."""
+        can run (see :mod:`celery_warmpool.wire.marks`)."""
         left = deadline - time.monotonic()
         if left <= 0:
             return
@@ -252,7 +254,7 @@ class PoolClient:
     def publish(self, send: Callable[[], None], deadline: float,
                 timeout: float) -> Steps[None]:
         """The steps of publishing with ``send``, retried until ``deadline`` (monotonic)."""
-        yield from publish_steps(send, deadline, timeout, self.delivery.outages(),
+        yield from publish_steps(send, deadline, timeout, self.delivery.outages,
                                  self.delivery.broker_url)
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
@@ -263,11 +265,13 @@ class PoolClient:
             UnknownPool: no such pool is configured.
         """
         spec = self.configuration.spec(pool)
-        return self.publisher.message(
-            self.handle_task.name, task_id,
-            (pool, [event.to_wire() for event in events], time.time() + timeout,
-             call_timeout, len(events) > 1, *((True,) if stream else ())),
-            spec.queue, _argsrepr(pool, events))
+        call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
+                           call_timeout, transaction=len(events) > 1, stream=stream)
+        return self.publisher.message(CALL_TASK, task_id, call, spec.queue)
+
+    def send(self, message: Message) -> None:
+        """Publish ``message`` (blocking; see :class:`~.publisher.Publisher`)."""
+        self.publisher.send(message)
 
     def read_reply(self, payload: bytes) -> list[dict[str, Any]] | None:
         """The replies a stored result carries, or ``None`` if it is not final yet.
@@ -307,24 +311,21 @@ class PoolClient:
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
         task_id = new_id()
-        message = functools.partial(
-            self._cast_message, task_id, pool, event.to_wire(), deadline, call_timeout,
-            spec.queue, _argsrepr(pool, [event]))
+        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout)
+        message = functools.partial(self._cast_message, task_id, cast, spec.queue)
         yield from self.publish(functools.partial(self.publisher.send, message(0)),
                                 time.monotonic() + bound, bound)
-        self.listener()  # this process's: its record of casts comes with it
-        if self._sent_casts is not None:
-            self._sent_casts.add(task_id, message)
+        listener = self.listener()  # this process's: its record of casts comes with it
+        if self._sent_casts is not None and self._sent_casts.add(task_id, message):
+            assert listener is not None
+            listener.submit(self._sent_casts.sweep)
         return AsyncResult(task_id, app=self.app)
 
-    def _cast_message(self, task_id: str, pool: str, signal: dict[str, Any],
-                      deadline: float | None, call_timeout: float | None, queue: str,
-                      argsrepr: str, copy: int) -> Message:
+    def _cast_message(self, task_id: str, cast: CallMessage, queue: str,
+                      copy: int) -> Message:
         """Copy ``copy`` of a cast's message (``0``: as first sent)."""
-        return self.publisher.message(
-            self.cast_task.name, task_id,
-            (pool, [signal], deadline, call_timeout, False, *((copy,) if copy else ())),
-            queue, argsrepr)
+        return self.publisher.message(CAST_TASK, task_id, dataclasses.replace(cast, copy=copy),
+                                      queue)
 
     def _send_again(self, messages: list[Message]) -> None:
         """Publish casts again (see :mod:`.resends`), on a publishing thread."""
@@ -350,11 +351,22 @@ class PoolClient:
         if self._listener_pid != pid:  # looked up once per process: it is on every call
             listener = ReplyListener.for_backend(self.app.backend, self.app.conf.broker_url)
             self._sent_casts = None
-            if listener is not None:  # it watches for outages: casts lost in one go again
+            if listener is not None and self._broker_loses_popped_messages:
+                # It watches for outages: casts lost in one go again.
                 self._sent_casts = SentCasts(self._send_again)
                 listener.after_outage(self._sent_casts.check)
             self._listener, self._listener_pid = listener, pid
         return self._listener
+
+    @functools.cached_property
+    def _broker_loses_popped_messages(self) -> bool:
+        # A Redis broker can lose a message a worker popped as it shut down (see
+        # celery_warmpool.wire.marks); RabbitMQ keeps it until it is acknowledged.
+        connection = self.app.connection_for_write()
+        try:
+            return bool(connection.transport.driver_type == "redis")
+        finally:
+            connection.release()
 
     def result_key(self, task_id: str) -> bytes:
         """The key (and channel) of the stored result of ``task_id``."""
@@ -365,12 +377,11 @@ class PoolClient:
         """A call for result backends without a listener: Celery's own ``get()``."""
         spec = self.configuration.spec(pool)
         started = time.monotonic()
-        deadline = time.time() + timeout
+        call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
+                           call_timeout, transaction=len(events) > 1)
         result = self.delivery.publish(
             lambda: self.handle_task.apply_async(  # type: ignore[call-arg]
-                (pool, [event.to_wire() for event in events], deadline, call_timeout,
-                 len(events) > 1), queue=spec.queue, argsrepr=_argsrepr(pool, events),
-                kwargsrepr="{}"),
+                call.to_args(), queue=spec.queue, argsrepr=call.argsrepr(), kwargsrepr="{}"),
             started + timeout, timeout)
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
@@ -386,10 +397,3 @@ def _no_reply(pool: str, timeout: float, window: float, size: int,
         f"pool {pool!r}: no reply within {window:.1f}s. No worker started the call "
         f"within timeout={timeout}s (it carries that deadline and will not start "
         "later), or the worker running it was lost", pool, window, size, max_overflow)
-
-
-def _argsrepr(pool: str, events: list[Signal]) -> str:
-    # What worker logs and monitors show for the message; giving it also spares Celery
-    # a slow generic repr of the signals on every send.
-    kinds = ", ".join(f"{event.type}#{event.id}" for event in events)
-    return f"({pool!r}, [{kinds}])"

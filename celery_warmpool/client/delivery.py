@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery.exceptions import TimeoutError as CeleryTimeout
-from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from ..core.errors import BrokerUnavailable, WarmPoolError
-from .protocol import RETRY_MOST, publish_steps
+from ..core.errors import BrokerUnavailable
+from ..wire.outages import BACKOFF, Outages
+from .protocol import publish_steps
 from .shells import run_blocking
 
 __all__ = ["BACKEND_RETRY_POLICY", "Delivery", "confirm_publishes", "make_results_resilient"]
@@ -43,7 +43,6 @@ class Delivery:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._outages: tuple[type[BaseException], ...] | None = None
 
     @property
     def interval(self) -> float:
@@ -66,20 +65,10 @@ class Delivery:
         except Exception:  # a backend without a URI form
             return str(maybe_sanitize_url(str(self.app.conf.result_backend)))
 
-    def outages(self, *more: type[BaseException]) -> tuple[type[BaseException], ...]:
-        """The exceptions that mean "the broker or result store cannot be reached".
-
-        ``more`` are added to them, for one ``except`` clause.
-        """
-        if self._outages is None:
-            connection = self.app.connection_for_write()
-            try:
-                found = (*connection.connection_errors, *connection.channel_errors)
-            finally:
-                connection.release()
-            backend = getattr(self.app.backend, "connection_errors", ())
-            self._outages = (OperationalError, ConnectionError, *found, *backend)
-        return (*self._outages, *more)
+    @property
+    def outages(self) -> Outages:
+        """What says "the broker or result store cannot be reached" for this app."""
+        return Outages.of(self.app)
 
     def publish(self, send: Callable[[], T], deadline: float, timeout: float) -> T:
         """Run ``send()`` (a publish) until it works or ``deadline`` passes.
@@ -87,7 +76,7 @@ class Delivery:
         Raises:
             BrokerUnavailable: the broker could not be reached before the deadline.
         """
-        return run_blocking(publish_steps(send, deadline, timeout, self.outages(),
+        return run_blocking(publish_steps(send, deadline, timeout, self.outages,
                                           self.broker_url))
 
     def wait(self, result: Any, deadline: float, window: float,
@@ -102,6 +91,7 @@ class Delivery:
             What ``no_reply()`` returns: no answer came before the deadline.
         """
         outage: BaseException | None = None
+        pauses = BACKOFF.pauses()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -114,23 +104,15 @@ class Delivery:
             try:
                 return result.get(timeout=min(remaining, WAIT_SLICE), interval=self.interval,
                                   disable_sync_subtasks=False)
-            except WarmPoolError:
-                # The worker's answer. CheckoutTimeout is a TimeoutError, which transports
-                # count among their connection errors: it must not pass for an outage.
-                raise
             except CeleryTimeout:
                 outage = None  # reachable, just no answer yet: the deadline decides
-            except self.outages(RuntimeError) as exc:
-                # Celery's result consumer gives up reconnecting with a RuntimeError (and
-                # starts afresh on the next wait): an outage too, if a lost connection
-                # caused it.
-                if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__,
-                                                                    self.outages()):
-                    raise
+            except Exception as exc:
+                if not self.outages.is_outage(exc):
+                    raise  # the worker's answer (an error of the call), or a fault
                 outage = exc
                 logger.debug("result store %s unreachable (%r); still waiting",
                              self.backend_url, exc)
-                time.sleep(min(RETRY_MOST, max(0.0, deadline - time.monotonic())))
+                time.sleep(min(next(pauses), max(0.0, deadline - time.monotonic())))
 
 
 #: How long one result-store operation retries by itself before it fails: briefly, so

@@ -44,15 +44,13 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.utils.url import maybe_sanitize_url
 from redis import exceptions as redis_errors
 
+from ..wire.outages import BACKOFF, MOST, REDIS_OUTAGES
 from .mailbox import Mailbox
 
 __all__ = ["RECONNECTED", "ReplyListener", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two tries to reach the result store: first and longest.
-RECONNECT_FIRST = 0.05
-RECONNECT_MOST = 0.5
 #: Seconds a connection, a command or the rest of a message may take.
 SOCKET_TIMEOUT = 5.0
 #: The most channels in one SUBSCRIBE when subscribing again after a reconnection.
@@ -63,8 +61,10 @@ AFTER_OUTAGE_RETRY = 60.0
 LOCAL_NAMES = {"localhost": "127.0.0.1", "::1": "127.0.0.1"}
 
 #: What says "the result store cannot be reached".
-OUTAGES: tuple[type[BaseException], ...] = (
-    redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+OUTAGES = REDIS_OUTAGES
+#: Seconds between two looks at commands waiting to be tried again (and stored replies
+#: still to be read).
+RETRY_EVERY = MOST
 
 #: Put in the mailbox of every subscription to a stored reply (one with a ``key``, tagged
 #: if it has a tag) once the listener is back from an outage of the result store: a call
@@ -233,7 +233,7 @@ class ReplyListener:
         """Take an outage of the Redis broker at ``broker_url`` as one of the result store.
 
         A broker that restarts can lose a message a worker popped in its last moment (see
-        :mod:`celery_warmpool.core.marks`); calls learn of it from the result store's
+        :mod:`celery_warmpool.wire.marks`); calls learn of it from the result store's
         outage when both are one server. A broker on a server of its own is watched by a
         second listener that only holds a connection to it: once it answers again after
         an outage, this listener tells its calls and runs its commands for after an
@@ -290,7 +290,7 @@ class ReplyListener:
 
     def _serve_once(self) -> None:
         """Wait for requests or messages, and deal with what came."""
-        timeout = RECONNECT_MOST if self._catching_up or self._due else None
+        timeout = RETRY_EVERY if self._catching_up or self._due else None
         for key, _ in self._selector.select(timeout):
             if key.data == "wake":
                 _drain(key.fileobj)  # type: ignore[arg-type]
@@ -396,7 +396,7 @@ class ReplyListener:
             reads.send_command("MGET", *[subscription.key for subscription in batch])
             values = reads.read_response()
         except OUTAGES as exc:
-            # Tried again within RECONNECT_MOST, or after the reconnection.
+            # Tried again within RETRY_EVERY, or after the reconnection.
             logger.debug("reply listener: reading stored replies failed: %r", exc)
             return
         self._catching_up = []
@@ -414,7 +414,7 @@ class ReplyListener:
         if error is not None and self.down_since is None:
             self.down_since, self.last_error = time.monotonic(), error
             logger.debug("reply listener: result store %s unreachable: %r", self.url, error)
-        delay = RECONNECT_FIRST
+        pauses = BACKOFF.pauses()
         while True:
             try:
                 self._connect()
@@ -423,8 +423,7 @@ class ReplyListener:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
                 self.last_error = exc
-                time.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MOST)
+                time.sleep(next(pauses))
         if self.down_since is not None:
             waiting = (f": the {len(self._subscriptions)} calls waiting read their replies"
                        if self.role == "result store" else "")

@@ -17,13 +17,13 @@ once and a cancel mark is written for the worker, which then never starts the ca
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..core.errors import BrokerUnavailable, WarmPoolError
-from ..core.marks import taken_key
+from ..core.errors import BrokerUnavailable
+from ..wire.marks import taken_key
+from ..wire.outages import BACKOFF, Outages
 from .mailbox import Mailbox
 
 if TYPE_CHECKING:
@@ -35,11 +35,6 @@ __all__ = ["Deliver", "Pause", "Publish", "Receive", "Step", "Steps", "Taken", "
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Seconds between two tries while the broker is away: first and longest.
-RETRY_FIRST = 0.05
-RETRY_MOST = 0.5
-
 
 @dataclass(frozen=True, slots=True)
 class Publish:
@@ -74,33 +69,28 @@ Step = Publish | Receive | Pause | Deliver
 Steps = Generator[Step, Any, T]
 
 
-def publish_steps(send: Callable[[], T], deadline: float, timeout: float,
-                  outages: tuple[type[BaseException], ...], broker_url: str) -> Steps[T]:
+def publish_steps(send: Callable[[], T], deadline: float, timeout: float, outages: Outages,
+                  broker_url: str) -> Steps[T]:
     """Publish with ``send()`` until it works or ``deadline`` (monotonic) passes.
 
     Raises:
         BrokerUnavailable: the broker could not be reached before the deadline.
     """
-    delay = RETRY_FIRST
+    pauses = BACKOFF.pauses(deadline)
     while True:
         try:
             sent: T = yield Publish(send)
             return sent
-        except WarmPoolError:
-            raise
-        except (*outages, RuntimeError) as exc:  # type: ignore[misc]
-            # Celery's result consumer may give up reconnecting with a RuntimeError,
-            # caused by a lost connection: an outage too. Any other RuntimeError is not.
-            if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__, outages):
+        except Exception as exc:
+            if not outages.is_outage(exc):
                 raise
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            pause = next(pauses, None)
+            if pause is None:
                 raise BrokerUnavailable(
                     f"could not reach the broker {broker_url} within {timeout:g}s: "
                     f"{type(exc).__name__}: {exc}", broker_url, timeout) from exc
             logger.debug("broker %s unreachable (%r); retrying", broker_url, exc)
-            yield Pause(min(delay, remaining))
-            delay = min(delay * 2, RETRY_MOST)
+            yield Pause(pause)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from typing import Any
 
 from kombu.pools import ProducerPool
 
+from ..wire.message import CallMessage
+
 __all__ = ["Message", "Publisher"]
 
 #: Threads that publish for coroutines.
@@ -38,6 +40,26 @@ class Message:
     options: dict[str, Any]
 
 
+def own_connection(app: Any) -> Any:
+    """A broker connection of the package's own, apart from the app's.
+
+    It connects once when asked (``max_retries`` 0): kombu would otherwise keep trying
+    for the app's ``broker_connection_timeout`` and more, past a caller's deadline; the
+    package waits out an outage itself, within each caller's deadline (see
+    :mod:`celery_warmpool.wire.outages`).
+    """
+    connection = app.connection_for_write()
+    options = {**(connection.transport_options or {}), "max_retries": 0}
+    own = connection.clone(transport_options=options)
+    connection.release()
+    return own
+
+
+def own_connections(app: Any, limit: int) -> Any:
+    """A pool of ``limit`` connections like :func:`own_connection`."""
+    return own_connection(app).Pool(limit=limit)
+
+
 class Publisher:
     """Builds and sends the task messages of pool calls for ``app`` (see the module)."""
 
@@ -51,11 +73,11 @@ class Publisher:
         self._pool_pid = 0
         self._pid = os.getpid()
 
-    def message(self, name: str, task_id: str, args: tuple[Any, ...], queue: str,
-                argsrepr: str) -> Message:
-        """The message that runs task ``name`` with ``args`` on ``queue``."""
+    def message(self, name: str, task_id: str, call: CallMessage, queue: str) -> Message:
+        """The message that runs task ``name`` (a call's or a cast's) with ``call`` on
+        ``queue``."""
         body = self.app.amqp.create_task_message(
-            task_id, name, args, {}, argsrepr=argsrepr, kwargsrepr="{}",
+            task_id, name, call.to_args(), {}, argsrepr=call.argsrepr(), kwargsrepr="{}",
             reply_to=self.app.oid, create_sent_event=self._sent_events)
         return Message(task_id, name, body, self._route(name, queue))
 
@@ -73,7 +95,10 @@ class Publisher:
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
         with self._producers().acquire(block=True) as producer:
-            self.app.amqp.send_task_message(producer, message.name, message.body, **options)
+            # Kombu's own retry off: the caller's deadline decides how long to try (see
+            # celery_warmpool.wire.outages).
+            self.app.amqp.send_task_message(producer, message.name, message.body,
+                                            retry=False, **options)
         if queue is not None:
             self._declared.add(queue.name)
 
@@ -82,7 +107,8 @@ class Publisher:
         with self._lock:
             if self._pool is None or self._pool_pid != os.getpid():
                 self._pool_pid = os.getpid()
-                self._pool = ProducerPool(self.app.pool, limit=PUBLISH_CONNECTIONS)
+                self._pool = ProducerPool(own_connections(self.app, PUBLISH_CONNECTIONS),
+                                          limit=PUBLISH_CONNECTIONS)
             return self._pool
 
     @property

@@ -1,6 +1,6 @@
 """Reading pool status from the worker nodes that host the pools.
 
-With membership records (see :mod:`.membership`) the live nodes are asked by name, and the
+With membership records (see :mod:`..wire.membership`) the live nodes are asked by name, and the
 answer is complete as soon as each has answered: a node that is recorded but does not
 answer within the timeout is reported as not answering, not left out. Without records
 (a result backend that keeps none, or no node recorded for the pool) every node is asked
@@ -18,8 +18,9 @@ from typing import Any
 from ..configuration import PoolConfiguration
 from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
+from ..wire.membership import Membership, NodeRecord
 from .delivery import Delivery
-from .membership import Membership, NodeRecord
+from .publisher import own_connection
 
 __all__ = ["StatusReader", "StatusReport"]
 
@@ -132,11 +133,15 @@ class StatusReader:
         Raises:
             BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
+        def broadcast() -> list[dict[str, Any]]:
+            with own_connection(self.app) as connection:
+                return self.app.control.broadcast(
+                    name, arguments=arguments, reply=True, timeout=timeout,
+                    destination=nodes, limit=len(nodes) if nodes else None,
+                    connection=connection) or []
+
         replies: list[dict[str, Any]] = self.delivery.publish(
-            lambda: self.app.control.broadcast(
-                name, arguments=arguments, reply=True, timeout=timeout,
-                destination=nodes, limit=len(nodes) if nodes else None) or [],
-            time.monotonic() + timeout, timeout)
+            broadcast, time.monotonic() + timeout, timeout)
         return replies
 
     def _answering(self, pool: str | None, timeout: float) -> dict[str, set[str]]:

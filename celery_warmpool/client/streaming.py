@@ -19,20 +19,52 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ..configuration import PoolConfiguration
 from ..core.ids import new_id
-from ..core.marks import mark_cancelled, read_key, stream_key
 from ..core.reply import AgentReply
 from ..core.signal import Signal
-from .listener import RECONNECTED, ReplyListener
+from ..wire.marks import mark_cancelled, read_key, stream_key
+from .listener import RECONNECTED, ReplyListener, Subscription
 from .mailbox import Mailbox
 from .protocol import Deliver, Receive, Steps, Taken
+from .publisher import Message
 
-if TYPE_CHECKING:
-    from .calls import PoolClient
 
-__all__ = ["stream_steps"]
+class Caller(Protocol):
+    """What a streaming call needs of the caller's client (a
+    :class:`~celery_warmpool.client.calls.PoolClient`): the parts every call is made of."""
+
+    configuration: PoolConfiguration
+    reply_grace: float
+
+    def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
+                     call_timeout: float | None, *, stream: bool = False) -> Message:
+        """The message of a call of ``events`` on ``pool``."""
+
+    def send(self, message: Message) -> None:
+        """Publish ``message`` (blocking)."""
+
+    def result_key(self, task_id: str) -> bytes:
+        """The key (and channel) of the stored result of ``task_id``."""
+
+    def publish(self, send: Callable[[], None], deadline: float,
+                timeout: float) -> Steps[None]:
+        """The steps of publishing with ``send``, retried until ``deadline``."""
+
+    def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
+                notice: Any, send: Callable[[], None], deadline: float) -> Steps[None]:
+        """The steps of a call after an outage (see ``PoolClient.recover``)."""
+
+    def silence(self, listener: ReplyListener, pool: str, timeout: float,
+                window: float) -> BaseException:
+        """The error for a call that heard nothing within ``window`` seconds."""
+
+    def read_reply(self, payload: bytes) -> list[dict[str, Any]] | None:
+        """The replies a stored result carries, or ``None`` if it is not final yet."""
+
+__all__ = ["Caller", "stream_steps"]
 
 CHUNK, REPLY, DRAINED = "chunk", "reply", "drained"
 #: Seconds between two reports of the reader's position while chunks come.
@@ -87,7 +119,7 @@ class _Position:
         self.reported, self.at = read, time.monotonic()
 
 
-def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: Signal,
+def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Signal,
                  timeout: float, call_timeout: float | None) -> Steps[AgentReply]:
     """The steps of a streaming call of ``event`` on ``pool`` (see the module).
 
@@ -109,7 +141,7 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
     ]
     order, position = _InOrder(), _Position(spec.stream_buffer)
     finished = False
-    send = functools.partial(client.publisher.send, message)
+    send = functools.partial(client.send, message)
     try:
         yield from client.publish(send, started + timeout, timeout)
         outcome: Callable[[], AgentReply] | None = None
@@ -158,7 +190,7 @@ def stream_steps(client: PoolClient, listener: ReplyListener, pool: str, event: 
         listener.submit(functools.partial(_forget, task_id))
 
 
-def _outcome(client: PoolClient, payload: bytes) -> Callable[[], AgentReply] | None:
+def _outcome(client: Caller, payload: bytes) -> Callable[[], AgentReply] | None:
     """What the call's final reply says, to be told once every chunk is out: a function
     returning the reply or raising the error; ``None`` for a state that is not final."""
     try:

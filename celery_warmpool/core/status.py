@@ -30,7 +30,7 @@ class PoolCounters(BaseModel):
     #: Batches run, and the signals they held (calls / batches: the mean batch size).
     batches: int = 0
     batched: int = 0
-    #: Casts sent to the pool's dead-letter queue (see celery_warmpool.client.dead_letters).
+    #: Casts sent to the pool's dead-letter queue (see celery_warmpool.wire.dead_letters).
     dead_lettered: int = 0
     #: Streaming calls begun, ended with their final reply, and stopped because their
     #: reader went away; a stream that fails counts in ``call_failures`` as a call does.

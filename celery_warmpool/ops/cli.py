@@ -42,6 +42,7 @@ from celery.platforms import EX_UNAVAILABLE
 
 from ..client.status import StatusReport
 from ..core.errors import BrokerUnavailable, UnknownPool
+from ..wire.dead_letters import READ_LIMIT
 from .tables import (
     render_dead_letters,
     render_not_answering,
@@ -165,10 +166,13 @@ def _warm_pool_of(app: Celery) -> Any:
               help="Cast every letter's signal to the pool again, and remove it.")
 @click.option("--purge", cls=CeleryOption, is_flag=True, help_group="Dead Letter Options",
               help="Remove every letter without running it.")
+@click.option("--limit", cls=CeleryOption, type=click.IntRange(min=1), default=READ_LIMIT,
+              show_default=True, help_group="Dead Letter Options",
+              help="List at most this many letters, the oldest first.")
 @click.pass_context
 @handle_preload_options
 def dead_letters(ctx: click.Context, pool: str, as_json: bool, replay: bool, purge: bool,
-                 **kwargs: Any) -> None:
+                 limit: int, **kwargs: Any) -> None:
     """List a pool's dead letters (casts that could not succeed); replay or purge them."""
     cli: CLIContext = ctx.obj
     if replay and purge:
@@ -187,16 +191,19 @@ def dead_letters(ctx: click.Context, pool: str, as_json: bool, replay: bool, pur
             count = letters_of.purge(spec)
             cli.echo(f"purged {count} dead letters of pool {pool!r}")
         else:
-            letters = letters_of.read(spec)
+            letters = letters_of.read(spec, limit)
             if as_json:
                 cli.echo(json.dumps([letter.model_dump(mode="json") for letter in letters]))
             elif letters:
                 cli.echo(render_dead_letters(letters), nl=False)
+                depth = letters_of.depth(spec)
+                if depth > len(letters):
+                    cli.echo(f"(the oldest {len(letters)} of {depth}: --limit shows more)")
             else:
                 cli.echo(f"no dead letters for pool {pool!r} (queue {spec.dead_letter_queue})")
     except BrokerUnavailable as exc:
         raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
-    except warm.status_reader.delivery.outages() as exc:
+    except warm.status_reader.delivery.outages.errors as exc:
         raise CeleryCommandException(
             message=f"could not reach the broker {warm.status_reader.delivery.broker_url}: "
                     f"{type(exc).__name__}: {exc}", exit_code=EX_UNAVAILABLE) from None

@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..client.dead_letters import DeadLetter
-from ..client.membership import NodeRecord
 from ..core.status import PoolStatus
+from ..wire.dead_letters import DeadLetter
+from ..wire.membership import NodeRecord
 
 __all__ = ["render_dead_letters", "render_not_answering", "render_status_json",
            "render_status_table"]

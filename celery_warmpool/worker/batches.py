@@ -26,9 +26,10 @@ are the messages acknowledged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections import Counter
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,10 @@ from ..core.action import BatchAction
 from ..core.batching import BatchWindow
 from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, HandedBack, WarmPoolError
 from ..core.signal import Signal
+from ..wire.message import CallMessage, kind_of
+from ..wire.outages import Outages
 from .claims import CallClaims
-from .handler import CAST_TASK, HANDLE_TASK
+from .errands import Errands
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -52,6 +55,9 @@ __all__ = ["PoolBatches", "run_batch_job"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the main process tries to store a batched caller's error while the result
+#: store is away (its caller waits about as long at most: timeout + call_timeout + 2 s).
+ANSWER_WITHIN = 30.0
 #: The worker's runtime per app, for the batch jobs run in its processes (set in the main
 #: process before the fork, so prefork children have it too).
 RUNTIMES: dict[str, WorkerRuntime] = {}
@@ -67,6 +73,39 @@ class _Buffer:
         self.timer: Any = None
         #: Its wait is over, but every process was busy: it goes when one is free.
         self.due = False
+
+
+class Attempts:
+    """How often each batched message was lost with its process, for a while.
+
+    A message delivered again may go to another node and never come back here: an entry
+    is forgotten after ``kept`` seconds, and at most ``most`` are kept (the oldest go
+    first), so the record does not grow with every message a node ever lost.
+    """
+
+    def __init__(self, kept: float = 3600.0, most: int = 10_000) -> None:
+        self.kept = kept
+        self.most = most
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def count(self, task_id: str) -> int:
+        """Count one more loss of ``task_id``; return how many there were."""
+        now = time.monotonic()
+        lost, _ = self._seen.pop(task_id, (0, now))
+        self._seen[task_id] = (lost + 1, now)
+        while self._seen:
+            oldest, (_, at) = next(iter(self._seen.items()))
+            if len(self._seen) <= self.most and at > now - self.kept:
+                break
+            del self._seen[oldest]
+        return lost + 1
+
+    def forget(self, task_id: str) -> None:
+        """``task_id`` ended here: forget it."""
+        self._seen.pop(task_id, None)
 
 
 class _Job:
@@ -89,7 +128,7 @@ class PoolBatches:
         self.capacity = capacity
         self._buffers: dict[str, _Buffer] = {}
         self._jobs: dict[int, _Job] = {}
-        self._attempts: Counter[str] = Counter()  # deliveries of a task id lost with a child
+        self._attempts = Attempts()  # deliveries of a task id lost with a child
         self._consumer: Any = None
         self._handler: Any = None
         self._channel: Any = None
@@ -162,15 +201,15 @@ class PoolBatches:
 
     def _batchable(self, message: Any) -> tuple[BatchAction, dict[str, Any]] | None:
         """The batch action and job item of a one-signal call or cast to one, else None."""
-        kind = {HANDLE_TASK: "call", CAST_TASK: "cast"}.get(message.headers.get("task"))
+        kind = kind_of(message.headers.get("task"))
         if kind is None:
             return None
         try:
             args, _, _ = message.decode()
-            _, signals, deadline, call_timeout, transaction = (*args, None, None, False)[:5]
-            if transaction or len(signals) != 1:
+            call = CallMessage.from_args(args, kind)
+            if call.transaction or call.stream or len(call.signals) != 1:
                 return None
-            action = self.spec.agent.route(signals[0]["type"])
+            action = self.spec.agent.route(call.signals[0]["type"])
         except Exception:  # anything odd: Celery's handler gives the proper error
             return None
         if not isinstance(action, BatchAction):
@@ -178,9 +217,9 @@ class PoolBatches:
         properties = message.properties or {}
         return action, {
             "id": message.headers["id"], "kind": kind, "pool": self.spec.name,
-            "signal": signals[0],
-            "deadline": deadline, "call_timeout": call_timeout,
-            "copy": (args[5] if len(args) > 5 else 0) if kind == "cast" else None,
+            "signal": dict(call.signals[0]),
+            "deadline": call.deadline, "call_timeout": call.call_timeout,
+            "copy": call.copy if kind == "cast" else None,
             "reply_to": properties.get("reply_to"),
             "correlation_id": properties.get("correlation_id") or message.headers["id"],
             "retries": message.headers.get("retries") or 0}
@@ -218,7 +257,7 @@ class PoolBatches:
         if deadline is None or time.time() <= deadline:
             return True
         late = time.time() - deadline
-        store(self.runtime, item, CheckoutTimeout(
+        self._answer(item, CheckoutTimeout(
             f"pool {self.spec.name!r}: the call waited {late:.3f}s past its checkout timeout "
             "for its batch; it was not run", self.spec.name, late, self.spec.size,
             self.spec.max_overflow))
@@ -240,7 +279,7 @@ class PoolBatches:
                                          requeue=True)
             return
         for message, item in job.messages:
-            self._attempts.pop(item["id"], None)
+            self._attempts.forget(item["id"])
             message.ack_log_error(logger, self._consumer.connection_errors)
         self._flush_due()
 
@@ -250,23 +289,31 @@ class PoolBatches:
         self._jobs.pop(id(job), None)
         exc = getattr(getattr(info, "exception", info), "exc", getattr(info, "exception", info))
         for message, item in job.messages:
-            self._attempts[item["id"]] += 1
-            if self._attempts[item["id"]] <= self.spec.max_redeliveries:
+            if self._attempts.count(item["id"]) <= self.spec.max_redeliveries:
                 message.reject_log_error(logger, self._consumer.connection_errors,
                                          requeue=True)
                 continue
-            self._attempts.pop(item["id"], None)
+            self._attempts.forget(item["id"])
             lost = AgentLost(
                 f"pool {self.spec.name!r}: the worker process running a batch of "
                 f"{item['signal'].get('type')} on {self.runtime.node} died "
                 f"{self.spec.max_redeliveries + 1} times ({type(exc).__name__}); the work may "
                 "have run", self.spec.name, self.runtime.node, None,
                 str(item["signal"].get("type")), True)
-            store(self.runtime, item, lost)
+            self._answer(item, lost)
             message.ack_log_error(logger, self._consumer.connection_errors)
         if not isinstance(exc, WorkerLostError):
             logger.error("pool %r: a batch job failed: %r", self.spec.name, exc)
         self._flush_due()
+
+
+    def _answer(self, item: dict[str, Any], error: WarmPoolError) -> None:
+        """Store ``error`` as one batched caller's answer, as an errand: this runs on the
+        worker's event loop, which must not wait for a result store that is away."""
+        Errands.of_this_process().run(
+            f"pool {self.spec.name!r}: the answer of {item['id']} ({type(error).__name__})",
+            functools.partial(store, self.runtime, item, error),
+            outages=Outages.of(self.runtime.app), within=ANSWER_WITHIN)
 
 
 def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
 
-from ..client.membership import Membership
-from ..ops import metrics
+from ..wire.membership import Membership
 from . import scaling
 from .heartbeat import Heartbeat
 from .late_calls import LateCalls
@@ -77,8 +76,9 @@ class WarmPoolStep(bootsteps.StartStopStep):
         if runtime.execution.in_children and worker.app.conf.worker_proc_alive_timeout < wanted:
             # Celery reads this when the execution pool starts, which is after __init__.
             worker.app.conf.worker_proc_alive_timeout = wanted
-        # Before the fork, so that prefork children record metrics too.
-        self.metrics = metrics.exporter_for(runtime)
+        # Before the fork, so that prefork children record metrics too (a service that
+        # the operations layer plugs in: see WorkerRuntime.services).
+        self.services = runtime.make_services()
         self.heartbeat: Heartbeat | None = None
         signals.worker_shutdown.connect(_close_after_drain(runtime), weak=False)
         signals.worker_shutting_down.connect(_hand_back_on_shutdown(runtime), weak=False)
@@ -94,8 +94,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
             runtime.start_process(index=0)
         if runtime.process_specs and getattr(worker, "timer", None) is not None:
             LateCalls(worker.app).start(worker.timer)
-        if self.metrics is not None:
-            self.metrics.start()
+        for service in self.services:
+            service.start()
         if runtime.process_specs:
             self.heartbeat = Heartbeat(Membership(worker.app), runtime.node_record)
             self.heartbeat.start()
@@ -119,8 +119,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
-        if self.metrics is not None:
-            self.metrics.stop()
+        for service in self.services:
+            service.stop()
 
     def info(self, worker: Any) -> dict[str, Any]:  # type: ignore[override]
         return worker_stats(_runtime(worker))

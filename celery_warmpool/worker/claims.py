@@ -1,7 +1,7 @@
 """Marking calls and casts taken before they start, so that a copy sent again never runs
 beside the one it stands in for.
 
-See :mod:`celery_warmpool.core.marks` for the mark, why it exists and what a caller reads
+See :mod:`celery_warmpool.wire.marks` for the mark, why it exists and what a caller reads
 in it. The process that is about to run a call or a cast sets the mark only if it is
 absent; a process that finds it set by another copy drops its own.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from celery.exceptions import Ignore, Reject
 
 from ..core.errors import CheckoutTimeout
-from ..core.marks import (
+from ..wire.marks import (
     CAST_MARGIN,
     TAKEN_MARGIN,
     TakenMark,
@@ -25,6 +25,7 @@ from ..core.marks import (
     taken_ttl,
     taken_value,
 )
+from ..wire.outages import Outages, retry
 
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
@@ -35,8 +36,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two tries to mark a call while the result store is away: first, most.
-RETRY_FIRST, RETRY_MOST = 0.05, 0.5
 #: Seconds work without a deadline (a cast sent without ``timeout``) waits for an
 #: unreachable result store before it runs unmarked: at least once, rather than never.
 UNMARKED_AFTER = 10.0
@@ -54,7 +53,7 @@ class CallClaims:
 
         A call (``copy`` ``None``) runs only if no copy of it was taken already; a cast
         (``copy``: which copy of it this message is) runs unless another copy was (see
-        :mod:`celery_warmpool.core.marks`). A copy that is not run is dropped unanswered
+        :mod:`celery_warmpool.wire.marks`). A copy that is not run is dropped unanswered
         (:class:`~celery.exceptions.Ignore`: the copy that runs answers). Work handed
         back to the broker (:class:`~celery.exceptions.Reject`) loses its mark, so that
         another node may take it.
@@ -93,28 +92,32 @@ class CallClaims:
         now = time.time()
         key = taken_key(task_id)
         mine, ttl_ms = self._mark(now, deadline, copy)
-        delay = RETRY_FIRST
-        while True:
-            try:
-                if client.set(key, mine, nx=True, px=ttl_ms):
-                    return True
-                # The set may have reached the server and its answer been lost to a
-                # reconnection (redis-py then sends it again): the mark is ours if it
-                # holds our own value (a cast's: our copy number).
-                return _holds(client.get(key), mine, copy)
-            except backend.connection_errors as exc:
-                if deadline is None and time.time() >= now + UNMARKED_AFTER:
-                    logger.warning("could not mark %s taken for %.0fs (%r): it runs "
-                                   "unmarked", task_id, UNMARKED_AFTER, exc)
-                    return True
-                if deadline is not None and time.time() >= deadline:
-                    raise CheckoutTimeout(
-                        f"pool {pool!r}: the result store was unreachable until the "
-                        f"checkout deadline of {task_id} ({type(exc).__name__}: {exc}); "
-                        "it was not run", pool, time.time() - deadline) from exc
-                logger.debug("could not mark %s taken (%r); retrying", task_id, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MOST)
+
+        def mark() -> bool:
+            if client.set(key, mine, nx=True, px=ttl_ms):
+                return True
+            # The set may have reached the server and its answer been lost to a
+            # reconnection (redis-py then sends it again): the mark is ours if it holds
+            # our own value (a cast's: our copy number).
+            return _holds(client.get(key), mine, copy)
+
+        # Until the deadline (on the monotonic clock), or UNMARKED_AFTER without one.
+        left = UNMARKED_AFTER if deadline is None else deadline - now
+        try:
+            return retry(mark, Outages.of(backend.app), time.monotonic() + left,
+                         on_outage=lambda exc: logger.debug(
+                             "could not mark %s taken (%r); retrying", task_id, exc))
+        except Exception as exc:
+            if not Outages.of(backend.app).is_outage(exc):
+                raise
+            if deadline is None:
+                logger.warning("could not mark %s taken for %.0fs (%r): it runs unmarked",
+                               task_id, UNMARKED_AFTER, exc)
+                return True
+            raise CheckoutTimeout(
+                f"pool {pool!r}: the result store was unreachable until the checkout "
+                f"deadline of {task_id} ({type(exc).__name__}: {exc}); it was not run",
+                pool, time.time() - deadline) from exc
 
     def claim_all(self, backend: Any,
                   work: list[tuple[str, float | None, int | None]]) -> list[bool]:
@@ -138,7 +141,7 @@ class CallClaims:
             pipe.get(taken_key(task_id))  # the set's or the other copy's mark
         try:
             answers = pipe.execute()
-        except backend.connection_errors as exc:
+        except Outages.of(backend.app).errors as exc:
             logger.warning("could not mark a batch of %d taken (%r): it runs unmarked",
                            len(work), exc)
             return [True] * len(work)
@@ -163,7 +166,7 @@ class CallClaims:
             return
         try:
             client.delete(*[taken_key(task_id) for task_id in task_ids])
-        except backend.connection_errors:
+        except Outages.of(backend.app).errors:
             # The work then waits for its mark to expire: a call is answered at its
             # deadline, a cast's copy sent again by its caller runs then.
             logger.warning("could not remove the taken marks of %s", ", ".join(task_ids),

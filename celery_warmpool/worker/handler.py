@@ -1,11 +1,13 @@
 """What a call does inside the worker: the tasks that run signals on a pool's agents.
 
-``warm.call`` and ``warm.transaction`` send :data:`HANDLE_TASK`, ``warm.cast`` sends
-:data:`CAST_TASK`, to the pool's queue. In the process that takes it, either:
+``warm.call``, ``warm.transaction`` and ``warm.stream`` send
+:data:`~celery_warmpool.wire.message.CALL_TASK`, ``warm.cast`` sends
+:data:`~celery_warmpool.wire.message.CAST_TASK`, to the pool's queue, each carrying a
+:class:`~celery_warmpool.wire.message.CallMessage`. In the process that takes it, either:
 
 1. drops the call unrun if its deadline (the caller's ``timeout``) has passed;
 2. checks an agent out, waiting at most until that deadline, and drops the call unrun if
-   its caller left it meanwhile (a cancel mark, see :mod:`..core.marks`; a caller
+   its caller left it meanwhile (a cancel mark, see :mod:`..wire.marks`; a caller
    that left before any worker took the call marked it taken, see :mod:`.claims`);
 3. runs the signals on it inline (a transaction: all or nothing);
 4. with a ``call_timeout``, has the process's watchdog answer the caller with
@@ -39,17 +41,18 @@ from ..core.errors import (
     StreamCancelled,
     WarmPoolError,
 )
-from ..core.marks import is_cancelled
 from ..core.pool import AgentPool
 from ..core.reply import AgentReply
 from ..core.signal import Signal
+from ..wire.marks import is_cancelled
+from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
 from .claims import CallClaims
 from .requests import REQUEST
 from .runtime import WorkerRuntime
 from .streams import StreamSink
 from .watchdog import Watchdog
 
-__all__ = ["CAST_TASK", "HANDLE_TASK", "CallHandler", "register_tasks"]
+__all__ = ["CallHandler", "register_tasks"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +63,6 @@ WAITED = 0.01
 #: ``stream_idle_timeout``.
 STREAM_KEEP = 3600.0
 
-#: The task that carries a call's or a transaction's signals to a pool's queue.
-HANDLE_TASK = "celery_warmpool.handle"
-#: The task that carries a cast's signal: the same work, nobody waiting for it.
-CAST_TASK = "celery_warmpool.cast"
-
 
 class CallHandler:
     """Runs the signals of one call on an agent of this process (see the module)."""
@@ -72,16 +70,17 @@ class CallHandler:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
 
-    def handle(self, task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
-               deadline: float | None, call_timeout: float | None,
-               transaction: bool, stream: bool = False) -> list[dict[str, Any]]:
-        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data.
+    def handle(self, task: Task, message: CallMessage) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+        """Run ``message``'s signals on one agent of its pool; return the replies as JSON
+        data.
 
-        With ``stream``, the one signal's chunks go to its caller as they come (see
-        :mod:`.streams`).
+        With ``message.stream``, the one signal's chunks go to its caller as they come
+        (see :mod:`.streams`).
         """
+        pool, deadline, call_timeout = message.pool, message.deadline, message.call_timeout
+        transaction, stream = message.transaction, message.stream
         agent_pool = self.runtime.local_pool(pool)
-        events = [Signal.parse(signal) for signal in signals]
+        events = [Signal.parse(signal) for signal in message.signals]
         asked = time.monotonic()
         try:
             agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
@@ -167,8 +166,9 @@ class CallHandler:
     def dead_letter(self, request: Any, error: BaseException, *,
                     may_have_run: bool = False) -> None:
         """Send the cast of ``request`` to its pool's dead-letter queue."""
-        pool, signals = request.args[0], request.args[1]
-        self.runtime.dead_letter(pool, signals[0], error, task_id=request.id, pid=os.getpid(),
+        cast = CallMessage.from_args(request.args, "cast")
+        self.runtime.dead_letter(cast.pool, dict(cast.signals[0]), error, task_id=request.id,
+                                 pid=os.getpid(),
                                  attempts=(request.retries or 0) + 1, may_have_run=may_have_run)
 
 
@@ -190,7 +190,7 @@ def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> flo
 
 
 def _cancelled(task: Task) -> bool:  # type: ignore[type-arg]
-    """Whether the caller of this call left it (see :mod:`..core.marks`)."""
+    """Whether the caller of this call left it (see :mod:`..wire.marks`)."""
     client = getattr(task.backend, "client", None)
     task_id = task.request.id
     if task_id is None or getattr(task, "warmpool_kind", None) != "call" or client is None:
@@ -212,27 +212,25 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
     handler = CallHandler(runtime)
     claims = CallClaims(runtime)
 
-    def handle(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
-               deadline: float | None = None, call_timeout: float | None = None,
-               transaction: bool = False, stream: bool = False) -> list[dict[str, Any]]:
-        """Run ``signals`` on one agent of ``pool``; return the replies as JSON data.
+    def handle(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+        """Run a call's signals on one agent of its pool; return the replies as JSON data.
 
         Only the first copy of a call to be taken runs (see :mod:`.claims`).
         """
-        return claims.run_once(task, pool, deadline, lambda: handler.handle(
-            task, pool, signals, deadline, call_timeout, transaction, stream))
+        call = CallMessage.from_args(args, "call")
+        return claims.run_once(task, call.pool, call.deadline,
+                               lambda: handler.handle(task, call))
 
-    def cast(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
-             deadline: float | None = None, call_timeout: float | None = None,
-             transaction: bool = False, copy: int = 0) -> list[dict[str, Any]]:
-        """Run a cast's signal on one agent of ``pool``; dead-letter it if it fails.
+    def cast(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+        """Run a cast's signal on one agent of its pool; dead-letter it if it fails.
 
-        ``copy`` says which copy of the cast this message is: ``0`` as first sent, more
-        when its caller sent it again after a broker restart (see :mod:`.claims`).
+        Its message says which copy of the cast it is: ``0`` as first sent, more when its
+        caller sent it again after a broker restart (see :mod:`.claims`).
         """
+        cast = CallMessage.from_args(args, "cast")
         try:
-            return claims.run_once(task, pool, deadline, lambda: handler.handle(
-                task, pool, signals, deadline, call_timeout, transaction), copy)
+            return claims.run_once(task, cast.pool, cast.deadline,
+                                   lambda: handler.handle(task, cast), cast.copy)
         except WarmPoolError as exc:
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
@@ -240,7 +238,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
     options: dict[str, Any] = {"bind": True, "acks_late": True, "throws": (WarmPoolError,),
                                "shared": False, "Request": REQUEST}
     call_task: Task = app.task(  # type: ignore[type-arg]
-        **{**options, "name": HANDLE_TASK, "warmpool_kind": "call"})(handle)
+        **{**options, "name": CALL_TASK, "warmpool_kind": "call"})(handle)
     cast_task: Task = app.task(  # type: ignore[type-arg]
         **{**options, "name": CAST_TASK, "warmpool_kind": "cast"})(cast)
     return call_task, cast_task

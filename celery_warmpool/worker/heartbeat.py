@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..client.membership import Membership, NodeRecord
+from ..wire.membership import Membership, NodeRecord
 
 __all__ = ["Heartbeat"]
 

@@ -12,6 +12,7 @@ answers, and a ``CheckoutTimeout`` stored now would overwrite its reply.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -19,8 +20,10 @@ from typing import Any
 from celery.worker import state as worker_state
 
 from ..core.errors import CheckoutTimeout
+from ..wire.message import CALL_TASK, CallMessage
+from ..wire.outages import Outages
 from .claims import is_taken
-from .handler import HANDLE_TASK
+from .errands import Errands
 
 __all__ = ["LateCalls"]
 
@@ -28,13 +31,21 @@ logger = logging.getLogger(__name__)
 
 #: How often the worker's main process looks for calls past their deadline, in seconds.
 INTERVAL = 0.1
+#: Seconds a caller waits beyond ``timeout + call_timeout`` for its reply (the caller's
+#: ``REPLY_GRACE``): answering later is of no use.
+REPLY_GRACE = 2.0
 #: Seconds past a deadline before a waiting call is answered: a child that took the call
 #: just in time has told the main process so well within this.
 GRACE = 0.25
 
 
 class LateCalls:
-    """Answers callers whose reserved call outwaited its deadline (see the module)."""
+    """Answers callers whose reserved call outwaited its deadline (see the module).
+
+    The worker's timer only looks (in memory, :meth:`due`); the result store is read and
+    written as an errand (see :mod:`.errands`), so that a store that is away holds up
+    nothing else.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -42,36 +53,53 @@ class LateCalls:
 
     def start(self, timer: Any) -> None:
         """Look every ``INTERVAL`` seconds, on the worker's own timer."""
-        timer.call_repeatedly(INTERVAL, self.answer_late_calls)
+        timer.call_repeatedly(INTERVAL, self.check)
+
+    def check(self) -> None:
+        """Hand every waiting call past its deadline to the errand thread, to answer."""
+        errands = Errands.of_this_process()
+        for task_id, call in self.due():
+            # Its caller waits for a reply until about then: no use answering later.
+            within = max(1.0, (call.deadline or 0.0) + (call.call_timeout or 0.0)
+                         + REPLY_GRACE - time.time())
+            errands.run(f"the late call {task_id}'s answer",
+                        functools.partial(self.answer, task_id, call),
+                        outages=Outages.of(self.app), within=within)
 
     def answer_late_calls(self) -> int:
-        """Answer every waiting call past its deadline; return how many were answered."""
+        """Answer every waiting call past its deadline, in this thread; return how many
+        were answered."""
+        return sum(self.answer(task_id, call) for task_id, call in self.due())
+
+    def due(self) -> list[tuple[str, CallMessage]]:
+        """The calls waiting here past their deadline not handed over yet (in memory)."""
         now = time.time()
         waiting = set(worker_state.reserved_requests) - set(worker_state.active_requests)
-        answered = 0
+        due = []
         for request in waiting:
-            if request.name != HANDLE_TASK or request.id in self._answered:
+            if request.name != CALL_TASK or request.id in self._answered:
                 continue
-            args = request.args
-            deadline = args[2] if len(args) > 2 else None
-            if deadline is None or now <= deadline + GRACE:
+            call = CallMessage.from_args(request.args, "call")
+            if call.deadline is None or now <= call.deadline + GRACE:
                 continue
-            try:
-                taken = is_taken(self.app.backend, request.id)
-            except getattr(self.app.backend, "connection_errors", ()):
-                continue  # the result store is away: look again next time
             self._answered.add(request.id)
-            if taken:
-                continue
-            pool = str(args[0])
-            error = CheckoutTimeout(
-                f"pool {pool!r}: no agent came free within the call's timeout; the call "
-                "waited in a busy worker and will not run", pool, now - deadline)
-            try:
-                self.app.backend.mark_as_failure(request.id, error)
-                answered += 1
-            except Exception:
-                logger.exception("could not answer late call %s", request.id)
+            due.append((request.id, call))
         if len(self._answered) > 10_000:
             self._answered.intersection_update(request.id for request in waiting)
-        return answered
+        return due
+
+    def answer(self, task_id: str, call: CallMessage) -> bool:
+        """Tell the caller of ``call`` it will not run, unless a copy of it was taken (that
+        copy answers); say whether it was told.
+
+        Raises:
+            The result store's connection errors (the errand tries again).
+        """
+        if is_taken(self.app.backend, task_id):
+            return False
+        late = time.time() - (call.deadline or 0.0)
+        error = CheckoutTimeout(
+            f"pool {call.pool!r}: no agent came free within the call's timeout; the call "
+            "waited in a busy worker and will not run", call.pool, late)
+        self.app.backend.mark_as_failure(task_id, error)
+        return True

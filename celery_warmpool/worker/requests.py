@@ -18,22 +18,21 @@ A pool-aware task whose own options ask Celery to requeue or retry a lost task
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
 from ..core.errors import AgentLost
+from ..wire.message import CallMessage, WorkKind
 
-__all__ = ["REQUEST", "PoolRequest", "WorkKind"]
+__all__ = ["REQUEST", "PoolRequest"]
 
 logger = logging.getLogger(__name__)
 
 #: The qualified name Celery tasks give as their ``Request`` class.
 REQUEST = "celery_warmpool.worker.requests:PoolRequest"
-#: What a pool task carries: signals to wait for, signals to fire, or a user's function.
-WorkKind = Literal["call", "cast", "task"]
 
 
 class PoolRequest(Request):
@@ -63,14 +62,19 @@ class PoolRequest(Request):
         if self.kind == "task":
             task: Any = self.task
             return str(task.warmpool_pool)
-        return str(self.args[0])
+        return self.call.pool
 
     @property
     def label(self) -> str:
         """What ran: the signal types, or the pool-aware task's name."""
         if self.kind == "task":
             return str(self.name)
-        return ",".join(str(signal.get("type")) for signal in self.args[1])
+        return self.call.label
+
+    @property
+    def call(self) -> CallMessage:
+        """The call or cast this request carries (not for a pool-aware task)."""
+        return CallMessage.from_args(self.args, self.kind)
 
     def agent_lost(self) -> AgentLost:
         """The error for this request's caller: its process died."""
@@ -116,7 +120,7 @@ class PoolRequest(Request):
 
     def _dead_letter(self, lost: AgentLost) -> None:
         _extension(self).runtime.dead_letter(
-            self.pool, self.args[1][0], lost, task_id=self.id, pid=lost.pid,
+            self.pool, dict(self.call.signals[0]), lost, task_id=self.id, pid=lost.pid,
             attempts=_context(self).retries + 1, may_have_run=True)
 
 

@@ -15,28 +15,51 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from ..client.dead_letters import DeadLetter, DeadLetters
-from ..client.membership import NodeRecord
 from ..configuration import PoolConfiguration
 from ..core.agent import Agent
 from ..core.errors import UnknownPool
 from ..core.pool import AgentPool
 from ..core.spec import PoolSpec
 from ..core.status import PoolCounters, PoolStatus
+from ..wire.dead_letters import DeadLetter, DeadLetters
+from ..wire.membership import NodeRecord
+from ..wire.outages import Outages
+from .errands import Errands
 from .execution import ExecutionModel, execution_model_of
 from .preload import preload
 from .process_pools import ProcessPools
 from .status_board import STALE_AFTER, StatusBoard, StatusPublisher
 
-__all__ = ["WorkerRuntime"]
+__all__ = ["NodeService", "WorkerRuntime"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a dead letter is tried while the broker is away, before it is given up.
+DEAD_LETTER_WITHIN = 30.0
+#: Seconds a process that closes its pools waits for its errands still running.
+ERRANDS_AT_EXIT = 5.0
 #: Slots on the status board beyond the worker's concurrency, for children added later
 #: (autoscaling, a resize). A slot costs address space, not memory, until written.
 SPARE_SLOTS = 64
+
+
+class NodeService(Protocol):
+    """Something a worker node runs beside its pools (the metrics server, say), started
+    once its agents are warm and stopped as it shuts down."""
+
+    def start(self) -> None:
+        """Start serving (in the worker's main process)."""
+
+    def stop(self) -> None:
+        """Stop serving. Safe to call twice."""
+
+
+#: Makes a node's service, or ``None`` when it is off (called before prefork children
+#: fork, so that they inherit what it sets up).
+ServiceFactory = Callable[["WorkerRuntime"], NodeService | None]
 
 
 class WorkerRuntime:
@@ -54,8 +77,11 @@ class WorkerRuntime:
         self.process_specs: dict[str, PoolSpec] = {}
         self.board: StatusBoard | None = None
         self.publisher: StatusPublisher | None = None
-        #: Runs after each status write in a child (see ops.metrics).
+        #: Runs after each status write in a child (a service may set it).
         self.after_publish: Any = None
+        #: What makes the node's services; the layers above the worker (operations:
+        #: metrics) add theirs, so that the worker imports none of them.
+        self.service_factories: list[ServiceFactory] = []
         #: The per-pool consumers of this node's main process (see .consumers).
         self.consumers: Any = None
         self.pools: ProcessPools | None = None
@@ -124,6 +150,11 @@ class WorkerRuntime:
                 last_report = now
             time.sleep(0.05)
 
+    def make_services(self) -> list[NodeService]:
+        """The services this node runs (see :attr:`service_factories`), made now."""
+        return [service for factory in self.service_factories
+                if (service := factory(self)) is not None]
+
     # -- where the agents live ---------------------------------------------------------
 
     def start_process(self, index: int) -> None:
@@ -154,6 +185,8 @@ class WorkerRuntime:
         if self.publisher is not None:
             self.publisher.stop()
         pools.close()
+        # Dead letters and answers still on their way: a moment for them, not forever.
+        Errands.of_this_process().wait(ERRANDS_AT_EXIT)
 
     def local_pool(self, pool: str) -> AgentPool[Agent[Any]]:
         """The pool ``pool`` in this process.
@@ -203,21 +236,24 @@ class WorkerRuntime:
         """Send a cast that cannot succeed to ``pool``'s dead-letter queue, and count it.
 
         ``where`` says where it failed (``task_id``, ``pid``, ``attempts``,
-        ``may_have_run``). A broker that cannot be reached is logged, not raised: the
-        cast's own result still carries the error.
+        ``may_have_run``). It is sent as an errand (see :mod:`.errands`): a broker that is
+        away delays it, for :data:`DEAD_LETTER_WITHIN` seconds at most, then it is logged;
+        the cast's own result carries the error either way.
         """
         letter = DeadLetter.of(pool, signal, error, node=self.node, **where)
-        try:
-            self.dead_letters.send(self.configuration.spec(pool), letter)
-        except Exception:
-            logger.exception("pool %r: could not dead-letter cast %s (%s: %s)", pool,
-                             letter.task_id, letter.error_type, letter.error)
-            return
-        pools = self.pools
-        if pools is not None:
-            pools.dead_lettered[pool] += 1
-        else:
-            self._node_dead_lettered[pool] += 1
+        spec = self.configuration.spec(pool)
+
+        def send() -> None:
+            self.dead_letters.send(spec, letter)
+            pools = self.pools
+            if pools is not None:
+                pools.dead_lettered[pool] += 1
+            else:
+                self._node_dead_lettered[pool] += 1
+
+        Errands.of_this_process().run(
+            f"pool {pool!r}: the dead letter of cast {letter.task_id} ({letter.error_type}: "
+            f"{letter.error})", send, outages=Outages.of(self.app), within=DEAD_LETTER_WITHIN)
 
     def node_record(self) -> NodeRecord:
         """What this node says of itself in its membership record."""

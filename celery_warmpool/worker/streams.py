@@ -27,16 +27,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis import exceptions as redis_errors
-
 from ..core.errors import BrokerUnavailable, StreamCancelled
-from ..core.marks import cancel_key, read_key, stream_key
+from ..wire.marks import cancel_key, read_key, stream_key
+from ..wire.outages import REDIS_OUTAGES, Outages, retry
 
 __all__ = ["StreamSink"]
 
-#: What says the result store cannot be reached (redis-py's errors; the builtin ones).
-OUTAGES: tuple[type[BaseException], ...] = (
-    redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+#: What says the result store cannot be reached (it is Redis: streams need it).
+STORE_OUTAGES = Outages(REDIS_OUTAGES)
 #: Seconds between two reads of the reader's position and the cancel mark.
 CHECK_INTERVAL = 0.02
 #: Seconds between two looks at the reader's position while the buffer is full: first
@@ -117,21 +115,24 @@ class StreamSink:
         Raises:
             BrokerUnavailable: the result store was away for ``idle_timeout``.
         """
-        delay, given_up_at = WAIT_MOST / 4, self._clock() + self.idle_timeout
-        while True:
+        def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             commands(pipe)
-            try:
-                results: list[Any] = pipe.execute()
-                return results
-            except OUTAGES as exc:
-                if self._clock() >= given_up_at or self.stopped():
-                    raise BrokerUnavailable(
-                        f"the result store was unreachable for {self.idle_timeout:g}s "
-                        f"(stream_idle_timeout) while streaming: {type(exc).__name__}: "
-                        f"{exc}", None, self.idle_timeout) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, WAIT_MOST * 10)
+            results: list[Any] = pipe.execute()
+            return results
+
+        def given_up(exc: BaseException) -> None:
+            if self.stopped():
+                raise exc
+
+        try:
+            return retry(run, STORE_OUTAGES, time.monotonic() + self.idle_timeout,
+                         on_outage=given_up)
+        except REDIS_OUTAGES as exc:
+            raise BrokerUnavailable(
+                f"the result store was unreachable for {self.idle_timeout:g}s "
+                f"(stream_idle_timeout) while streaming: {type(exc).__name__}: {exc}",
+                None, self.idle_timeout) from exc
 
     def _checked(self, read: bytes | None, cancelled: int) -> None:
         now = self._clock()

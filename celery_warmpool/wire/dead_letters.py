@@ -12,8 +12,10 @@ them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from kombu import Connection, Exchange, Queue
@@ -25,6 +27,8 @@ __all__ = ["DEAD_LETTER_EXCHANGE", "DeadLetter", "DeadLetters"]
 
 logger = logging.getLogger(__name__)
 
+#: How many letters :meth:`DeadLetters.read` returns unless told otherwise.
+READ_LIMIT = 100
 #: The exchange dead letters are published to, routed by queue name.
 DEAD_LETTER_EXCHANGE = Exchange("warmpool.dead", type="direct", durable=True)
 
@@ -68,18 +72,19 @@ class DeadLetters:
                      routing_key=spec.dead_letter_queue, durable=True)
 
     def send(self, spec: PoolSpec, letter: DeadLetter) -> None:
-        """Publish ``letter`` to the pool's dead-letter queue (retrying a broken connection).
+        """Publish ``letter`` to the pool's dead-letter queue, once.
+
+        Kombu's own retry is off: whoever sends it decides how long to wait out a broker
+        that is away (a worker: as an errand, see :mod:`celery_warmpool.worker.errands`).
 
         Raises:
-            OperationalError: the broker could not be reached even after retries.
+            The broker's connection errors, if it cannot be reached.
         """
         queue = self.queue(spec)
         with self.app.producer_or_acquire() as producer:
             producer.publish(letter.model_dump(mode="json"), exchange=DEAD_LETTER_EXCHANGE,
                              routing_key=queue.routing_key, declare=[queue],
-                             serializer="json", delivery_mode=2, retry=True,
-                             retry_policy={"max_retries": 5, "interval_start": 0.1,
-                                           "interval_step": 0.5, "interval_max": 2.0})
+                             serializer="json", delivery_mode=2, retry=False)
         logger.warning("pool %r: cast %s went to the dead-letter queue %r: %s: %s",
                        letter.pool, letter.task_id, spec.dead_letter_queue,
                        letter.error_type, letter.error)
@@ -90,20 +95,27 @@ class DeadLetters:
             declared: Any = self.queue(spec)(conn.default_channel).queue_declare()
             return int(declared.message_count)
 
-    def read(self, spec: PoolSpec) -> list[DeadLetter]:
-        """Every letter in the queue, oldest first, leaving them there."""
+    def read(self, spec: PoolSpec, limit: int | None = READ_LIMIT) -> list[DeadLetter]:
+        """The oldest ``limit`` letters in the queue (``None``: all), leaving them there."""
+        return list(itertools.islice(self.letters(spec), limit))
+
+    def letters(self, spec: PoolSpec) -> Iterator[DeadLetter]:
+        """Every letter in the queue, oldest first, one at a time, leaving them there.
+
+        Letters are fetched as they are asked for, so memory holds one at a time however
+        long the queue; they stay on the broker, unacknowledged, until the iteration ends
+        (or is closed), which puts them all back.
+        """
         with self._connection(None) as conn:
             channel = conn.channel()
             try:
                 bound = self.queue(spec)(channel)
                 bound.declare()
-                letters = []
                 while (message := bound.get(no_ack=False)) is not None:
-                    letters.append(DeadLetter.model_validate(message.decode()))
+                    yield DeadLetter.model_validate(message.decode())
             finally:
                 # Never acknowledged: closing the channel puts every letter back.
                 channel.close()
-        return sorted(letters, key=lambda letter: letter.dead_at)
 
     def take(self, spec: PoolSpec, handle: Any) -> int:
         """Give each letter to ``handle(letter)``; remove those it took without raising.
