@@ -208,3 +208,71 @@ def test_dropped_rabbitmq_connections_are_waited_out_with_the_same_agents(
     assert len(outcomes) > back
     assert not worker.exited(), worker.log_tail()
     assert every_agent(warm) == agents
+
+
+@pytest.mark.rabbitmq
+def test_a_result_store_outage_holds_up_no_control_command_and_loses_no_call(
+        private_redis, start_worker, client, tmp_path):
+    """A prefork node with a batch pool, on RabbitMQ, its result store stopped for 10 s
+    under load: ``ping`` is answered within a second throughout, and once the store is
+    back every call ends as its contract says (a reply, or a WarmPoolError)."""
+    from celery_warmpool import WarmPoolError
+    from tests.conftest import RABBITMQ_BROKER
+    from tests.test_serving import embed, matrix_pool, serving_env
+
+    backend = f"{private_redis.url}/1"
+    specs = matrix_pool(2)
+    worker = start_worker(specs, pool="prefork", concurrency=2, broker=RABBITMQ_BROKER,
+                          backend=backend, env=serving_env(tmp_path))
+    app, warm = client(specs, broker=RABBITMQ_BROKER, backend=backend)
+    assert warm.call("counter", embed("warm")).result["batch"] >= 1
+
+    stop, outcomes, calls = threading.Event(), [], []
+
+    def caller(number: int) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                outcome: Any = warm.call("counter", embed(f"text {number}"), timeout=20,
+                                         call_timeout=5)
+            except Exception as exc:
+                outcome = exc
+            calls.append(time.monotonic() - started)
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=caller, args=(number,), daemon=True)
+               for number in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    casts = [warm.cast("counter", embed(f"cast {number}"), timeout=30) for number in range(20)]
+
+    private_redis.stop()
+    pings: list[float] = []
+    outage_ends = time.monotonic() + 10.0
+    while time.monotonic() < outage_ends:
+        started = time.monotonic()
+        answer = app.control.ping([worker.hostname], timeout=1.0)
+        pings.append(time.monotonic() - started)
+        assert answer and worker.hostname in answer[0], (answer, pings)
+        time.sleep(0.2)
+    private_redis.start()
+    time.sleep(3.0)
+    stop.set()
+    for thread in threads:
+        thread.join(40)
+
+    assert max(pings) < 1.0, pings
+    assert len(pings) >= 20
+    assert all(not thread.is_alive() for thread in threads)  # every call ended
+    foreign = [outcome for outcome in outcomes
+               if isinstance(outcome, Exception) and not isinstance(outcome, WarmPoolError)]
+    assert foreign == []
+    assert max(calls) <= 20 + 5 + 2 + 2  # none outwaited its window (timeout+call_timeout+grace)
+    replies = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
+    assert len(replies) > 12
+    # The casts ran or were dead-lettered; none is left waiting once the store is back.
+    for result in casts:
+        assert result.get(timeout=30, propagate=False) is not None or result.failed()
+    assert warm.call("counter", embed("after")).result["batch"] >= 1
+    assert not worker.exited(), worker.log_tail()
