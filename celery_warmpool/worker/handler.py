@@ -13,6 +13,10 @@
    work finishes in its own time and its late outcome is dropped;
 5. checks the agent back in and returns the replies as JSON data.
 
+Whatever else the package's own code raises on the way (a bug, a result store's refusal)
+reaches the caller as :class:`WorkerFailed` naming the original error, never as the
+foreign exception itself; an action's own error is :class:`ActionFailed`, as always.
+
 A cast that fails (invalid or unknown signal, failed action, past its deadline, overran)
 also goes to its pool's dead-letter queue; one whose process dies is delivered again (see
 :mod:`.requests`).
@@ -20,17 +24,19 @@ also goes to its pool's dead-letter queue; one whose process dies is delivered a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, Retry
 
 from ..core.agent import Agent
+from ..core.arguments import MAX_SECONDS
 from ..core.cancellation import Cancellation
 from ..core.errors import (
     ActionFailed,
@@ -38,6 +44,7 @@ from ..core.errors import (
     HandedBack,
     StreamCancelled,
     WarmPoolError,
+    WorkerFailed,
 )
 from ..core.marks import is_cancelled
 from ..core.pool import AgentPool
@@ -180,7 +187,8 @@ def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> flo
     """
     if deadline is None:
         return None
-    left = deadline - time.time()
+    # At most a day, whatever the clocks of caller and worker say (they may differ).
+    left = min(deadline - time.time(), MAX_SECONDS)
     if left <= 0:
         raise CheckoutTimeout(
             f"pool {agent_pool.name!r}: the call waited {-left:.3f}s past its checkout "
@@ -207,6 +215,20 @@ def _cancellation(task: Task) -> Cancellation:  # type: ignore[type-arg]
     return Cancellation(probe=functools.partial(_cancelled, task))
 
 
+@contextlib.contextmanager
+def _only_warmpool_errors(pool: Any) -> Iterator[None]:
+    """Let a :class:`WarmPoolError` and Celery's own control flow (``Ignore``, ``Reject``,
+    ``Retry``) through; turn anything else into :class:`WorkerFailed`, logged here with
+    its traceback (the caller gets its type and message only)."""
+    try:
+        yield
+    except (WarmPoolError, Ignore, Reject, Retry):
+        raise
+    except Exception as exc:
+        logger.exception("pool %r: a call failed in the worker itself", pool)
+        raise WorkerFailed.wrapping(exc, pool if isinstance(pool, str) else None) from exc
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]
     """Register, on ``app``, the tasks that run calls and casts on a pool's agents."""
     handler = CallHandler(runtime)
@@ -219,8 +241,9 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
 
         Only the first copy of a call to be taken runs (see :mod:`.claims`).
         """
-        return claims.run_once(task, pool, deadline, lambda: handler.handle(
-            task, pool, signals, deadline, call_timeout, transaction, stream))
+        with _only_warmpool_errors(pool):
+            return claims.run_once(task, pool, deadline, lambda: handler.handle(
+                task, pool, signals, deadline, call_timeout, transaction, stream))
 
     def cast(task: Task, pool: str, signals: list[dict[str, Any]],  # type: ignore[type-arg]
              deadline: float | None = None, call_timeout: float | None = None,
@@ -231,8 +254,9 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
         when its caller sent it again after a broker restart (see :mod:`.claims`).
         """
         try:
-            return claims.run_once(task, pool, deadline, lambda: handler.handle(
-                task, pool, signals, deadline, call_timeout, transaction), copy)
+            with _only_warmpool_errors(pool):
+                return claims.run_once(task, pool, deadline, lambda: handler.handle(
+                    task, pool, signals, deadline, call_timeout, transaction), copy)
         except WarmPoolError as exc:
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
