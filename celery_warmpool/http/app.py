@@ -25,6 +25,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from ..core.arguments import seconds
 from ..core.errors import InvalidSignal, UnknownPool, WarmPoolError
 from ..core.signal import Signal
 from ..core.spec import PoolOptions, PoolSpec
@@ -74,15 +75,19 @@ class Gateway:
 
         Raises:
             UnknownPool: see :meth:`spec`.
-            InvalidSignal: the body is not JSON, or not a valid signal.
+            InvalidSignal: the body is not JSON (strict JSON: no ``NaN``, which no reply
+                could carry back), not an object, or not a valid signal.
         """
         pool: str = request.path_params["pool"]
         self.spec(pool)
         body = await request.body()
         try:
-            document = json.loads(body)
-        except ValueError as exc:
+            document = json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError) as exc:  # nested too deep: RecursionError
             raise InvalidSignal(f"the request body is not JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise InvalidSignal("the request body must be a signal: a JSON object, got "
+                                f"{_json_kind(document)}")
         return pool, Signal.parse(document)
 
     def describe(self, spec: PoolSpec, nodes: list[Any]) -> dict[str, Any]:
@@ -194,23 +199,30 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
 
 
 def _seconds(request: Request, name: str, default: _Default) -> float | _Default:
-    """The query parameter ``name``: a number of seconds over 0, or ``default``.
+    """The query parameter ``name``: a number of seconds (checked as the callers check
+    theirs, see :mod:`celery_warmpool.core.arguments`), or ``default`` if not given.
 
     Raises:
-        RequestValidationError: it is given and is not such a number.
+        InvalidArgument: it is given and is not such a number.
     """
     given = request.query_params.get(name)
     if given is None:
         return default
     try:
-        value = float(given)
+        value: Any = float(given)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise RequestValidationError([{
-            "loc": ("query", name), "type": "greater_than",
-            "msg": f"Input should be a number of seconds greater than 0, got {given!r}"}])
-    return value
+        value = given  # refused below, as the text it is
+    return seconds(name, value)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def _json_kind(document: Any) -> str:
+    kinds = {list: "an array", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return kinds.get(type(document), type(document).__name__)
 
 
 async def _event_stream(chunks: Any) -> Response:
