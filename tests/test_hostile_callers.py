@@ -32,6 +32,13 @@ _JSON = st.recursive(
                                                                 max_size=3),
     max_leaves=8)
 
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 #: Seconds a call takes: short ones, a day, a millisecond (in time or not: CheckoutTimeout
 #: and CallTimeout are answers too), as floats and ints.
 GOOD_SECONDS = st.one_of(st.floats(min_value=0.001, max_value=2.0),
@@ -67,6 +74,12 @@ INVALID_SIGNALS = st.one_of(
         {"type": "counter.echo", "data": {"value": object()}},
         {"type": "counter.echo", "data": [1, 2]}, {"type": "counter.touch"},
         {"type": "counter.increment", "specversion": "0.3"},
+        # Values at the edges of what travels: a lone surrogate, NaN, nesting around the
+        # deepest a signal may have (100 levels) and past what pydantic serializes (255).
+        {"type": "counter.echo", "data": {"value": "\ud800"}},
+        {"type": "counter.echo", "data": {"value": float("nan")}},
+        *({"type": "counter.echo", "data": {"value": _nested(depth)}}
+          for depth in (98, 99, 100, 300, 2000)),
     ]),
 )
 SIGNALS = st.one_of(VALID_SIGNALS, INVALID_SIGNALS)

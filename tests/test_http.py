@@ -40,11 +40,14 @@ def gateway() -> Iterator[Callable[..., GatewayProcess]]:
     def start(env: dict[str, str], **options: Any) -> GatewayProcess:
         process = GatewayProcess("tests.integration_app", env, **options)
         started.append(process)
-        return process.start()
+        # Every response the tests see must be one the document describes.
+        return process.start().checked()
 
     yield start
     for process in started:
         process.stop()
+    # The check above ran: each gateway answered documented routes.
+    assert all(process.contract is not None and process.contract.seen for process in started)
 
 
 @pytest.fixture

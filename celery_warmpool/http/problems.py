@@ -9,6 +9,8 @@ document its problem schemas (:func:`problem_schemas`), so the two cannot disagr
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -30,8 +32,8 @@ from ..core.errors import (
     WorkerFailed,
 )
 
-__all__ = ["MEDIA_TYPE", "PROBLEM_TYPES", "Problem", "problem_for", "problem_response",
-           "problem_schemas"]
+__all__ = ["MEDIA_TYPE", "PROBLEM_TYPES", "JSONBody", "Problem", "json_text", "problem_for",
+           "problem_response", "problem_schemas"]
 
 MEDIA_TYPE = "application/problem+json"
 #: Seconds a caller refused for a full pool is told to wait before it tries again.
@@ -113,10 +115,29 @@ def http_problem(status: int, title: str, detail: str,
             **members}
 
 
+def json_text(value: Any) -> str:
+    """``value`` as JSON any client can parse, whatever it holds: ``NaN`` and infinities
+    become ``null`` (as JavaScript writes them), and characters UTF-8 cannot carry (lone
+    surrogates, which Python's JSON reader lets in) are escaped."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except ValueError:  # a float JSON has no word for, or UnicodeEncodeError
+        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+    return text
+
+
+class JSONBody(JSONResponse):
+    """A JSON response rendered with :func:`json_text`: never a failure of its own."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content).encode("utf-8")
+
+
 def problem_response(body: dict[str, Any], headers: Mapping[str, str] | None = None,
                      ) -> JSONResponse:
     """``body`` as an ``application/problem+json`` response of its status."""
-    return JSONResponse(body, status_code=int(body["status"]), headers=headers,
+    return JSONBody(body, status_code=int(body["status"]), headers=headers,
                         media_type=MEDIA_TYPE)
 
 
@@ -159,6 +180,16 @@ def _problem_schema(prefix: str, kind: str, status: int, fields: dict[str, dict[
         "type": "object",
         "properties": {"type": {"const": kind}, "status": {"const": status}, **fields},
         "required": list(fields)}]}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _lookup(exc: BaseException) -> tuple[str, Problem]:
