@@ -18,7 +18,7 @@ from celery import states
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_warmpool import Signal, WarmPoolError, WorkerFailed
+from celery_warmpool import InvalidArgument, Signal, WarmPoolError, WorkerFailed
 from celery_warmpool.core.ids import new_id
 from tests.conftest import REDIS_BACKEND, wait_until
 from tests.test_worker import counter
@@ -233,6 +233,12 @@ def test_a_worker_failure_reaches_the_caller_as_worker_failed(start_worker, clie
                           "redis.exceptions.ResponseError: value is not an integer or out of "
                           "range")
     assert "a call failed in the worker itself" in worker.log()
+    # A call_timeout no caller sends is refused before an agent is lent (it would have
+    # stranded the agent: the watchdog failed on it after the checkout).
+    odd = warm.handle_task.apply_async(("counter", [event], time.time() + 5, "soon", False),
+                                       queue="warmpool.counter")
+    with pytest.raises(InvalidArgument, match=r"^call_timeout must be a number of seconds"):
+        odd.get(timeout=10)
     status = warm.status("counter")
     assert (status.checked_out, status.available) == (0, 1)
     assert warm.call("counter", Signal.new("counter.increment")).result == {"count": 1}

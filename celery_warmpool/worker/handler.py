@@ -36,7 +36,7 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from ..core.agent import Agent
-from ..core.arguments import MAX_SECONDS
+from ..core.arguments import MAX_SECONDS, seconds
 from ..core.cancellation import Cancellation
 from ..core.errors import (
     ActionFailed,
@@ -86,9 +86,14 @@ class CallHandler:
 
         With ``stream``, the one signal's chunks go to its caller as they come (see
         :mod:`.streams`).
+
+        Raises:
+            InvalidArgument: the message's ``call_timeout`` is not one a caller of this
+                version sends (checked before an agent is lent, which it could strand).
         """
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in signals]
+        call_timeout = seconds("call_timeout", call_timeout, none="no bound on the work")
         asked = time.monotonic()
         try:
             agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
