@@ -24,6 +24,7 @@ from .core import (
     CheckoutTimeout,
     ConfigurationError,
     HandedBack,
+    InvalidArgument,
     InvalidSignal,
     NoParams,
     NotCheckedOut,
@@ -43,6 +44,7 @@ from .core import (
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
+    WorkerFailed,
     resource,
     telemetry,
 )
@@ -68,6 +70,7 @@ __all__ = [
     "CheckoutTimeout",
     "ConfigurationError",
     "HandedBack",
+    "InvalidArgument",
     "InvalidSignal",
     "NoParams",
     "NotCheckedOut",
@@ -88,6 +91,7 @@ __all__ = [
     "UnknownSignal",
     "WarmPool",
     "WarmPoolError",
+    "WorkerFailed",
     "resource",
     "telemetry",
 ]

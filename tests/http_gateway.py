@@ -19,6 +19,7 @@ import httpx
 
 from celery_warmpool.ops.processes import ManagedProcess
 from tests.flower_page import CHROMIUM_FLAGS, chromium, free_port
+from tests.http_contract import Contract
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,8 @@ class GatewayProcess(ManagedProcess):
                  cwd: Path = ROOT) -> None:
         self.port = free_port()
         self.token = token
+        #: Once set, every response of :meth:`client` is checked against it.
+        self.contract: Contract | None = None
         command = [sys.executable, "-m", "celery", "-A", app, "warmpool", "serve",
                    "--host", host, "--port", str(self.port), *args]
         environment = {**os.environ, **env, "PYTHONPATH": str(cwd)}
@@ -53,10 +56,18 @@ class GatewayProcess(ManagedProcess):
         return self
 
     def client(self, *, token: bool = True, timeout: float = 30.0) -> httpx.Client:
-        """An HTTP client of the gateway, sending its token unless told not to."""
+        """An HTTP client of the gateway, sending its token unless told not to; with a
+        :attr:`contract`, each response it gets is checked against the document."""
         headers = ({"Authorization": f"Bearer {self.token}"}
                    if token and self.token is not None else {})
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        hooks = {"response": [self.contract.response_hook]} if self.contract else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
+                            event_hooks=hooks)
+
+    def checked(self) -> GatewayProcess:
+        """Check every later response of :meth:`client` against the gateway's document."""
+        self.contract = Contract.fetch(self.url, self.token)
+        return self
 
     def stop(self, timeout: float = 15.0, *, group: bool = True) -> int | None:
         code = super().stop(timeout, group=group)

@@ -247,6 +247,23 @@ def test_no_worker_answering_exits_non_zero(tmp_path):
     assert "no worker hosting pool 'ledger' answered within 0.5s" in single.stderr
 
 
+@pytest.mark.parametrize("command, value, message", [
+    (("status",), "inf", "timeout must be a number of seconds from 0.001 to 86400, got inf"),
+    (("status",), "0", "timeout must be a number of seconds from 0.001 to 86400, got 0.0"),
+    (("status",), "soon", "timeout must be a number of seconds, got 'soon'"),
+    (("resize", "counter", "--size", "2"), "nan",
+     "timeout must be a number of seconds from 0.001 to 86400, got nan"),
+    (("drain", "counter"), "1e300",
+     "timeout must be a number of seconds from 0.001 to 86400, got 1e+300"),
+])
+def test_a_timeout_out_of_range_is_a_usage_error_not_a_traceback(command, value, message):
+    # Nothing is asked of any node: the option is refused as it is read.
+    result = celery("warmpool", *command, "--timeout", value)
+    assert result.returncode == 2
+    assert f"Invalid value for '-t' / '--timeout': {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.integration
 def test_a_destination_that_does_not_answer_exits_non_zero(start_worker):
     start_worker(TWO_POOLS, pool="threads", concurrency=2)

@@ -40,11 +40,14 @@ def gateway() -> Iterator[Callable[..., GatewayProcess]]:
     def start(env: dict[str, str], **options: Any) -> GatewayProcess:
         process = GatewayProcess("tests.integration_app", env, **options)
         started.append(process)
-        return process.start()
+        # Every response the tests see must be one the document describes.
+        return process.start().checked()
 
     yield start
     for process in started:
         process.stop()
+    # The check ran: the test's gateways answered documented routes.
+    assert any(process.contract is not None and process.contract.seen for process in started)
 
 
 @pytest.fixture
@@ -107,12 +110,16 @@ def test_call_cast_pools_status_and_openapi_answer_over_http(served, client):
         assert {process["node"] for process in status["processes"]} == {worker.hostname}
 
     schemas = document.json()["components"]["schemas"]
-    assert schemas["counter.counter.increment.Params"] == Increment.Params.model_json_schema()
-    assert schemas["speller.words.spell.Params"] == Spell.Params.model_json_schema()
+    # Unknown keys of data are refused, as the agent refuses them.
+    assert schemas["counter.counter.increment.Params"] == {
+        **Increment.Params.model_json_schema(), "additionalProperties": False}
+    assert schemas["speller.words.spell.Params"] == {
+        **Spell.Params.model_json_schema(), "additionalProperties": False}
     signal_schema = schemas["counter.counter.increment.Signal"]
     assert signal_schema["properties"]["type"]["const"] == "counter.increment"
-    assert signal_schema["properties"]["data"]["allOf"] == [
-        {"$ref": "#/components/schemas/counter.counter.increment.Params"}]
+    assert signal_schema["properties"]["data"]["anyOf"] == [
+        {"$ref": "#/components/schemas/counter.counter.increment.Params"}, {"type": "null"}]
+    assert signal_schema["additionalProperties"] is False
     paths = document.json()["paths"]
     assert {"/pools/counter/call", "/pools/counter/cast", "/pools/counter/stream",
             "/pools/counter/status", "/pools", "/healthz"} <= set(paths)
@@ -195,8 +202,9 @@ def test_every_error_is_a_problem_with_its_status(served):
         assert "the action was asked to fail" in failed["detail"]
 
         bad_query = problem(http.post("/pools/counter/call", json=INCREMENT,
-                                      params={"timeout": "-1"}), 422, "about:blank")
-        assert bad_query["errors"][0]["loc"] == ["query", "timeout"]
+                                      params={"timeout": "-1"}), 422, "InvalidArgument")
+        assert (bad_query["argument"], bad_query["value"], bad_query["allowed"]) == (
+            "timeout", "-1.0", "a number of seconds from 0.001 to 86400")
 
         # A full pool: its one agent busy for 3 s, a caller that waits 0.5 s at most.
         holder = threading.Thread(target=http.post, args=("/pools/single/call",), kwargs={

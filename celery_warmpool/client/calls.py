@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from celery import Task, states
 from celery.result import AsyncResult
 
-from ..core.errors import BrokerUnavailable, CheckoutTimeout, ConfigurationError
+from ..core.arguments import call_timeouts, cast_timeouts, pool_name, signal_list
+from ..core.errors import (
+    BrokerUnavailable,
+    CheckoutTimeout,
+    ConfigurationError,
+    WarmPoolError,
+    WorkerFailed,
+)
 from ..core.ids import new_id
 from ..core.reply import AgentReply
 from ..core.signal import Signal
@@ -88,23 +95,29 @@ class PoolClient:
             timeout: seconds the call may wait to start (for a worker and a free agent);
                 past it the caller gets :class:`CheckoutTimeout` and it never runs.
             call_timeout: seconds the work may take; past it the caller gets
-                :class:`CallTimeout` and the agent that overran is replaced.
+                :class:`CallTimeout` and the agent that overran is replaced. ``None``:
+                no bound.
+
+        Both are checked before anything is sent: finite, from 0.001 to 86400 seconds
+        (see :mod:`celery_warmpool.core.arguments`).
 
         A broker or result store away for less than the call's time is waited out. A
         caller interrupted while it waits (``KeyboardInterrupt``) leaves the call: if no
         worker has started it, none will.
 
         Raises:
-            UnknownPool, InvalidSignal, UnknownSignal, ActionFailed, CheckoutTimeout,
-            CallTimeout, AgentLost, BrokerUnavailable: as their names say; never a reply
-            hiding an error.
+            InvalidArgument, UnknownPool, InvalidSignal, UnknownSignal, ActionFailed,
+            CheckoutTimeout, CallTimeout, AgentLost, BrokerUnavailable, WorkerFailed: as
+            their names say; never a reply hiding an error, never an exception that is
+            not a :class:`WarmPoolError`.
         """
         return self.transaction(pool, [signal], timeout, call_timeout)[0]
 
     def transaction(self, pool: str, signals: Iterable[SignalLike], timeout: float = 5.0,
                     call_timeout: float | None = 5.0) -> list[AgentReply]:
         """Handle ``signals`` in order on one agent, all or nothing (see :meth:`call`)."""
-        events = [Signal.parse(signal) for signal in signals]
+        pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
+        events = [Signal.parse(signal) for signal in signal_list(signals)]
         if not events:
             return []
         if self.listener() is None:
@@ -117,12 +130,16 @@ class PoolClient:
 
         Returns the :class:`AsyncResult`, as ``.delay()`` does. With ``timeout`` the work
         is dropped (to the dead-letter queue) if it cannot start within that many
-        seconds. Publishing is retried while the broker is away, for ``timeout`` seconds
-        or :data:`PUBLISH_TIMEOUT` without one.
+        seconds; without (``None``) it waits for an agent as long as it takes. With
+        ``call_timeout`` the work is bounded as a call's is (``None``: no bound). Both are
+        checked as :meth:`call`'s are. Publishing is retried while the broker is away, for
+        ``timeout`` seconds or :data:`PUBLISH_TIMEOUT` without one.
 
         Raises:
+            InvalidArgument: an argument is out of range or of the wrong type.
             BrokerUnavailable: the broker could not be reached in that time.
         """
+        pool, (timeout, call_timeout) = pool_name(pool), cast_timeouts(timeout, call_timeout)
         return run_blocking(self.cast_steps(pool, signal, timeout, call_timeout))
 
     # -- asyncio -------------------------------------------------------------------------
@@ -140,7 +157,8 @@ class PoolClient:
                            timeout: float = 5.0,
                            call_timeout: float | None = 5.0) -> list[AgentReply]:
         """:meth:`transaction`, awaited (see :meth:`acall`)."""
-        events = [Signal.parse(signal) for signal in signals]
+        pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
+        events = [Signal.parse(signal) for signal in signal_list(signals)]
         if not events:
             return []
         if self.listener() is None:
@@ -152,6 +170,7 @@ class PoolClient:
     async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
                     call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
         """:meth:`cast`, awaited: publishing runs on a thread, never on the loop."""
+        pool, (timeout, call_timeout) = pool_name(pool), cast_timeouts(timeout, call_timeout)
         return await run_async(self.cast_steps(pool, signal, timeout, call_timeout),
                                self.publisher.executor)
 
@@ -168,9 +187,12 @@ class PoolClient:
         at its next ``yield``. A stream is never delivered twice.
 
         Raises:
+            InvalidArgument: an argument is out of range or of the wrong type (see
+                :meth:`call`).
             ConfigurationError: the result store cannot carry streams (only Redis can).
             UnknownPool: no such pool is configured.
         """
+        timeout, call_timeout = call_timeouts(timeout, call_timeout)
         listener, event = self._streamable(pool, signal)
         steps = stream_steps(self, listener, pool, event, timeout, call_timeout)
         return Stream(blocking_chunks(steps))
@@ -178,13 +200,14 @@ class PoolClient:
     def astream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
                 call_timeout: float | None = 60.0) -> AsyncStream:
         """:meth:`stream` as an async iterator, read on the caller's event loop."""
+        timeout, call_timeout = call_timeouts(timeout, call_timeout)
         listener, event = self._streamable(pool, signal)
         steps = stream_steps(self, listener, pool, event, timeout, call_timeout)
         return AsyncStream(steps, self.publisher.executor)
 
     def _streamable(self, pool: str, signal: SignalLike) -> tuple[ReplyListener, Signal]:
         event = Signal.parse(signal)
-        self.configuration.spec(pool)
+        self.configuration.spec(pool_name(pool))
         listener = self.listener()
         if listener is None:
             raise ConfigurationError(
@@ -277,7 +300,9 @@ class PoolClient:
         """The replies a stored result carries, or ``None`` if it is not final yet.
 
         Raises:
-            The error the call ended with (a contract error, as the worker raised it).
+            The error the call ended with: a contract error, as the worker raised it, or
+            :class:`WorkerFailed` for anything else (a worker of an older version may
+            still send a foreign exception back).
         """
         meta = self._backend.decode_result(payload)
         status = meta["status"]
@@ -285,7 +310,10 @@ class PoolClient:
             replies: list[dict[str, Any]] = meta["result"]
             return replies
         if status in states.EXCEPTION_STATES:
-            raise meta["result"]
+            error = meta["result"]
+            if not isinstance(error, BaseException):  # not an exception Celery could rebuild
+                error = WorkerFailed(f"the call ended in state {status}: {error!r}")
+            raise WorkerFailed.wrapping(error)
         return None  # not final (a started state, say): keep waiting
 
     def silence(self, listener: ReplyListener, pool: str, timeout: float,
@@ -386,7 +414,12 @@ class PoolClient:
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
                                      spec.max_overflow)
-        replies = self.delivery.wait(result, started + window, window, no_reply)
+        try:
+            replies = self.delivery.wait(result, started + window, window, no_reply)
+        except WarmPoolError:
+            raise
+        except Exception as exc:  # the worker's own failure, as Celery raised it here
+            raise WorkerFailed.wrapping(exc, pool) from exc
         return [AgentReply.model_validate(reply) for reply in replies]
 
 

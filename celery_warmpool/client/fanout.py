@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ..core.arguments import call_timeouts, count, flag, pool_name, signal_source
 from ..core.reply import AgentReply
 
 if TYPE_CHECKING:
@@ -22,11 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["afan_out", "fan_out"]
 
 
-async def afan_out(client: PoolClient, pool: str,
-                   signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
-                   concurrency: int = 64, timeout: float = 5.0,
-                   call_timeout: float | None = 5.0,
-                   return_exceptions: bool = False) -> AsyncGenerator[AgentReply | Exception]:
+def afan_out(client: PoolClient, pool: str,
+             signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
+             concurrency: int = 64, timeout: float = 5.0, call_timeout: float | None = 5.0,
+             return_exceptions: bool = False) -> AsyncGenerator[AgentReply | Exception]:
     """Call ``pool`` with each of ``signals``; yield the replies in the signals' order.
 
     At most ``concurrency`` calls are in flight. The first error is raised where its
@@ -34,11 +34,19 @@ async def afan_out(client: PoolClient, pool: str,
     ``return_exceptions``, yielded in its place.
 
     Raises:
-        ValueError: ``concurrency`` is below 1.
-        What :meth:`PoolClient.acall` raises.
+        InvalidArgument: here, before any call: ``concurrency`` is not an integer of at
+            least 1, or another argument is out of range or of the wrong type.
+        What :meth:`PoolClient.acall` raises, from the iteration.
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
+    return _fan_out(client, pool, signal_source(signals), count("concurrency", concurrency),
+                    timeout, call_timeout, flag("return_exceptions", return_exceptions))
+
+
+async def _fan_out(client: PoolClient, pool: str,
+                   signals: Iterable[SignalLike] | AsyncIterable[SignalLike],
+                   concurrency: int, timeout: float, call_timeout: float | None,
+                   return_exceptions: bool) -> AsyncGenerator[AgentReply | Exception]:
     source = _signals(signals)
     pending: deque[asyncio.Task[AgentReply]] = deque()
     try:
@@ -75,11 +83,16 @@ def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
     """:func:`afan_out` from one thread, for code without an event loop.
 
     Raises:
+        InvalidArgument: here, before any call (see :func:`afan_out`).
         RuntimeError: called from a thread that runs an event loop (use ``amap`` there).
     """
+    return _driven(afan_out(client, pool, signals, concurrency=concurrency, timeout=timeout,
+                            call_timeout=call_timeout, return_exceptions=return_exceptions))
+
+
+def _driven(replies: AsyncGenerator[AgentReply | Exception]) -> Iterator[AgentReply | Exception]:
+    """The items of ``replies``, read on a private event loop of this thread."""
     loop = asyncio.new_event_loop()
-    replies = afan_out(client, pool, signals, concurrency=concurrency, timeout=timeout,
-                       call_timeout=call_timeout, return_exceptions=return_exceptions)
     try:
         while True:
             try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..configuration import PoolConfiguration
+from ..core.arguments import pool_name, seconds
 from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
 from ..wire.membership import Membership, NodeRecord
@@ -53,10 +54,12 @@ class StatusReader:
         Recorded nodes that did not answer are listed in ``not_answering``.
 
         Raises:
+            InvalidArgument: ``timeout`` is not a number of seconds from 0.001 to 86400.
             UnknownPool: the pool is not configured, or no worker answered for it.
             BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
-        self.configuration.spec(pool)
+        timeout = seconds("timeout", timeout)
+        self.configuration.spec(pool_name(pool))
         report = self.report(pool, timeout=timeout)
         parts = report.pools.get(pool, [])
         silent = [record.node for record in report.not_answering]
@@ -71,9 +74,13 @@ class StatusReader:
 
         From membership records; without them, from the nodes that answer a status
         broadcast within ``timeout``.
+
+        Raises:
+            InvalidArgument: ``timeout`` is not a number of seconds from 0.001 to 86400.
         """
+        timeout = seconds("timeout", timeout)
         if pool is not None:
-            self.configuration.spec(pool)
+            self.configuration.spec(pool_name(pool))
         live = self.membership.live(pool)
         if live is not None:
             return live
@@ -131,8 +138,10 @@ class StatusReader:
         return their replies; with ``nodes``, the wait ends once each has answered.
 
         Raises:
+            InvalidArgument: ``timeout`` is not a number of seconds from 0.001 to 86400.
             BrokerUnavailable: the broker could not be reached within ``timeout``.
         """
+        timeout = seconds("timeout", timeout)
         def broadcast() -> list[dict[str, Any]]:
             with own_connection(self.app) as connection:
                 return self.app.control.broadcast(

@@ -19,6 +19,7 @@ from .errors import (
     CheckoutTimeout,
     ConfigurationError,
     HandedBack,
+    InvalidArgument,
     InvalidSignal,
     NotCheckedOut,
     PoolClosed,
@@ -30,6 +31,7 @@ from .errors import (
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
+    WorkerFailed,
 )
 from .pool import AgentPool
 from .reply import AgentReply
@@ -54,6 +56,7 @@ __all__ = [
     "CheckoutTimeout",
     "ConfigurationError",
     "HandedBack",
+    "InvalidArgument",
     "InvalidSignal",
     "NoParams",
     "NotCheckedOut",
@@ -73,6 +76,7 @@ __all__ = [
     "UnknownPool",
     "UnknownSignal",
     "WarmPoolError",
+    "WorkerFailed",
     "resource",
     "telemetry",
 ]

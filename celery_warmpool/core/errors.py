@@ -18,6 +18,25 @@ class WarmPoolError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 
+# -- argument errors ---------------------------------------------------------------------
+
+
+class InvalidArgument(WarmPoolError, ValueError):
+    """An argument of a call is out of range or of the wrong type; nothing was sent.
+
+    ``argument`` names it, ``value`` is its ``repr`` (short, and safe to carry back from a
+    worker whatever it was), ``allowed`` says what is taken. A ``ValueError`` too, so
+    code that caught the plain ``ValueError`` some arguments raised before keeps working.
+    """
+
+    def __init__(self, message: str, argument: str | None = None, value: str | None = None,
+                 allowed: str | None = None) -> None:
+        super().__init__(message, argument, value, allowed)
+        self.argument = argument
+        self.value = value
+        self.allowed = allowed
+
+
 # -- pool errors -------------------------------------------------------------------------
 
 
@@ -158,6 +177,32 @@ class BrokerUnavailable(WarmPoolError):
         super().__init__(message, url, waited)
         self.url = url
         self.waited = waited
+
+
+class WorkerFailed(WarmPoolError):
+    """The package's own code failed in the worker (not the action: that is
+    :class:`ActionFailed`); ``cause`` holds the original error's type and message.
+
+    Whatever the worker raised reaches the caller as this, never as the foreign exception
+    itself (an ``OverflowError``, a redis ``ResponseError``): callers catch
+    :class:`WarmPoolError` and nothing else.
+    """
+
+    def __init__(self, message: str, pool: str | None = None, cause: str | None = None) -> None:
+        super().__init__(message, pool, cause)
+        self.pool = pool
+        self.cause = cause
+
+    @classmethod
+    def wrapping(cls, exc: BaseException, pool: str | None = None) -> WarmPoolError:
+        """``exc`` itself if it is a :class:`WarmPoolError`, else a ``WorkerFailed`` naming
+        its type and message."""
+        if isinstance(exc, WarmPoolError):
+            return exc
+        cause = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}".removeprefix(
+            "builtins.")
+        where = f"pool {pool!r}: " if pool else ""
+        return cls(f"{where}the worker failed to run the call: {cause}", pool, cause)
 
 
 class HandedBack(PoolError):

@@ -23,6 +23,7 @@ from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 from . import telemetry
 from .agent import Agent
+from .arguments import checkout_timeout, flag, local_timeouts, signal_list
 from .cancellation import NEVER, Cancellation
 from .errors import (
     CallTimeout,
@@ -322,9 +323,11 @@ class AgentPool(Generic[AgentT]):
 
         Arguments:
             block: wait for an agent when none is free and no overflow room is left.
-            timeout: the most seconds to wait (``None``: as long as it takes).
+            timeout: the most seconds to wait (``None``: as long as it takes; ``0``: not
+                at all), at most a day.
 
         Raises:
+            InvalidArgument: ``block`` is not a bool, or ``timeout`` not such a number.
             PoolExhausted: ``block`` is false and no agent is free.
             CheckoutTimeout: no agent came free within ``timeout``.
             PoolClosed: the pool was closed.
@@ -332,7 +335,10 @@ class AgentPool(Generic[AgentT]):
         """
         # The common case inlined (an idle agent, nothing to vet): with the steps below
         # as method calls a cycle cost 1.9-2.1 us against 1.0-1.1 us inlined
-        # (bench/local_pool.py, one thread).
+        # (bench/local_pool.py, one thread). Hence the arguments are checked only when they
+        # are not the defaults.
+        if timeout is not None or block is not True:
+            block, timeout = flag("block", block), checkout_timeout(timeout)
         with self._lock:
             if self._idle and not self._closed:
                 slot: _Slot | None = self._take()
@@ -452,10 +458,13 @@ class AgentPool(Generic[AgentT]):
                 abandoned to finish in the background, then closed, and replaced.
 
         Raises:
+            InvalidArgument: a timeout is not a number of seconds up to a day (see
+                :mod:`.arguments`).
             CheckoutTimeout: no agent was free within ``timeout`` seconds.
             CallTimeout: the work overran ``call_timeout``.
             SignalError, ActionFailed: what :meth:`Agent.handle` raises.
         """
+        timeout, call_timeout = local_timeouts(timeout, call_timeout)
         return self._work.call(signal, timeout=timeout, call_timeout=call_timeout)
 
     def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
@@ -465,9 +474,11 @@ class AgentPool(Generic[AgentT]):
 
         Every signal is validated before any runs. If one fails, the agent's state is put
         back as it was before the first and the error is raised. ``call_timeout`` bounds
-        the whole transaction.
+        the whole transaction. The arguments are checked as :meth:`call`'s are.
         """
-        return self._work.transaction(signals, timeout=timeout, call_timeout=call_timeout)
+        timeout, call_timeout = local_timeouts(timeout, call_timeout)
+        return self._work.transaction(signal_list(signals), timeout=timeout,
+                                      call_timeout=call_timeout)
 
     def stream(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
                call_timeout: float | None = None) -> Stream:
@@ -485,9 +496,10 @@ class AgentPool(Generic[AgentT]):
                 replaced.
 
         Raises:
-            CheckoutTimeout: here; the rest (InvalidSignal, ActionFailed, CallTimeout)
-                from the iteration.
+            InvalidArgument, CheckoutTimeout: here; the rest (InvalidSignal, ActionFailed,
+                CallTimeout) from the iteration.
         """
+        timeout, call_timeout = local_timeouts(timeout, call_timeout)
         return self._work.stream(signal, timeout=timeout, call_timeout=call_timeout)
 
     def run_signals(self, agent: AgentT, events: list[Signal], *, transaction: bool = False,

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["Problem", "describe", "error_details", "json_problem", "problems"]
+__all__ = ["MAX_DEPTH", "Problem", "describe", "error_details", "json_problem", "problems"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,26 +44,34 @@ def describe(exc: ValidationError, *, root: str = "<value>") -> str:
 
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
+#: The deepest nesting of lists and objects a signal's data, a result or a chunk may have.
+#: Deeper, the value could not travel: pydantic serializes at most 255 levels of a whole
+#: message, and Python's own JSON coders stop near 1,000.
+MAX_DEPTH = 100
 
 
-def json_problem(value: Any, path: str) -> str | None:
+def json_problem(value: Any, path: str, depth: int = 0) -> str | None:
     """Where ``value`` holds something JSON cannot carry, or ``None`` if it is all JSON.
 
-    ``path`` names ``value`` in the answer: ``"data.vector[3] is a float32"``.
+    ``path`` names ``value`` in the answer: ``"data.vector[3] is a float32"``. Nesting
+    deeper than :data:`MAX_DEPTH` is a problem too.
     """
     if isinstance(value, _JSON_SCALARS):
         return None
+    if depth >= MAX_DEPTH and isinstance(value, dict | list | tuple):
+        shown = path if len(path) <= 60 else f"{path[:57]}..."
+        return f"{shown} is nested deeper than {MAX_DEPTH} levels"
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path} has a non-string key {key!r}"
-            problem = json_problem(item, f"{path}.{key}")
+            problem = json_problem(item, f"{path}.{key}", depth + 1)
             if problem:
                 return problem
         return None
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            problem = json_problem(item, f"{path}[{index}]")
+            problem = json_problem(item, f"{path}[{index}]", depth + 1)
             if problem:
                 return problem
         return None

@@ -23,8 +23,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 
+from ..core.arguments import seconds
 from ..core.errors import InvalidSignal, UnknownPool, WarmPoolError
 from ..core.signal import Signal
 from ..core.spec import PoolOptions, PoolSpec
@@ -32,7 +33,7 @@ from .guard import DEFAULT_MAX_BODY, BodyLimit, BodyTooLarge, TokenGuard
 from .health import HealthCheck
 from .openapi import extend, routes_of
 from .page import page_html
-from .problems import http_problem, problem_for, problem_response
+from .problems import JSONBody, http_problem, json_text, problem_for, problem_response
 
 if TYPE_CHECKING:
     from ..extension import WarmPool
@@ -74,15 +75,19 @@ class Gateway:
 
         Raises:
             UnknownPool: see :meth:`spec`.
-            InvalidSignal: the body is not JSON, or not a valid signal.
+            InvalidSignal: the body is not JSON (strict JSON: no ``NaN``, which no reply
+                could carry back), not an object, or not a valid signal.
         """
         pool: str = request.path_params["pool"]
         self.spec(pool)
         body = await request.body()
         try:
-            document = json.loads(body)
-        except ValueError as exc:
+            document = json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError) as exc:  # nested too deep: RecursionError
             raise InvalidSignal(f"the request body is not JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise InvalidSignal("the request body must be a signal: a JSON object, got "
+                                f"{_json_kind(document)}")
         return pool, Signal.parse(document)
 
     def describe(self, spec: PoolSpec, nodes: list[Any]) -> dict[str, Any]:
@@ -145,13 +150,13 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
         pool, signal = await gateway.signal(request)
         reply = await warm.acall(pool, signal, timeout=_seconds(request, "timeout", 5.0),
                                  call_timeout=_seconds(request, "call_timeout", 5.0))
-        return JSONResponse(reply.model_dump(mode="json"))
+        return JSONBody(reply.model_dump(mode="json"))
 
     async def cast(request: Request) -> Response:
         pool, signal = await gateway.signal(request)
         result = await warm.acast(pool, signal, timeout=_seconds(request, "timeout", None),
                                   call_timeout=_seconds(request, "call_timeout", None))
-        return JSONResponse({"id": result.id}, status_code=202)
+        return JSONBody({"id": result.id}, status_code=202)
 
     async def stream(request: Request) -> Response:
         pool, signal = await gateway.signal(request)
@@ -163,7 +168,7 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
         pool = request.path_params["pool"]
         gateway.spec(pool)
         found = await warm.astatus(pool, timeout=_seconds(request, "timeout", 1.0))
-        return JSONResponse(found.model_dump(mode="json"))
+        return JSONBody(found.model_dump(mode="json"))
 
     for path, endpoint, method in (("call", call, "POST"), ("cast", cast, "POST"),
                                    ("stream", stream, "POST"), ("status", status, "GET")):
@@ -171,19 +176,19 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
                       include_in_schema=False)
 
     @app.get("/pools")
-    async def pools() -> JSONResponse:
+    async def pools() -> Response:
         """Every pool served: its options, signal types and live nodes."""
         nodes = await warm.anodes(timeout=1.0)
-        return JSONResponse({"pools": [gateway.describe(warm.spec(name), nodes)
+        return JSONBody({"pools": [gateway.describe(warm.spec(name), nodes)
                                        for name in gateway.pools]})
 
     @app.get("/healthz")
-    async def healthz() -> JSONResponse:
+    async def healthz() -> Response:
         """200 when the broker and the result store answer, else 503 naming which not."""
         parts = await gateway.health.check()
         down = sorted(part for part, state in parts.items() if state != "ok")
         if not down:
-            return JSONResponse(parts)
+            return JSONBody(parts)
         detail = "; ".join(f"{part}: {parts[part]}" for part in down)
         return problem_response(http_problem(503, "Service Unavailable",
                                              f"not reachable: {detail}", **parts))
@@ -194,23 +199,30 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
 
 
 def _seconds(request: Request, name: str, default: _Default) -> float | _Default:
-    """The query parameter ``name``: a number of seconds over 0, or ``default``.
+    """The query parameter ``name``: a number of seconds (checked as the callers check
+    theirs, see :mod:`celery_warmpool.core.arguments`), or ``default`` if not given.
 
     Raises:
-        RequestValidationError: it is given and is not such a number.
+        InvalidArgument: it is given and is not such a number.
     """
     given = request.query_params.get(name)
     if given is None:
         return default
     try:
-        value = float(given)
+        value: Any = float(given)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise RequestValidationError([{
-            "loc": ("query", name), "type": "greater_than",
-            "msg": f"Input should be a number of seconds greater than 0, got {given!r}"}])
-    return value
+        value = given  # refused below, as the text it is
+    return seconds(name, value)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def _json_kind(document: Any) -> str:
+    kinds = {list: "an array", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return kinds.get(type(document), type(document).__name__)
 
 
 async def _event_stream(chunks: Any) -> Response:
@@ -232,15 +244,15 @@ async def _events(chunks: Any, iterator: AsyncIterator[Any],
                   first: Any) -> AsyncIterator[dict[str, str]]:
     try:
         if first is not _END:
-            yield {"event": "chunk", "data": json.dumps(first)}
+            yield {"event": "chunk", "data": json_text(first)}
             async for chunk in iterator:
-                yield {"event": "chunk", "data": json.dumps(chunk)}
-        yield {"event": "reply", "data": json.dumps(chunks.reply.model_dump(mode="json"))}
+                yield {"event": "chunk", "data": json_text(chunk)}
+        yield {"event": "reply", "data": json_text(chunks.reply.model_dump(mode="json"))}
     except Exception as exc:
         if not isinstance(exc, WarmPoolError):
             logger.exception("stream failed")
         body, _ = problem_for(exc)
-        yield {"event": "error", "data": json.dumps(body)}
+        yield {"event": "error", "data": json_text(body)}
     finally:
         # Also when the client went away: sse-starlette cancels this generator, and the
         # agent's generator is stopped only if the stream is closed.

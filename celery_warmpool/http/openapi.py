@@ -5,6 +5,11 @@ signatures; what it cannot know is which signal types each pool routes and what 
 each expects. This module lists them from the agents' routes: per pool, one path per way
 of calling it, whose body is one of that pool's signal types, each with its action's
 ``Params`` JSON schema. A client generated from the document gets a method per pool.
+
+The document is the gateway's contract, exact: every query parameter bounded as the
+server checks it (:mod:`celery_warmpool.core.arguments`), every signal schema what
+:class:`~celery_warmpool.core.signal.Signal` takes, and per route every status the server
+answers with and the problem body of each (from :data:`.problems.PROBLEM_TYPES`).
 """
 
 from __future__ import annotations
@@ -16,27 +21,77 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..core.action import Action
+from ..core.arguments import MAX_SECONDS, MIN_SECONDS
+from ..core.errors import (
+    ActionFailed,
+    AgentLost,
+    BrokerUnavailable,
+    CallTimeout,
+    CheckoutTimeout,
+    ConfigurationError,
+    InvalidArgument,
+    InvalidSignal,
+    UnknownPool,
+    UnknownSignal,
+    WarmPoolError,
+    WorkerFailed,
+)
 from ..core.reply import AgentReply
+from ..core.signal import SPECVERSION
 from ..core.spec import PoolSpec
 from ..core.status import PoolStatus
+from .problems import MEDIA_TYPE, problem_schemas
 
 __all__ = ["SignalRoute", "extend", "pool_paths", "routes_of", "signal_schemas"]
 
 _COMPONENT = re.compile(r"[^A-Za-z0-9._-]")
 _SCHEMAS = "#/components/schemas/"
-_PROBLEM = {"$ref": f"{_SCHEMAS}Problem"}
-_PROBLEM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "RFC 9457 problem details, plus the error's own fields (pool, waited...)",
-    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
-                   "status": {"type": "integer"}, "detail": {"type": "string"}},
-    "required": ["type", "title", "status"],
+_REPLY = {"$ref": f"{_SCHEMAS}AgentReply"}
+_Kinds = tuple[type[WarmPoolError] | str, ...]
+#: What each status of a way of calling a pool means: the problems it may carry (an
+#: exception, or a problem about the request itself by its name in
+#: :data:`.problems.REQUEST_PROBLEMS`), and what to say of it.
+_CALL_ERRORS: dict[str, tuple[_Kinds, str]] = {
+    "413": (("ContentTooLarge",), "The body is over the gateway's limit"),
+    "422": ((InvalidSignal, UnknownSignal, InvalidArgument),
+            "The signal is invalid or of a type no route takes, or a query parameter is "
+            "out of range"),
+    "500": ((ActionFailed,), "The action failed (the agent's state is unchanged)"),
+    "502": ((AgentLost, WorkerFailed), "The process running the call died, or failed"),
+    "503": ((CheckoutTimeout, BrokerUnavailable),
+            "No agent was free in time (with Retry-After), or the broker is away"),
+    "504": ((CallTimeout,), "The work outlasted call_timeout; its agent is replaced"),
 }
-#: The statuses each way of calling can answer with a problem.
-_CALL_ERRORS = {"404": "UnknownPool", "422": "InvalidSignal or UnknownSignal",
-                "500": "ActionFailed", "502": "AgentLost",
-                "503": "CheckoutTimeout (with Retry-After) or BrokerUnavailable",
-                "504": "CallTimeout"}
+_CAST_ERRORS: dict[str, tuple[_Kinds, str]] = {
+    "413": _CALL_ERRORS["413"],
+    "422": ((InvalidSignal, InvalidArgument),
+            "The signal is invalid, or a query parameter is out of range"),
+    "503": ((BrokerUnavailable,), "The broker is away"),
+}
+_STREAM_ERRORS: dict[str, tuple[_Kinds, str]] = {
+    **_CALL_ERRORS,
+    "500": ((ActionFailed, ConfigurationError),
+            "The action failed before its first chunk, or the result store cannot carry "
+            "streams (only Redis can)"),
+}
+_STATUS_ERRORS: dict[str, tuple[_Kinds, str]] = {
+    "404": ((UnknownPool,), "No node hosting the pool answered in time"),
+    "413": _CALL_ERRORS["413"],
+    "422": ((InvalidArgument,), "The timeout is out of range"),
+    "503": ((BrokerUnavailable,), "The broker is away"),
+}
+_POOLS_ERRORS: dict[str, tuple[_Kinds, str]] = {
+    "413": _CALL_ERRORS["413"],
+    "503": ((BrokerUnavailable,), "The broker is away"),
+}
+_HEALTH_ERRORS: dict[str, tuple[_Kinds, str]] = {
+    "413": _CALL_ERRORS["413"],
+    "503": (("Unavailable",), "The broker or the result store is not reachable"),
+}
+#: The problem of a request without the token (or with the wrong one).
+_UNAUTHORIZED: dict[str, tuple[_Kinds, str]] = {
+    "401": (("Unauthorized",), "No token, or the wrong one (WWW-Authenticate: Bearer)")}
+_DATETIME = {"type": "string", "format": "date-time"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +129,9 @@ def signal_schemas(spec: PoolSpec) -> tuple[list[dict[str, Any]], dict[str, Any]
     for route in routes_of(spec):
         name = _COMPONENT.sub("_", f"{spec.name}.{route.type}")
         params, definitions = _params_schema(route.action.Params, f"{name}.")
+        # The agent refuses unknown keys of data whatever the model's own configuration
+        # says (nested models keep theirs).
+        params["additionalProperties"] = False
         components[f"{name}.Params"] = params
         components.update(definitions)
         components[f"{name}.Signal"] = _signal_schema(route, f"{_SCHEMAS}{name}.Params",
@@ -82,53 +140,70 @@ def signal_schemas(spec: PoolSpec) -> tuple[list[dict[str, Any]], dict[str, Any]
     return signals, components
 
 
-def pool_paths(spec: PoolSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The paths of ``spec``'s pool (call, cast, stream, status) and their components."""
+def pool_paths(spec: PoolSpec, *, token: bool = False) -> tuple[dict[str, Any],
+                                                                 dict[str, Any]]:
+    """The paths of ``spec``'s pool (call, cast, stream, status) and their components;
+    with ``token``, each answers ``401`` without it."""
     signals, components = signal_schemas(spec)
     body = {"required": True, "content": {"application/json": {"schema": {
         "oneOf": signals}}}}
-    tag = [spec.name]
-    base = f"/pools/{spec.name}"
+    guarded = _UNAUTHORIZED if token else {}
+    pool, base = spec.name, f"/pools/{spec.name}"
+    call = {"200": _json("The agent's reply", _REPLY)}
+    cast = {"202": _json("Accepted: the task's id", {
+        "type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]})}
+    stream = {"200": {"description": "Server-sent events: a 'chunk' event per chunk, then "
+                                     "one 'reply' or one 'error' event",
+                      "content": {"text/event-stream": _event_stream()}}}
+    status = {"200": _json("The pool's status", {"$ref": f"{_SCHEMAS}PoolStatus"})}
     paths = {
         f"{base}/call": {"post": _operation(
-            spec.name, "call", tag, body, _timeouts(5.0, 5.0),
-            {"200": _json("The agent's reply", {"$ref": f"{_SCHEMAS}AgentReply"})},
-            f"Handle a signal on an agent of pool {spec.name!r} and return its reply.")},
+            pool, "call", f"Handle a signal on an agent of pool {pool!r}; its reply.",
+            _timeouts(5.0, 5.0, none=""), call, {**guarded, **_CALL_ERRORS}, body)},
         f"{base}/cast": {"post": _operation(
-            spec.name, "cast", tag, body, _timeouts(None, None),
-            {"202": _json("Accepted: the task's id", {"type": "object", "properties": {
-                "id": {"type": "string"}}, "required": ["id"]})},
-            f"Send a signal to pool {spec.name!r} without waiting for its reply.")},
+            pool, "cast", f"Send a signal to pool {pool!r} without waiting for its reply.",
+            _timeouts(None, None, none=" (omitted: no deadline)"), cast,
+            {**guarded, **_CAST_ERRORS}, body)},
         f"{base}/stream": {"post": _operation(
-            spec.name, "stream", tag, body, _timeouts(5.0, 60.0),
-            {"200": {"description": "Server-sent events: 'chunk' per chunk (its JSON), then "
-                                    "'reply' (the AgentReply) or 'error' (a problem)",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
-            f"Handle a signal on pool {spec.name!r}, its chunks sent as they are made.")},
-        f"{base}/status": {"get": {
-            "tags": tag, "operationId": f"{spec.name}_status",
-            "summary": f"Pool {spec.name!r} over every node hosting it.",
-            "parameters": [_query("timeout", 1.0, "seconds to wait for the nodes")],
-            "responses": {"200": _json("The pool's status", {"$ref": f"{_SCHEMAS}PoolStatus"}),
-                          "404": _json("No node hosting the pool answered", _PROBLEM)}}},
+            pool, "stream", f"Handle a signal on pool {pool!r}, its chunks sent as made.",
+            _timeouts(5.0, 60.0, none=""), stream, {**guarded, **_STREAM_ERRORS}, body)},
+        f"{base}/status": {"get": _operation(
+            pool, "status", f"Pool {pool!r} over every node hosting it.",
+            [_query("timeout", 1.0, "seconds to wait for the nodes")], status,
+            {**guarded, **_STATUS_ERRORS})},
     }
     return paths, components
 
 
 def extend(document: dict[str, Any], specs: list[PoolSpec], *, token: bool) -> dict[str, Any]:
-    """``document`` (FastAPI's) with every pool's paths and schemas added."""
+    """``document`` (FastAPI's) with every pool's paths and schemas added, and the
+    responses of ``/pools`` and ``/healthz`` told as exactly as the pools'."""
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    schemas["Problem"] = _PROBLEM_SCHEMA
+    schemas.update(problem_schemas(_SCHEMAS))
     for model in (AgentReply, PoolStatus):
         found, definitions = _params_schema(model, "")
         schemas[model.__name__] = found
         schemas.update(definitions)
     paths = document.setdefault("paths", {})
     for spec in specs:
-        pool, pool_components = pool_paths(spec)
+        pool, pool_components = pool_paths(spec, token=token)
         paths.update(pool)
         schemas.update(pool_components)
+    guarded = _UNAUTHORIZED if token else {}
+    if "/pools" in paths:
+        paths["/pools"]["get"]["responses"] = {
+            "200": _json("Every pool served: its options, signal types and live nodes",
+                         {"type": "object", "properties": {"pools": {"type": "array"}},
+                          "required": ["pools"]}),
+            **_problems({**guarded, **_POOLS_ERRORS})}
+    if "/healthz" in paths:
+        paths["/healthz"]["get"]["responses"] = {
+            "200": _json("The broker and the result store answer", {
+                "type": "object", "required": ["broker", "result_store"],
+                "properties": {"broker": {"const": "ok"}, "result_store": {"const": "ok"}}}),
+            **_problems(_HEALTH_ERRORS)}
+        paths["/healthz"]["get"]["security"] = []  # open: a load balancer carries no token
     if token:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
@@ -144,21 +219,31 @@ def _params_schema(model: type[BaseModel], prefix: str) -> tuple[dict[str, Any],
 
 
 def _signal_schema(route: SignalRoute, params: str, data_required: bool) -> dict[str, Any]:
+    """What :class:`Signal` takes for ``route``: its attributes, none other."""
     if route.is_pattern:
         kind: dict[str, Any] = {"type": "string", "pattern": _pattern_regex(route.type)}
     else:
         kind = {"type": "string", "const": route.type, "enum": [route.type]}
-    # A Params model rejects unknown keys whatever its own configuration says.
-    data = {"allOf": [{"$ref": params}], "additionalProperties": False}
+    # data left out (or null) is taken as {}: fine unless Params requires a field.
+    data = {"$ref": params} if data_required else {"anyOf": [{"$ref": params},
+                                                            {"type": "null"}]}
     return {
         "type": "object",
         "title": f"{route.type} ({route.action.name})",
         "description": f"A signal routed to action {route.action.name!r}"
                        + (" (streams: use /stream)" if route.streams else ""),
-        "properties": {"type": kind, "data": data,
-                       "id": {"type": "string"}, "source": {"type": "string"},
-                       "subject": {"type": "string"}},
+        "properties": {
+            "type": kind, "data": data,
+            "id": {"type": "string", "minLength": 1},
+            "source": {"type": "string", "minLength": 1},
+            "subject": {"type": ["string", "null"]},
+            "time": _DATETIME,
+            "specversion": {"type": "string", "const": SPECVERSION},
+            "datacontenttype": {"type": "string", "pattern": r"^(application/json|.*\+json)$"},
+            "dataschema": {"type": ["string", "null"]},
+        },
         "required": ["type", "data"] if data_required else ["type"],
+        "additionalProperties": False,
     }
 
 
@@ -169,29 +254,80 @@ def _pattern_regex(route: str) -> str:
     return "^" + r"\.".join(parts) + "$"
 
 
-def _operation(pool: str, kind: str, tags: list[str], body: dict[str, Any],
-               parameters: list[dict[str, Any]], responses: dict[str, Any],
-               summary: str) -> dict[str, Any]:
-    errors = {status: _json(what, _PROBLEM) for status, what in _CALL_ERRORS.items()}
-    return {"tags": tags, "operationId": f"{pool}_{kind}", "summary": summary,
-            "parameters": parameters, "requestBody": body,
-            "responses": {**responses, **errors,
-                          "413": _json("The body is over the gateway's limit", _PROBLEM)}}
+def _operation(pool: str, kind: str, summary: str, parameters: list[dict[str, Any]],
+               answers: dict[str, Any], errors: dict[str, tuple[_Kinds, str]],
+               body: dict[str, Any] | None = None) -> dict[str, Any]:
+    operation = {"tags": [pool], "operationId": f"{pool}_{kind}", "summary": summary,
+                 "parameters": parameters, "responses": {**answers, **_problems(errors)}}
+    if body is not None:
+        operation["requestBody"] = body
+    return operation
 
 
-def _timeouts(timeout: float | None, call_timeout: float | None) -> list[dict[str, Any]]:
-    return [_query("timeout", timeout, "seconds the call may wait to start"),
-            _query("call_timeout", call_timeout, "seconds the work may take")]
+def _problems(errors: dict[str, tuple[_Kinds, str]]) -> dict[str, Any]:
+    """The responses of ``errors``: per status, one of its problems."""
+    responses = {}
+    for status, (kinds, description) in errors.items():
+        refs = [{"$ref": f"{_SCHEMAS}Problem.{_name(kind)}"} for kind in kinds]
+        response = _json(description, refs[0] if len(refs) == 1 else {"oneOf": refs},
+                         media=MEDIA_TYPE)
+        if CheckoutTimeout in kinds:
+            response["headers"] = {"Retry-After": {
+                "description": "seconds to wait before trying again (a full pool only)",
+                "schema": {"type": "integer"}}}
+        responses[status] = response
+    return responses
+
+
+def _name(kind: type[WarmPoolError] | str) -> str:
+    return kind if isinstance(kind, str) else kind.__name__
+
+
+def _event_stream() -> dict[str, Any]:
+    """The ``text/event-stream`` of a stream: its events, each ``event: <name>`` and one
+    ``data:`` line of JSON, described as OpenAPI 3.2 describes a stream's items (here as
+    ``x-itemSchema``, which 3.1 tools ignore)."""
+    def event(name: str, data: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"type": "object", "title": name, "description": description,
+                "required": ["event", "data"],
+                "properties": {"event": {"const": name},
+                               "data": {"type": "string", "contentMediaType": "application/json",
+                                        "contentSchema": data}}}
+
+    errors = [{"$ref": f"{_SCHEMAS}Problem.{_name(kind)}"}
+              for status, (kinds, _) in _STREAM_ERRORS.items() if status not in ("413", "422")
+              for kind in kinds if kind is not ConfigurationError]
+    return {
+        "schema": {"type": "string", "description":
+                   "Server-sent events: 'chunk' (the chunk, as JSON) for each chunk in order, "
+                   "then one 'reply' (the AgentReply) or one 'error' (a problem). Comment "
+                   "lines keep an idle stream open."},
+        "x-itemSchema": {"oneOf": [
+            event("chunk", {}, "One chunk, as the action yielded it"),
+            event("reply", _REPLY, "The final reply; the stream ends"),
+            event("error", {"oneOf": errors}, "The error that ended the stream"),
+        ]},
+    }
+
+
+def _timeouts(timeout: float | None, call_timeout: float | None, *,
+              none: str) -> list[dict[str, Any]]:
+    return [_query("timeout", timeout, f"seconds the call may wait to start{none}"),
+            _query("call_timeout", call_timeout,
+                   "seconds the work may take (omitted" + (
+                       f": {call_timeout:g}" if call_timeout is not None else ": no bound")
+                   + ")")]
 
 
 def _query(name: str, default: float | None, description: str) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "number", "exclusiveMinimum": 0}
+    schema: dict[str, Any] = {"type": "number", "minimum": MIN_SECONDS,
+                              "maximum": MAX_SECONDS}
     if default is not None:
         schema["default"] = default
     return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}
+            "description": f"{description}; from {MIN_SECONDS:g} to {MAX_SECONDS:g}"}
 
 
-def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    media = "application/problem+json" if schema is _PROBLEM else "application/json"
+def _json(description: str, schema: dict[str, Any],
+          media: str = "application/json") -> dict[str, Any]:
     return {"description": description, "content": {media: {"schema": schema}}}

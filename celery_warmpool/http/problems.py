@@ -3,11 +3,14 @@
 One table says which status and title each of the contract's exceptions gets; a problem
 carries the exception's message as ``detail`` and its fields (``pool``, ``waited``, ...)
 as members of its own. Nothing in a problem carries a traceback, and any URL in it has
-its password masked, whatever the exception held.
+its password masked, whatever the exception held. The same table gives the OpenAPI
+document its problem schemas (:func:`problem_schemas`), so the two cannot disagree.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -20,13 +23,17 @@ from ..core.errors import (
     BrokerUnavailable,
     CallTimeout,
     CheckoutTimeout,
+    ConfigurationError,
+    InvalidArgument,
     InvalidSignal,
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
+    WorkerFailed,
 )
 
-__all__ = ["MEDIA_TYPE", "PROBLEM_TYPES", "Problem", "problem_for", "problem_response"]
+__all__ = ["MEDIA_TYPE", "PROBLEM_TYPES", "JSONBody", "Problem", "json_text", "problem_for",
+           "problem_response", "problem_schemas"]
 
 MEDIA_TYPE = "application/problem+json"
 #: Seconds a caller refused for a full pool is told to wait before it tries again.
@@ -40,24 +47,44 @@ class Problem(NamedTuple):
 
     status: int
     title: str
-    #: The exception's attributes that become the problem's own members.
-    fields: tuple[str, ...]
+    #: The exception's attributes that become the problem's own members, and the JSON
+    #: schema of each (for the OpenAPI document).
+    fields: dict[str, dict[str, Any]]
 
+
+_TEXT: dict[str, Any] = {"type": ["string", "null"]}
+_SECONDS: dict[str, Any] = {"type": "number"}
+_COUNT: dict[str, Any] = {"type": "integer"}
+_ERRORS: dict[str, Any] = {"type": "array", "items": {
+    "type": "object", "properties": {"loc": {"type": "array"}, "msg": {"type": "string"},
+                                     "type": {"type": "string"}}}}
 
 #: The contract's exceptions, most specific first (the first ``isinstance`` match wins).
 PROBLEM_TYPES: dict[type[WarmPoolError], Problem] = {
-    UnknownPool: Problem(404, "Unknown pool", ("pool",)),
-    InvalidSignal: Problem(422, "Invalid signal", ("signal_type", "errors")),
-    UnknownSignal: Problem(422, "Unknown signal type", ("signal_type",)),
-    ActionFailed: Problem(500, "Action failed", ("signal_type", "action", "cause")),
-    AgentLost: Problem(502, "Agent lost", ("pool", "node", "pid", "signal_type",
-                                          "may_have_run")),
-    CheckoutTimeout: Problem(503, "No agent free in time", ("pool", "waited", "size",
-                                                             "max_overflow")),
-    BrokerUnavailable: Problem(503, "Broker unavailable", ("url", "waited")),
-    CallTimeout: Problem(504, "Call timed out", ("signal_type", "timeout")),
+    UnknownPool: Problem(404, "Unknown pool", {"pool": _TEXT}),
+    InvalidArgument: Problem(422, "Invalid argument", {
+        "argument": _TEXT, "value": _TEXT, "allowed": _TEXT}),
+    InvalidSignal: Problem(422, "Invalid signal", {"signal_type": _TEXT, "errors": _ERRORS}),
+    UnknownSignal: Problem(422, "Unknown signal type", {"signal_type": _TEXT}),
+    ActionFailed: Problem(500, "Action failed", {
+        "signal_type": _TEXT, "action": _TEXT, "cause": _TEXT}),
+    ConfigurationError: Problem(500, "Configuration error", {"pool": _TEXT, "field": _TEXT}),
+    AgentLost: Problem(502, "Agent lost", {
+        "pool": _TEXT, "node": _TEXT, "pid": {"type": ["integer", "null"]},
+        "signal_type": _TEXT, "may_have_run": {"type": "boolean"}}),
+    WorkerFailed: Problem(502, "Worker failed", {"pool": _TEXT, "cause": _TEXT}),
+    CheckoutTimeout: Problem(503, "No agent free in time", {
+        "pool": _TEXT, "waited": _SECONDS, "size": _COUNT, "max_overflow": _COUNT}),
+    BrokerUnavailable: Problem(503, "Broker unavailable", {"url": _TEXT, "waited": _SECONDS}),
+    CallTimeout: Problem(504, "Call timed out", {"signal_type": _TEXT, "timeout": _SECONDS}),
 }
-_UNEXPECTED = Problem(500, "Internal error", ())
+_UNEXPECTED = Problem(500, "Internal error", {})
+#: The problems about the request itself (``about:blank``), by name, with their members.
+REQUEST_PROBLEMS: dict[str, tuple[int, dict[str, dict[str, Any]]]] = {
+    "Unauthorized": (401, {}),
+    "ContentTooLarge": (413, {"max_body": _COUNT}),
+    "Unavailable": (503, {"broker": {"type": "string"}, "result_store": {"type": "string"}}),
+}
 
 
 def problem_for(exc: BaseException) -> tuple[dict[str, Any], dict[str, str]]:
@@ -88,10 +115,29 @@ def http_problem(status: int, title: str, detail: str,
             **members}
 
 
+def json_text(value: Any) -> str:
+    """``value`` as JSON any client can parse, whatever it holds: ``NaN`` and infinities
+    become ``null`` (as JavaScript writes them), and characters UTF-8 cannot carry (lone
+    surrogates, which Python's JSON reader lets in) are escaped."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except ValueError:  # a float JSON has no word for, or UnicodeEncodeError
+        return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+    return text
+
+
+class JSONBody(JSONResponse):
+    """A JSON response rendered with :func:`json_text`: never a failure of its own."""
+
+    def render(self, content: Any) -> bytes:
+        return json_text(content).encode("utf-8")
+
+
 def problem_response(body: dict[str, Any], headers: Mapping[str, str] | None = None,
                      ) -> JSONResponse:
     """``body`` as an ``application/problem+json`` response of its status."""
-    return JSONResponse(body, status_code=int(body["status"]), headers=headers,
+    return JSONBody(body, status_code=int(body["status"]), headers=headers,
                         media_type=MEDIA_TYPE)
 
 
@@ -103,6 +149,46 @@ def masked(value: Any) -> Any:
         return {key: masked(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [masked(item) for item in value]
+    return value
+
+
+def problem_schemas(prefix: str) -> dict[str, dict[str, Any]]:
+    """The JSON schema of every problem the gateway answers with, by component name
+    (``Problem`` and ``Problem.<Exception>`` or ``Problem.<request problem>``); ``$ref``
+    values point at ``prefix`` + name."""
+    base: dict[str, Any] = {
+        "type": "object",
+        "description": "RFC 9457 problem details, plus the error's own fields",
+        "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                       "status": {"type": "integer"}, "detail": {"type": "string"}},
+        "required": ["type", "title", "status", "detail"],
+    }
+    schemas = {"Problem": base}
+    for kind, problem in PROBLEM_TYPES.items():
+        schemas[f"Problem.{kind.__name__}"] = _problem_schema(
+            prefix, f"urn:celery-warmpool:error:{kind.__name__}", problem.status,
+            problem.fields, f"{kind.__name__}: {(kind.__doc__ or '').strip().splitlines()[0]}")
+    for name, (status, members) in REQUEST_PROBLEMS.items():
+        schemas[f"Problem.{name}"] = _problem_schema(prefix, "about:blank", status, members,
+                                                     f"{status}: a problem of the request")
+    return schemas
+
+
+def _problem_schema(prefix: str, kind: str, status: int, fields: dict[str, dict[str, Any]],
+                    description: str) -> dict[str, Any]:
+    return {"description": description, "allOf": [{"$ref": f"{prefix}Problem"}, {
+        "type": "object",
+        "properties": {"type": {"const": kind}, "status": {"const": status}, **fields},
+        "required": list(fields)}]}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
     return value
 
 

@@ -41,7 +41,8 @@ from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 
 from ..client.status import StatusReport
-from ..core.errors import BrokerUnavailable, UnknownPool
+from ..core.arguments import MIN_SECONDS, seconds
+from ..core.errors import BrokerUnavailable, InvalidArgument, UnknownPool
 from ..wire.dead_letters import READ_LIMIT
 from .tables import (
     render_dead_letters,
@@ -51,6 +52,27 @@ from .tables import (
 )
 
 __all__ = ["status_report", "warmpool"]
+
+class Seconds(click.ParamType):  # type: ignore[type-arg]
+    """A number of seconds, checked as the calls check theirs (see
+    :mod:`celery_warmpool.core.arguments`): a usage error otherwise, never a traceback."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float = MIN_SECONDS) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        name = param.name if param is not None and param.name else "seconds"
+        try:
+            return seconds(name, value if isinstance(value, float) else float(value),
+                           minimum=self.minimum)
+        except InvalidArgument as exc:
+            self.fail(str(exc), param, ctx)
+        except ValueError:
+            self.fail(f"{name} must be a number of seconds, got {value!r}", param, ctx)
+
 
 def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
                   destination: Sequence[str] | None = None) -> StatusReport:
@@ -95,10 +117,10 @@ def warmpool(**kwargs: Any) -> None:
               help_group="Status Options", help="Only this pool (default: every pool).")
 @click.option("-j", "--json", "as_json", cls=CeleryOption, is_flag=True,
               help_group="Status Options", help="Print JSON instead of tables.")
-@click.option("-w", "--watch", cls=CeleryOption, type=click.FloatRange(min=0.1),
+@click.option("-w", "--watch", cls=CeleryOption, type=Seconds(minimum=0.1),
               default=None, metavar="SECONDS", help_group="Status Options",
               help="Refresh every SECONDS until Ctrl-C (with --json: one line each).")
-@click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(min=0.0),
+@click.option("-t", "--timeout", cls=CeleryOption, type=Seconds(),
               default=1.0, help_group="Status Options",
               help="Seconds to wait for workers to answer.")
 @click.option("-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST,
@@ -265,7 +287,7 @@ def _pool_nodes_option(group: str) -> Callable[[Callable[..., Any]], Callable[..
               default=None, help_group="Resize Options",
               help="The pool's new max_overflow (threads, gevent, eventlet).")
 @_pool_nodes_option("Resize Options")
-@click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(min=0.0),
+@click.option("-t", "--timeout", cls=CeleryOption, type=Seconds(),
               default=2.0, help_group="Resize Options",
               help="Seconds to wait for nodes to answer.")
 @click.pass_context
@@ -287,7 +309,7 @@ def resize(ctx: click.Context, pool: str, size: int, max_overflow: int | None,
               help="Take the pool's work again.")
 @click.option("--wait/--no-wait", cls=CeleryOption, default=True, help_group="Drain Options",
               help="Wait until the pool is idle on those nodes (the default).")
-@click.option("-t", "--timeout", cls=CeleryOption, type=click.FloatRange(min=0.0),
+@click.option("-t", "--timeout", cls=CeleryOption, type=Seconds(),
               default=300.0, help_group="Drain Options",
               help="Seconds to wait for the pool to be idle.")
 @click.pass_context

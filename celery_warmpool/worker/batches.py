@@ -39,7 +39,14 @@ from celery.worker import state as worker_state
 
 from ..core.action import BatchAction
 from ..core.batching import BatchWindow
-from ..core.errors import AgentLost, CallTimeout, CheckoutTimeout, HandedBack, WarmPoolError
+from ..core.errors import (
+    AgentLost,
+    CallTimeout,
+    CheckoutTimeout,
+    HandedBack,
+    WarmPoolError,
+    WorkerFailed,
+)
 from ..core.signal import Signal
 from ..wire.message import CallMessage, kind_of
 from ..wire.outages import Outages
@@ -322,8 +329,11 @@ def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:
     request = Context(id=item["id"], reply_to=item["reply_to"],
                       correlation_id=item["correlation_id"], retries=item["retries"])
     if isinstance(outcome, BaseException):
+        # A batch that failed as a whole may have failed with anything: its callers get
+        # a WarmPoolError all the same (the failure itself is logged by run_batch_job).
+        outcome = WorkerFailed.wrapping(outcome, item["pool"])
         backend.mark_as_failure(item["id"], outcome, request=request)
-        if item["kind"] == "cast" and isinstance(outcome, WarmPoolError):
+        if item["kind"] == "cast":
             runtime.dead_letter(item["pool"], item["signal"], outcome, task_id=item["id"],
                                 attempts=item["retries"] + 1,
                                 may_have_run=isinstance(outcome, AgentLost | CallTimeout))
@@ -349,6 +359,8 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
         claims.release_all(backend, [item["id"] for item in mine])
         return HANDED_BACK  # nothing ran: the messages go back to the broker
     except Exception as exc:
+        if not isinstance(exc, WarmPoolError):
+            logger.exception("pool %r: a batch failed in the worker itself", pool)
         outcomes = [exc] * len(mine)
     for item, outcome in zip(mine, outcomes, strict=True):
         if outcome is _ANSWERED:

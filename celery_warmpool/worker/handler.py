@@ -15,6 +15,10 @@
    work finishes in its own time and its late outcome is dropped;
 5. checks the agent back in and returns the replies as JSON data.
 
+Whatever else the package's own code raises on the way (a bug, a result store's refusal)
+reaches the caller as :class:`WorkerFailed` naming the original error, never as the
+foreign exception itself; an action's own error is :class:`ActionFailed`, as always.
+
 A cast that fails (invalid or unknown signal, failed action, past its deadline, overran)
 also goes to its pool's dead-letter queue; one whose process dies is delivered again (see
 :mod:`.requests`).
@@ -22,17 +26,19 @@ also goes to its pool's dead-letter queue; one whose process dies is delivered a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, Retry
 
 from ..core.agent import Agent
+from ..core.arguments import MAX_SECONDS, seconds
 from ..core.cancellation import Cancellation
 from ..core.errors import (
     ActionFailed,
@@ -40,6 +46,7 @@ from ..core.errors import (
     HandedBack,
     StreamCancelled,
     WarmPoolError,
+    WorkerFailed,
 )
 from ..core.pool import AgentPool
 from ..core.reply import AgentReply
@@ -76,11 +83,16 @@ class CallHandler:
 
         With ``message.stream``, the one signal's chunks go to its caller as they come
         (see :mod:`.streams`).
+
+        Raises:
+            InvalidArgument: the message's ``call_timeout`` is not one a caller of this
+                version sends (checked before an agent is lent, which it could strand).
         """
         pool, deadline, call_timeout = message.pool, message.deadline, message.call_timeout
         transaction, stream = message.transaction, message.stream
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in message.signals]
+        call_timeout = seconds("call_timeout", call_timeout, none="no bound on the work")
         asked = time.monotonic()
         try:
             agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
@@ -166,7 +178,12 @@ class CallHandler:
     def dead_letter(self, request: Any, error: BaseException, *,
                     may_have_run: bool = False) -> None:
         """Send the cast of ``request`` to its pool's dead-letter queue."""
-        cast = CallMessage.from_args(request.args, "cast")
+        try:
+            cast = CallMessage.from_args(request.args, "cast")
+        except ValueError:
+            logger.error("cast %s cannot be dead-lettered: its message cannot be read: %r",
+                         request.id, request.args)
+            return
         self.runtime.dead_letter(cast.pool, dict(cast.signals[0]), error, task_id=request.id,
                                  pid=os.getpid(),
                                  attempts=(request.retries or 0) + 1, may_have_run=may_have_run)
@@ -180,7 +197,8 @@ def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> flo
     """
     if deadline is None:
         return None
-    left = deadline - time.time()
+    # At most a day, whatever the clocks of caller and worker say (they may differ).
+    left = min(deadline - time.time(), MAX_SECONDS)
     if left <= 0:
         raise CheckoutTimeout(
             f"pool {agent_pool.name!r}: the call waited {-left:.3f}s past its checkout "
@@ -207,6 +225,26 @@ def _cancellation(task: Task) -> Cancellation:  # type: ignore[type-arg]
     return Cancellation(probe=functools.partial(_cancelled, task))
 
 
+@contextlib.contextmanager
+def _only_warmpool_errors(pool: Any) -> Iterator[None]:
+    """Let a :class:`WarmPoolError` and Celery's own control flow (``Ignore``, ``Reject``,
+    ``Retry``) through; turn anything else into :class:`WorkerFailed`, logged here with
+    its traceback (the caller gets its type and message only)."""
+    try:
+        yield
+    except (WarmPoolError, Ignore, Reject, Retry):
+        raise
+    except Exception as exc:
+        logger.exception("pool %r: a call failed in the worker itself", pool)
+        raise WorkerFailed.wrapping(exc, pool if isinstance(pool, str) else None) from exc
+
+
+def _pool_of(args: tuple[Any, ...]) -> Any:
+    """The pool a task's arguments name, as far as they can be read (for the log)."""
+    first = args[0] if args else None
+    return first.get("pool") if isinstance(first, dict) else first
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]
     """Register, on ``app``, the tasks that run calls and casts on a pool's agents."""
     handler = CallHandler(runtime)
@@ -217,9 +255,10 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
 
         Only the first copy of a call to be taken runs (see :mod:`.claims`).
         """
-        call = CallMessage.from_args(args, "call")
-        return claims.run_once(task, call.pool, call.deadline,
-                               lambda: handler.handle(task, call))
+        with _only_warmpool_errors(_pool_of(args)):
+            call = CallMessage.from_args(args, "call")
+            return claims.run_once(task, call.pool, call.deadline,
+                                   lambda: handler.handle(task, call))
 
     def cast(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run a cast's signal on one agent of its pool; dead-letter it if it fails.
@@ -227,10 +266,11 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
         Its message says which copy of the cast it is: ``0`` as first sent, more when its
         caller sent it again after a broker restart (see :mod:`.claims`).
         """
-        cast = CallMessage.from_args(args, "cast")
         try:
-            return claims.run_once(task, cast.pool, cast.deadline,
-                                   lambda: handler.handle(task, cast), cast.copy)
+            with _only_warmpool_errors(_pool_of(args)):
+                cast = CallMessage.from_args(args, "cast")
+                return claims.run_once(task, cast.pool, cast.deadline,
+                                       lambda: handler.handle(task, cast), cast.copy)
         except WarmPoolError as exc:
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
