@@ -120,6 +120,9 @@ def test_a_cast_killed_past_its_redelivery_limit_is_dead_lettered(start_worker, 
     with pytest.raises(AgentLost) as lost:
         cast.get(timeout=20)
     assert lost.value.pid == second
+    # Sent by the node's main process as an errand, off its event loop: a moment later.
+    wait_until(lambda: warm.dead_letters.depth(warm.spec("counter")) == 1, 10,
+               "the dead letter arrived")
     [letter] = warm.dead_letters.read(warm.spec("counter"))
     assert (letter.error_type, letter.attempts, letter.may_have_run, letter.task_id) == (
         "AgentLost", 2, True, cast.id)

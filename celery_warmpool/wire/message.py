@@ -16,9 +16,12 @@ versions (the same fields as positional arguments) are read too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+
+from ..core.arguments import seconds
 
 __all__ = ["CALL_TASK", "CAST_TASK", "CallMessage", "WorkKind", "kind_of"]
 
@@ -86,6 +89,7 @@ class CallMessage:
         (``stream`` for a call, ``copy`` for a cast).
 
         Raises:
+            InvalidArgument: its ``call_timeout`` is not one a caller sends.
             ValueError: the arguments are not a pool call's message.
         """
         if len(args) == 1 and isinstance(args[0], Mapping):
@@ -97,14 +101,20 @@ class CallMessage:
         else:
             raise ValueError(f"not a pool call's message: {args!r}")
         try:
-            return cls(
-                pool=str(data["pool"]), signals=list(data["signals"]),
-                deadline=_optional_float(data.get("deadline")),
-                call_timeout=_optional_float(data.get("call_timeout")),
-                transaction=bool(data.get("transaction", False)),
-                stream=bool(data.get("stream", False)), copy=int(data.get("copy") or 0))
-        except (KeyError, TypeError, ValueError) as exc:
+            pool, signals = data["pool"], list(data["signals"])
+            deadline = _optional_float(data.get("deadline"))
+            copy = int(data.get("copy") or 0)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"not a pool call's message ({exc!r}): {args!r}") from exc
+        if not isinstance(pool, str) or not all(isinstance(s, Mapping) for s in signals):
+            raise ValueError(f"not a pool call's message (pool, signals): {args!r}")
+        # The same check as the caller's: a message no caller sends is refused here, not
+        # by whatever would fail on it later (an agent checked out and never back).
+        call_timeout = seconds("call_timeout", data.get("call_timeout"),
+                               none="no bound on the work")
+        return cls(pool=pool, signals=signals, deadline=deadline, call_timeout=call_timeout,
+                   transaction=bool(data.get("transaction", False)),
+                   stream=bool(data.get("stream", False)), copy=copy)
 
     @property
     def label(self) -> str:
@@ -119,4 +129,9 @@ class CallMessage:
 
 
 def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number

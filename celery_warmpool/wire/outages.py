@@ -125,10 +125,20 @@ def retry(action: Callable[[], T], outages: Outages, deadline: float | None, *,
 def _errors_of(app: Any) -> tuple[type[BaseException], ...]:
     connection = app.connection_for_write()
     try:
-        transport = (*connection.connection_errors, *connection.channel_errors)
+        # Connection errors, and the channel errors kombu calls recoverable (a confirm
+        # refused, a channel closed under the publisher): not every channel error, which
+        # on Redis would take a command the server refuses for an outage.
+        transport = (*connection.connection_errors, *connection.recoverable_channel_errors)
     except Exception:  # a transport whose client library is missing: its own error later
         transport = ()
     finally:
         connection.release()
     store = tuple(getattr(app.backend, "connection_errors", ()))
-    return (OperationalError, ConnectionError, *REDIS_OUTAGES, *transport, *store)
+    found = (OperationalError, ConnectionError, *REDIS_OUTAGES, *transport, *store)
+    # kombu's Redis transport counts a KeyError among its connection errors; here it would
+    # make a fault look like an outage, and be waited out before it is told.
+    return tuple(dict.fromkeys(error for error in found if error not in NEVER_OUTAGES))
+
+
+#: Errors some transports list among their connection errors that are faults here.
+NEVER_OUTAGES: Final = (KeyError,)

@@ -38,7 +38,7 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from ..core.agent import Agent
-from ..core.arguments import MAX_SECONDS, seconds
+from ..core.arguments import MAX_SECONDS
 from ..core.cancellation import Cancellation
 from ..core.errors import (
     ActionFailed,
@@ -83,16 +83,11 @@ class CallHandler:
 
         With ``message.stream``, the one signal's chunks go to its caller as they come
         (see :mod:`.streams`).
-
-        Raises:
-            InvalidArgument: the message's ``call_timeout`` is not one a caller of this
-                version sends (checked before an agent is lent, which it could strand).
         """
         pool, deadline, call_timeout = message.pool, message.deadline, message.call_timeout
         transaction, stream = message.transaction, message.stream
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in message.signals]
-        call_timeout = seconds("call_timeout", call_timeout, none="no bound on the work")
         asked = time.monotonic()
         try:
             agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
