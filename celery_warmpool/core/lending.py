@@ -4,8 +4,8 @@ The policy decides and does nothing else: no I/O, no threads, no clock of its ow
 to lend, it answers with what must happen (lend this agent, build an overflow agent,
 wait in the queue, exhausted); asked to take an agent back, it puts it back, hands it to
 the oldest waiter, or retires it (dismiss, replace, close), recording why on its
-:class:`~.slot.Slot`. Waiters it serves are listed in :attr:`LendingPolicy.woken` for the
-caller to wake. :class:`~.pool.AgentPool` calls it under its lock and carries the
+:class:`~.slot.Slot`. Waiters it serves are listed in its :class:`~.waiters.WaitQueue`
+for the caller to wake. :class:`~.pool.AgentPool` calls it under its lock and carries the
 answers out after releasing it (building, waking, ``teardown()``, telemetry), which is
 why it can be tested exhaustively with no threads (``tests/test_lending.py``).
 
@@ -19,13 +19,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Generic, Literal, NamedTuple, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from .errors import HandedBack, NotCheckedOut, PoolClosed, PoolError
 from .slot import CLOSED, DISMISSED, Slot
 from .spec import PoolOptions
+from .status import LendingNumbers
+from .waiters import Waiter, WaitQueue
 
-__all__ = ["BUILD", "CHECK_HEALTH", "EXHAUSTED", "LendingNumbers", "LendingPolicy", "Waiter"]
+__all__ = ["BUILD", "CHECK_HEALTH", "EXHAUSTED", "LendingPolicy", "handed_back"]
 
 #: The clock a slot's ``lent_at`` is read from (how long an agent was held).
 _now = time.monotonic
@@ -38,50 +40,7 @@ EXHAUSTED: Final = "exhausted"
 CHECK_HEALTH: Final = "check health"
 
 
-class Waiter:
-    """A checkout queued for an agent, and what it was given when served.
-
-    Served first come, first served, with an agent (``slot``, already lent to it), room to
-    build an overflow agent (``build``, already reserved for it), or an ``error``.
-    """
-
-    __slots__ = ("build", "error", "slot")
-
-    def __init__(self) -> None:
-        self.slot: Slot | None = None
-        self.error: BaseException | None = None
-        self.build = False
-
-    @property
-    def served(self) -> bool:
-        """Whether it was given anything (an agent, room to build one, or an error)."""
-        return self.slot is not None or self.error is not None or self.build
-
-    def wake(self) -> None:
-        """Let a blocked caller go (see the pool's waiter); a plain waiter has none."""
-
-
 W = TypeVar("W", bound=Waiter)
-
-
-class LendingNumbers(NamedTuple):
-    """The lending side of a pool's status, read at one moment."""
-
-    state: Literal["ready", "overflow", "full"]
-    size: int
-    max_overflow: int
-    available: int
-    overflow: int
-    checked_out: int
-    waiting: int
-    replacing: int
-    checkouts: int
-    checkins: int
-    timeouts: int
-    exhausted: int
-    overflow_created: int
-    dismissed: int
-    replacements: int
 
 
 class LendingPolicy(Generic[W]):
@@ -101,14 +60,13 @@ class LendingPolicy(Generic[W]):
         self.size = options.size
         self.max_overflow = options.max_overflow
         self._clock = clock
-        self._new_waiter = waiter
         self.slots: dict[int, Slot] = {}  # every live agent, idle or out, by id()
         self.idle: deque[Slot] = deque()
         self._take = self.idle.pop if options.strategy == "lifo" else self.idle.popleft
-        self.waiters: deque[W] = deque()
-        #: Waiters served since the caller last took them (see :meth:`take_woken`); one
-        #: list for the policy's life, emptied in place.
-        self.woken: list[W] = []
+        self.queue = WaitQueue(waiter)
+        # The queue's own containers, for the common paths' quick tests.
+        self.waiters: deque[W] = self.queue.waiting
+        self.woken: list[W] = self.queue.woken
         self.overflow = 0  # overflow slots among the slots
         self.building_overflow = 0  # room reserved for overflow agents being built
         self.replacing = 0  # base agents being built
@@ -171,23 +129,17 @@ class LendingPolicy(Generic[W]):
         if count_exhausted:
             self.exhausted += 1
         if self.handing_back:
-            raise self.handed_back()
+            raise handed_back(self.name)
         if not block:
             return EXHAUSTED
-        waiter = self._new_waiter()
-        self.waiters.append(waiter)
-        return waiter
+        return self.queue.join()
 
     def vet(self, slot: Slot) -> str | None:
         """Check a just-lent agent's age: why to retire it, ``CHECK_HEALTH``, or ``None``."""
         now = self._clock()
-        reason = slot.too_old(now, self.options.max_age)
-        if reason is not None:
-            return reason
-        interval = self.options.health_check_interval
-        if interval is None or now - slot.returned < interval:
-            return None
-        return CHECK_HEALTH
+        if slot.health_check_due(now, self.options.health_check_interval):
+            return slot.too_old(now, self.options.max_age) or CHECK_HEALTH
+        return slot.too_old(now, self.options.max_age)
 
     def refuse(self, slot: Slot, reason: str) -> Slot:
         """Retire a just-lent agent that failed its vetting: it never reached the caller."""
@@ -197,10 +149,8 @@ class LendingPolicy(Generic[W]):
         return slot
 
     def overflow_built(self, slot: Slot) -> bool:
-        """Lend a new overflow agent to the caller that reserved room for it.
-
-        Returns ``False`` if the pool closed meanwhile (the agent must be torn down).
-        """
+        """Lend a new overflow agent to the caller that reserved room for it; ``False``
+        if the pool closed meanwhile (the agent must be torn down)."""
         self.building_overflow -= 1
         if self.closed:
             return False
@@ -220,15 +170,12 @@ class LendingPolicy(Generic[W]):
             self._pass_overflow_room()
 
     def give_up(self, waiter: W) -> bool:
-        """A waiter's time is up: take it out of the queue, unless it was served meanwhile.
-
-        Returns whether it left empty-handed (it then fails with CheckoutTimeout).
-        """
-        if waiter.served:
-            return False  # handed something between its wait ending and this call
-        self.waiters.remove(waiter)
-        self.timeouts += 1
-        return True
+        """A waiter's time is up: take it out of the queue, unless it was handed something
+        between its wait ending and this call; whether it left empty-handed."""
+        left = self.queue.leave(waiter)
+        if left:
+            self.timeouts += 1
+        return left
 
     def withdraw(self, waiter: W) -> Slot | None:
         """Take back what a waiter interrupted mid-wait was given; the slot it held, if any."""
@@ -240,8 +187,8 @@ class LendingPolicy(Generic[W]):
         if waiter.build:
             self.building_overflow -= 1
             self._pass_overflow_room()
-        elif waiter in self.waiters:
-            self.waiters.remove(waiter)
+        else:
+            self.queue.leave(waiter)
         return None
 
     # -- taking back -------------------------------------------------------------------
@@ -340,7 +287,7 @@ class LendingPolicy(Generic[W]):
         return True
 
     def rebuild_stopped(self) -> None:
-        """A base agent will not be built after all (the pool closed while retrying)."""
+        """A base agent will not be built after all: the pool closed while retrying."""
         self.replacing -= 1
 
     def close(self, error: BaseException) -> list[Slot]:
@@ -354,7 +301,7 @@ class LendingPolicy(Generic[W]):
         for slot in idle:
             self._remove(slot)
             slot.retired = CLOSED
-        self._fail_waiters(error)
+        self.queue.fail_all(error)
         return idle
 
     def resize(self, options: PoolOptions) -> tuple[int, list[Slot]]:
@@ -386,22 +333,13 @@ class LendingPolicy(Generic[W]):
     def hand_back(self) -> int:
         """Give every waiter (and every later would-be waiter) HandedBack; how many."""
         self.handing_back = True
-        count = len(self.waiters)
-        self._fail_waiters(self.handed_back())
-        return count
-
-    def handed_back(self) -> HandedBack:
-        """The error of a caller the pool hands back."""
-        return HandedBack(f"pool {self.name!r} is handing its waiting calls back: its node "
-                          "takes no more work", self.name)
+        return self.queue.fail_all(handed_back(self.name))
 
     # -- numbers -----------------------------------------------------------------------
 
     def take_woken(self) -> list[W]:
         """The waiters served since the last call, for the caller to wake."""
-        woken = self.woken[:]
-        self.woken.clear()
-        return woken
+        return self.queue.take_woken()
 
     def overflow_room(self) -> bool:
         """Whether an overflow agent may be built now."""
@@ -410,11 +348,6 @@ class LendingPolicy(Generic[W]):
     def base_count(self) -> int:
         """Base agents alive or being built."""
         return len(self.slots) - self.overflow + self.replacing
-
-    @property
-    def checked_out(self) -> int:
-        """Agents lent and not yet back."""
-        return len(self.slots) - len(self.idle)
 
     def numbers(self) -> LendingNumbers:
         """The lending numbers now, consistent with each other."""
@@ -437,9 +370,7 @@ class LendingPolicy(Generic[W]):
         return slot
 
     def _hand_over(self, slot: Slot) -> None:
-        waiter = self.waiters.popleft()
-        waiter.slot = self._lend(slot)
-        self.woken.append(waiter)
+        self.queue.give(self._lend(slot))
 
     def _pass_overflow_room(self) -> None:
         # Room for an overflow agent is free again: without this the first waiter would
@@ -447,15 +378,7 @@ class LendingPolicy(Generic[W]):
         # resize left more overflow agents than max_overflow: that room is gone.
         if self.waiters and not self.closed and self.overflow_room():
             self.building_overflow += 1
-            waiter = self.waiters.popleft()
-            waiter.build = True
-            self.woken.append(waiter)
-
-    def _fail_waiters(self, error: BaseException) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.error = error
-            self.woken.append(waiter)
+            self.queue.give_room()
 
     def _retire_reason(self, slot: Slot) -> str | None:
         if self.closed:
@@ -518,3 +441,9 @@ class LendingPolicy(Generic[W]):
             self._dismiss_idle(slot)
             surplus.append(slot)
         return surplus
+
+
+def handed_back(pool: str) -> HandedBack:
+    """The error of a caller the pool hands back (its node takes no more work)."""
+    return HandedBack(f"pool {pool!r} is handing its waiting calls back: its node takes no "
+                      "more work", pool)

@@ -8,6 +8,8 @@ The pool is a facade over its parts, each one concept:
   agent a checkout gets and what becomes of one checked in;
 - :class:`~.supervisor.Supervisor`, which builds, rebuilds and tears down agents (its
   threads);
+- :class:`~.borrowing.Borrowing`, the slow path of a checkout: waiting in the queue,
+  building an overflow agent, vetting an agent's age and health;
 - :class:`~.counters.Counters`, the work done, counted off the lending lock;
 - :class:`~.telemetry.PoolHooks`, who listens to this pool;
 - :class:`~.work.AgentWork` (``pool.work``), what is done with a lent agent (calls,
@@ -26,26 +28,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Final, Generic, Literal, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar
 
 from . import telemetry
 from .agent import Agent
+from .borrowing import BlockingWaiter, Borrowing
 from .counters import Counters
-from .errors import (
-    CheckoutTimeout,
-    NotCheckedOut,
-    PoolClosed,
-    PoolExhausted,
-    PoolStartError,
-)
+from .errors import CheckoutTimeout, NotCheckedOut, PoolClosed, PoolExhausted, PoolStartError
 from .lease import Lease
-from .lending import BUILD, CHECK_HEALTH, EXHAUSTED, LendingPolicy, Waiter
+from .lending import LendingPolicy
 from .monitor import PoolMonitor
 from .reply import AgentReply
 from .signal import Signal
 from .slot import Slot
 from .spec import PoolOptions, PoolSpec, validate_options
-from .status import PoolCounters, PoolStatus
+from .status import PoolStatus, local_status
 from .stream import Stream
 from .supervisor import BACKOFF_CAP, BACKOFF_FIRST, START_ATTEMPTS, Supervisor, wake
 from .work import AgentWork
@@ -60,27 +57,6 @@ AgentT = TypeVar("AgentT", bound=Agent[Any])
 
 #: ``from_spec`` without ``shared``: run the agent class's ``preload``.
 _PRELOAD: Final = object()
-
-
-class _BlockingWaiter(Waiter):
-    """A waiter its caller blocks on until the pool wakes it."""
-
-    __slots__ = ("ready",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        # A bare lock, taken now and released by whoever serves the waiter: cheaper to
-        # wait on and to wake than a threading.Event (a condition over a lock).
-        self.ready = threading.Lock()
-        self.ready.acquire()
-
-    def wake(self) -> None:
-        """Let the waiter go; called once, after it was served."""
-        self.ready.release()
-
-    def wait(self, timeout: float | None) -> bool:
-        """Wait to be woken, at most ``timeout`` seconds; say whether it was."""
-        return self.ready.acquire(timeout=-1 if timeout is None else timeout)
 
 
 class AgentPool(Generic[AgentT]):
@@ -127,12 +103,14 @@ class AgentPool(Generic[AgentT]):
         self.process_index = process_index
         self._clock = clock
         self._lock = threading.Lock()
-        self._policy: LendingPolicy[_BlockingWaiter] = LendingPolicy(
-            name, validated, clock, _BlockingWaiter)
+        self._policy: LendingPolicy[BlockingWaiter] = LendingPolicy(
+            name, validated, clock, BlockingWaiter)
         self.counters = Counters()
         self.hooks = telemetry.PoolHooks(self)
         self._supervisor = Supervisor(name, factory, self._lock, self._policy, self.counters,
                                       self.hooks, clock, self._equip)
+        self._borrowing = Borrowing(name, self._lock, self._policy, self._supervisor,
+                                    self.hooks)
         self._monitor: PoolMonitor | None = None
         self.work: AgentWork[AgentT] = AgentWork(self, clock)
         # The hot paths' steps, looked up once. The policy's list of woken waiters is
@@ -189,7 +167,7 @@ class AgentPool(Generic[AgentT]):
     @property
     def checked_out(self) -> int:
         """Agents handed out and not yet back (derived from the slots)."""
-        return self._policy.checked_out
+        return len(self._policy.slots) - len(self._policy.idle)
 
     @property
     def closed(self) -> bool:
@@ -262,41 +240,14 @@ class AgentPool(Generic[AgentT]):
         """
         with self._lock:
             slot = self._lend_idle()
-        if slot is None or (self._vetting and not self._vet(slot)):
-            slot = self._checkout_slowly(block, timeout,
-                                         _now() if slot is None else slot.lent_at)
+        if slot is None or (self._vetting and not self._borrowing.vet(slot)):
+            slot = self._borrowing.checkout(block, timeout,
+                                            _now() if slot is None else slot.lent_at)
         elif self.hooks.agent_checkout:
-            self._sent_checkout(slot, slot.lent_at)
+            self.hooks.send(telemetry.agent_checkout, agent=slot.agent, overflow=slot.overflow,
+                            wait=_now() - slot.lent_at)
         agent: AgentT = slot.agent
         return agent
-
-    def _checkout_slowly(self, block: bool, timeout: float | None, started: float) -> Slot:
-        """Lend an agent once none was idle (or the idle one failed its vetting)."""
-        overflow_allowed, exhausted = True, False
-        while True:
-            with self._lock:
-                plan = self._policy.lend(block, overflow_allowed, count_exhausted=not exhausted)
-            if isinstance(plan, _BlockingWaiter):
-                exhausted = True
-                self._sent_exhausted(blocking=True)
-                plan = self._wait(plan, started, timeout)
-            elif plan == EXHAUSTED:
-                self._sent_exhausted(blocking=False)
-                raise PoolExhausted(
-                    f"pool {self.name!r} is exhausted: all {self.size} agents and "
-                    f"{self.max_overflow} overflow agents are checked out",
-                    self.name, self.size, self.max_overflow)
-            if not isinstance(plan, Slot):  # room reserved for an overflow agent
-                built = self._supervisor.build_overflow()
-                if built is None:  # its setup failed: wait for an agent instead
-                    overflow_allowed = False
-                    continue
-                plan = built
-            if self._vetting and not self._vet(plan):
-                continue  # too old or unhealthy: retired; try again within the same deadline
-            if self.hooks.agent_checkout:
-                self._sent_checkout(plan, started)
-            return plan
 
     def checkin(self, agent: AgentT) -> None:
         """Give back an agent that :meth:`checkout` handed out.
@@ -490,21 +441,10 @@ class AgentPool(Generic[AgentT]):
         Read under the lock as plain numbers; the status itself is built after.
         """
         with self._lock:
-            numbers = self._policy.numbers()
+            lending = self._policy.numbers()
             last_error = self._supervisor.last_error
-        # Plain numbers of the right types, made here: not validated again.
-        counts: dict[str, Any] = self.counters.snapshot()
-        counts.update(
-            checkouts=numbers.checkouts, checkins=numbers.checkins, timeouts=numbers.timeouts,
-            exhausted=numbers.exhausted, overflow_created=numbers.overflow_created,
-            dismissed=numbers.dismissed, replacements=numbers.replacements)
-        counters = PoolCounters.model_construct(**counts)
-        return PoolStatus.model_construct(
-            pool=self.name, state=numbers.state, size=numbers.size,
-            max_overflow=numbers.max_overflow, available=numbers.available,
-            overflow=numbers.overflow, checked_out=numbers.checked_out,
-            waiting=numbers.waiting, replacing=numbers.replacing, counters=counters,
-            last_error=last_error, node=self.node, updated_at=time.time())
+        return local_status(self.name, self.node, lending, self.counters.snapshot(),
+                            last_error)
 
     # -- inside ------------------------------------------------------------------------
 
@@ -516,76 +456,3 @@ class AgentPool(Generic[AgentT]):
         agent.reply_state = self.options.reply_state
         agent.shared = self.shared
         agent.process_index = self.process_index
-
-    def _vet(self, slot: Slot) -> bool:
-        """Check a just-lent agent's age and health; retire it and say no if it fails."""
-        reason = self._policy.vet(slot)
-        if reason == CHECK_HEALTH:
-            reason = None if self._healthy(slot.agent) else "failed health check"
-        if reason is None:
-            return True
-        with self._lock:
-            self._policy.refuse(slot, reason)
-            woken = self._policy.take_woken()
-        wake(woken)
-        self._supervisor.dispose(slot)
-        return False
-
-    def _healthy(self, agent: AgentT) -> bool:
-        try:
-            return bool(agent.check_health())
-        except Exception as exc:
-            logger.warning("pool %r: check_health() of %r raised %r", self.name, agent, exc)
-            return False
-
-    def _wait(self, waiter: _BlockingWaiter, started: float,
-              timeout: float | None) -> Slot | Literal["build"]:
-        """Wait for a hand-over: an agent, or leave to build one (room reserved for it).
-
-        Raises:
-            CheckoutTimeout: nothing came within ``timeout`` seconds of ``started``.
-            PoolClosed, HandedBack: the pool was closed, or hands its waiters back.
-        """
-        remaining = None if timeout is None else max(0.0, started + timeout - _now())
-        try:
-            woken = waiter.wait(remaining)
-        except BaseException:
-            self._withdraw(waiter)
-            raise
-        if not woken:
-            with self._lock:
-                # An agent (or room) may have been handed over between the wait ending and
-                # the lock: then the caller takes it, so no hand-over is lost.
-                timed_out = self._policy.give_up(waiter)
-            if timed_out:
-                raise self._timed_out(started, timeout)
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.slot if waiter.slot is not None else BUILD
-
-    def _withdraw(self, waiter: _BlockingWaiter) -> None:
-        """Take back what a waiter interrupted mid-wait (a time limit, Ctrl-C) was given."""
-        with self._lock:
-            slot = self._policy.withdraw(waiter)
-            woken = self._policy.take_woken()
-        wake(woken)
-        if slot is not None and slot.retired is not None:
-            self._supervisor.dispose(slot)
-
-    def _timed_out(self, started: float, timeout: float | None) -> CheckoutTimeout:
-        waited = _now() - started
-        if self.hooks.checkout_timeout:
-            self.hooks.send(telemetry.checkout_timeout, waited=waited, timeout=timeout)
-        return CheckoutTimeout(
-            f"pool {self.name!r}: no agent free after waiting {waited:.3f}s (timeout "
-            f"{timeout}s; size {self.size}, max_overflow {self.max_overflow}, all checked out)",
-            self.name, waited, self.size, self.max_overflow)
-
-    def _sent_checkout(self, slot: Slot, started: float) -> None:
-        self.hooks.send(telemetry.agent_checkout, agent=slot.agent, overflow=slot.overflow,
-                        wait=_now() - started)
-
-    def _sent_exhausted(self, blocking: bool) -> None:
-        if self.hooks.pool_exhausted:
-            self.hooks.send(telemetry.pool_exhausted, blocking=blocking,
-                            waiting=len(self._policy.waiters))

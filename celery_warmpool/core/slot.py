@@ -65,6 +65,10 @@ class Slot:
             return f"max_age={max_age}s reached"
         return None
 
+    def health_check_due(self, now: float, interval: float | None) -> bool:
+        """Whether it has been idle ``interval`` seconds or more since it came back."""
+        return interval is not None and now - self.returned >= interval
+
     def broken_reason(self) -> str | None:
         """Why its agent is broken (see ``discard_on``), or ``None``."""
         broken = self.agent.broken

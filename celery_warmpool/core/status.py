@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["PoolCounters", "PoolState", "PoolStatus"]
+__all__ = ["LendingNumbers", "PoolCounters", "PoolState", "PoolStatus", "local_status"]
 
 PoolState = Literal["ready", "overflow", "full"]
 
@@ -44,6 +45,26 @@ class PoolCounters(BaseModel):
         return PoolCounters(**{
             name: getattr(self, name) + getattr(other, name) for name in type(self).model_fields
         })
+
+
+class LendingNumbers(NamedTuple):
+    """The lending side of a pool's status, read at one moment."""
+
+    state: PoolState
+    size: int
+    max_overflow: int
+    available: int
+    overflow: int
+    checked_out: int
+    waiting: int
+    replacing: int
+    checkouts: int
+    checkins: int
+    timeouts: int
+    exhausted: int
+    overflow_created: int
+    dismissed: int
+    replacements: int
 
 
 class PoolStatus(BaseModel):
@@ -133,3 +154,23 @@ def _combined_state(leaves: list[PoolStatus]) -> PoolState:
     if "overflow" in states:
         return "overflow"
     return "full"
+
+
+def local_status(pool: str, node: str | None, lending: LendingNumbers,
+                 work: Mapping[str, int], last_error: str | None) -> PoolStatus:
+    """One pool's status in this process, from numbers read under its locks.
+
+    Built after the locks are released: the pool's checkouts never wait for pydantic.
+    """
+    # Plain numbers of the right types, made by the pool: not validated again.
+    counts: dict[str, Any] = dict(work)
+    counts.update(
+        checkouts=lending.checkouts, checkins=lending.checkins, timeouts=lending.timeouts,
+        exhausted=lending.exhausted, overflow_created=lending.overflow_created,
+        dismissed=lending.dismissed, replacements=lending.replacements)
+    return PoolStatus.model_construct(
+        pool=pool, state=lending.state, size=lending.size, max_overflow=lending.max_overflow,
+        available=lending.available, overflow=lending.overflow,
+        checked_out=lending.checked_out, waiting=lending.waiting,
+        replacing=lending.replacing, counters=PoolCounters.model_construct(**counts),
+        last_error=last_error, node=node, updated_at=time.time())

@@ -21,8 +21,9 @@ from . import telemetry
 from .agent import Agent
 from .counters import Counters
 from .errors import PoolClosed, PoolStartError
-from .lending import LendingPolicy, Waiter
+from .lending import LendingPolicy
 from .slot import CLOSED, DISMISSED, Slot
+from .waiters import Waiter
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "START_ATTEMPTS", "Supervisor", "wake"]
 
