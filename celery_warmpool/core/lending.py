@@ -7,7 +7,7 @@ the oldest waiter, or retires it (dismiss, replace, close), recording why on its
 :class:`~.slot.Slot`. Waiters it serves are listed in its :class:`~.waiters.WaitQueue`
 for the caller to wake. :class:`~.pool.AgentPool` calls it under its lock and carries the
 answers out after releasing it (building, waking, ``teardown()``, telemetry), which is
-why it can be tested exhaustively with no threads (``tests/test_lending.py``).
+why it can be tested exhaustively with no threads (``tests/test_pool_state_machine.py``).
 
 Numbers are derived from the slots, never counted by hand: an agent is checked out when
 its slot is in the pool and not idle; the base agents are the slots that are not
