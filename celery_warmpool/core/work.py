@@ -55,7 +55,7 @@ class AgentWork(Generic[AgentT]):
              call_timeout: float | None = None) -> AgentReply:
         """Handle one signal on a checked-out agent (see :meth:`.pool.AgentPool.call`)."""
         event = Signal.parse(signal)
-        batcher = self._batcher_for(event)
+        batcher = self.batcher_for(event)
         if batcher is not None:
             return batcher.call(event, timeout, call_timeout)
         return self._run(lambda agent: self.run_signals(agent, [event])[0], event.type,
@@ -151,7 +151,9 @@ class AgentWork(Generic[AgentT]):
         self.lender.counters.count_call()
         return reply
 
-    def _batcher_for(self, event: Signal) -> Batcher[AgentT] | None:
+    def batcher_for(self, event: Signal) -> Batcher[AgentT] | None:
+        """The batcher calls of ``event`` join, if its action is a batch action (known
+        once the pool built an agent); ``None`` otherwise."""
         agent_class = self.lender.agent_class
         if agent_class is None:
             return None
