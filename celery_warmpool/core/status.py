@@ -173,4 +173,7 @@ def local_status(pool: str, node: str | None, lending: LendingNumbers,
         available=lending.available, overflow=lending.overflow,
         checked_out=lending.checked_out, waiting=lending.waiting,
         replacing=lending.replacing, counters=PoolCounters.model_construct(**counts),
-        last_error=last_error, node=node, updated_at=time.time())
+        last_error=last_error, node=node, updated_at=time.time(),
+        # Given, not defaulted: model_construct would call each default_factory through
+        # inspect.signature, which costs more than the whole status and leaves garbage.
+        reservations={}, not_answering=[], processes=[], pid=None, process_index=None)
