@@ -162,18 +162,17 @@ def local_status(pool: str, node: str | None, lending: LendingNumbers,
 
     Built after the locks are released: the pool's checkouts never wait for pydantic.
     """
-    # Plain numbers of the right types, made by the pool: not validated again.
     counts: dict[str, Any] = dict(work)
     counts.update(
         checkouts=lending.checkouts, checkins=lending.checkins, timeouts=lending.timeouts,
         exhausted=lending.exhausted, overflow_created=lending.overflow_created,
         dismissed=lending.dismissed, replacements=lending.replacements)
-    return PoolStatus.model_construct(
-        pool=pool, state=lending.state, size=lending.size, max_overflow=lending.max_overflow,
-        available=lending.available, overflow=lending.overflow,
-        checked_out=lending.checked_out, waiting=lending.waiting,
-        replacing=lending.replacing, counters=PoolCounters.model_construct(**counts),
-        last_error=last_error, node=node, updated_at=time.time(),
-        # Given, not defaulted: model_construct would call each default_factory through
-        # inspect.signature, which costs more than the whole status and leaves garbage.
-        reservations={}, not_answering=[], processes=[], pid=None, process_index=None)
+    # Validated, counters from a plain dict: pydantic's compiled validation is about twice
+    # as fast as model_construct, which also calls every default factory through
+    # inspect.signature (and leaves garbage cycles a prefork child pays for in memory).
+    return PoolStatus.model_validate({
+        "pool": pool, "state": lending.state, "size": lending.size,
+        "max_overflow": lending.max_overflow, "available": lending.available,
+        "overflow": lending.overflow, "checked_out": lending.checked_out,
+        "waiting": lending.waiting, "replacing": lending.replacing, "counters": counts,
+        "last_error": last_error, "node": node, "updated_at": time.time()})
