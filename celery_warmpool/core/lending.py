@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from .errors import HandedBack, NotCheckedOut, PoolClosed, PoolError
 from .slot import CLOSED, DISMISSED, Slot
@@ -27,7 +27,8 @@ from .spec import PoolOptions
 from .status import LendingNumbers
 from .waiters import Waiter, WaitQueue
 
-__all__ = ["BUILD", "CHECK_HEALTH", "EXHAUSTED", "LendingPolicy", "handed_back"]
+__all__ = ["BUILD", "CHECK_HEALTH", "EXHAUSTED", "LendingPolicy", "handed_back",
+           "not_checked_out"]
 
 #: The clock a slot's ``lent_at`` is read from (how long an agent was held).
 _now = time.monotonic
@@ -160,11 +161,8 @@ class LendingPolicy(Generic[W]):
         return True
 
     def overflow_failed(self, interrupted: bool) -> None:
-        """Release the room of an overflow agent whose build failed or was interrupted.
-
-        Interrupted (not failed), the room is the next waiter's; failed, the caller
-        waits for an agent instead and so keeps its place.
-        """
+        """Release the room of an overflow agent whose build failed or was interrupted:
+        interrupted, the room is the next waiter's; failed, its caller waits instead."""
         self.building_overflow -= 1
         if interrupted:
             self._pass_overflow_room()
@@ -193,15 +191,19 @@ class LendingPolicy(Generic[W]):
 
     # -- taking back -------------------------------------------------------------------
 
-    def take_back(self, agent: object) -> Slot:
+    def take_back(self, agent: Any) -> Slot:
         """Take back a lent ``agent``; its slot, with ``retired`` set if it leaves.
 
         Raises:
             NotCheckedOut: ``agent`` is not lent by this pool; nothing changed.
         """
-        slot = self.release(agent)
+        # release(), inlined: a method call is a measurable share of a 1 us cycle.
+        slot = self.slots.get(id(agent))
+        if slot is None or slot.agent is not agent or not slot.out:
+            raise not_checked_out(self.name, agent)
+        slot.out = False  # a second checkin fails from here on
         if (self._plain_checkin and not self.waiters and not slot.overflow
-                and slot.agent.broken is None and not self.closed and not self.shrinking):
+                and agent.broken is None and not self.closed and not self.shrinking):
             # The common case, kept short: back to the idle agents.
             self.checkins += 1
             self.idle.append(slot)
@@ -216,9 +218,7 @@ class LendingPolicy(Generic[W]):
         """
         slot = self.slots.get(id(agent))
         if slot is None or slot.agent is not agent or not slot.out:
-            raise NotCheckedOut(
-                f"pool {self.name!r}: {agent!r} is not checked out from this pool "
-                "(already checked in, or never handed out by it)", self.name)
+            raise not_checked_out(self.name, agent)
         slot.out = False
         return slot
 
@@ -258,10 +258,7 @@ class LendingPolicy(Generic[W]):
 
     def start(self) -> bool:
         """Mark the pool started; whether it was not yet (its base agents are then due).
-
-        Raises:
-            PoolClosed: it was closed.
-        """
+        Raises PoolClosed if it was closed."""
         if self.closed:
             raise PoolClosed(f"pool {self.name!r} is closed", self.name)
         if self.started:
@@ -271,11 +268,8 @@ class LendingPolicy(Generic[W]):
         return True
 
     def place(self, slot: Slot) -> bool:
-        """Add a rebuilt base agent: to the oldest waiter, or to the idle agents.
-
-        Returns ``False`` when it is not wanted (the pool closed, or shrank while it was
-        built): it must be torn down.
-        """
+        """Add a rebuilt base agent: to the oldest waiter, or to the idle agents; ``False``
+        when it is not wanted (the pool closed, or shrank while it was built)."""
         self.replacing -= 1
         if self.closed or self.base_count() >= self.size:
             return False
@@ -292,9 +286,7 @@ class LendingPolicy(Generic[W]):
 
     def close(self, error: BaseException) -> list[Slot]:
         """Close: every waiter gets ``error``; returns the idle slots (to tear down).
-
-        Checked-out agents are retired as ``CLOSED`` when they come back.
-        """
+        Checked-out agents are retired as ``CLOSED`` when they come back."""
         self.closed = True
         idle = list(self.idle)
         self.idle.clear()
@@ -306,11 +298,7 @@ class LendingPolicy(Generic[W]):
 
     def resize(self, options: PoolOptions) -> tuple[int, list[Slot]]:
         """Adopt a new size and max_overflow; how many base agents to build, and the
-        surplus idle slots (dismissed: to tear down).
-
-        Raises:
-            PoolClosed: it was closed.
-        """
+        surplus idle slots (dismissed: to tear down). Raises PoolClosed if it was closed."""
         if self.closed:
             raise PoolClosed(f"pool {self.name!r} is closed", self.name)
         self.options, self.size, self.max_overflow = (
@@ -447,3 +435,9 @@ def handed_back(pool: str) -> HandedBack:
     """The error of a caller the pool hands back (its node takes no more work)."""
     return HandedBack(f"pool {pool!r} is handing its waiting calls back: its node takes no "
                       "more work", pool)
+
+
+def not_checked_out(pool: str, agent: object) -> NotCheckedOut:
+    """The error of a checkin of an agent the pool did not lend (or took back already)."""
+    return NotCheckedOut(f"pool {pool!r}: {agent!r} is not checked out from this pool "
+                         "(already checked in, or never handed out by it)", pool)
