@@ -580,13 +580,14 @@ class LendingMachine(RuleBasedStateMachine):
         if self.policy is None:
             return
         numbers = self.policy.numbers()
-        assert numbers.available == len(self.idle)
-        assert numbers.checked_out == len(self.held)
-        assert numbers.waiting == len(self.queue)
-        assert numbers.checkouts - numbers.checkins == len(self.held) + self.abandoned
-        assert numbers.exhausted == self.exhausted
-        room = numbers.overflow + self.policy.building_overflow < numbers.max_overflow
-        assert numbers.state == ("ready" if self.idle else "overflow" if room else "full")
+        counters = numbers["counters"]
+        assert numbers["available"] == len(self.idle)
+        assert numbers["checked_out"] == len(self.held)
+        assert numbers["waiting"] == len(self.queue)
+        assert counters["checkouts"] - counters["checkins"] == len(self.held) + self.abandoned
+        assert counters["exhausted"] == self.exhausted
+        room = numbers["overflow"] + self.policy.building_overflow < numbers["max_overflow"]
+        assert numbers["state"] == ("ready" if self.idle else "overflow" if room else "full")
 
 
 def test_room_left_by_a_surplus_overflow_agent_is_not_passed_to_a_waiter() -> None:

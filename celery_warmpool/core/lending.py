@@ -24,7 +24,6 @@ from typing import Any, Final, Generic, Literal, TypeVar
 from .errors import HandedBack, NotCheckedOut, PoolClosed, PoolError
 from .slot import CLOSED, DISMISSED, Slot
 from .spec import PoolOptions
-from .status import LendingNumbers
 from .waiters import Waiter, WaitQueue
 
 __all__ = ["BUILD", "CHECK_HEALTH", "EXHAUSTED", "LendingPolicy", "handed_back",
@@ -337,16 +336,20 @@ class LendingPolicy(Generic[W]):
         """Base agents alive or being built."""
         return len(self.slots) - self.overflow + self.replacing
 
-    def numbers(self) -> LendingNumbers:
-        """The lending numbers now, consistent with each other."""
+    def numbers(self) -> dict[str, Any]:
+        """The lending numbers now, consistent with each other: those of a pool's status,
+        with the lending counters under ``counters``."""
         available = len(self.idle)
-        state: Literal["ready", "overflow", "full"] = (
-            "ready" if available else "overflow" if self.overflow_room() else "full")
-        return LendingNumbers(
-            state, self.size, self.max_overflow, available, self.overflow,
-            len(self.slots) - available, len(self.waiters), self.replacing, self.checkouts,
-            self.checkins, self.timeouts, self.exhausted, self.overflow_created,
-            self.dismissed, self.replacements)
+        return {
+            "state": "ready" if available else "overflow" if self.overflow_room() else "full",
+            "size": self.size, "max_overflow": self.max_overflow, "available": available,
+            "overflow": self.overflow, "checked_out": len(self.slots) - available,
+            "waiting": len(self.waiters), "replacing": self.replacing,
+            "counters": {
+                "checkouts": self.checkouts, "checkins": self.checkins,
+                "timeouts": self.timeouts, "exhausted": self.exhausted,
+                "overflow_created": self.overflow_created, "dismissed": self.dismissed,
+                "replacements": self.replacements}}
 
     # -- inside ------------------------------------------------------------------------
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["LendingNumbers", "PoolCounters", "PoolState", "PoolStatus", "local_status"]
+__all__ = ["PoolCounters", "PoolState", "PoolStatus", "local_status"]
 
 PoolState = Literal["ready", "overflow", "full"]
 
@@ -45,26 +45,6 @@ class PoolCounters(BaseModel):
         return PoolCounters(**{
             name: getattr(self, name) + getattr(other, name) for name in type(self).model_fields
         })
-
-
-class LendingNumbers(NamedTuple):
-    """The lending side of a pool's status, read at one moment."""
-
-    state: PoolState
-    size: int
-    max_overflow: int
-    available: int
-    overflow: int
-    checked_out: int
-    waiting: int
-    replacing: int
-    checkouts: int
-    checkins: int
-    timeouts: int
-    exhausted: int
-    overflow_created: int
-    dismissed: int
-    replacements: int
 
 
 class PoolStatus(BaseModel):
@@ -156,23 +136,16 @@ def _combined_state(leaves: list[PoolStatus]) -> PoolState:
     return "full"
 
 
-def local_status(pool: str, node: str | None, lending: LendingNumbers,
+def local_status(pool: str, node: str | None, lending: Mapping[str, Any],
                  work: Mapping[str, int], last_error: str | None) -> PoolStatus:
-    """One pool's status in this process, from numbers read under its locks.
+    """One pool's status in this process, from numbers read under its locks: ``lending``
+    the lending policy's (its ``counters`` included), ``work`` the work counters.
 
     Built after the locks are released: the pool's checkouts never wait for pydantic.
     """
-    counts: dict[str, Any] = dict(work)
-    counts.update(
-        checkouts=lending.checkouts, checkins=lending.checkins, timeouts=lending.timeouts,
-        exhausted=lending.exhausted, overflow_created=lending.overflow_created,
-        dismissed=lending.dismissed, replacements=lending.replacements)
     # Validated, counters from a plain dict: pydantic's compiled validation is about twice
     # as fast as model_construct, which also calls every default factory through
     # inspect.signature (and leaves garbage cycles a prefork child pays for in memory).
     return PoolStatus.model_validate({
-        "pool": pool, "state": lending.state, "size": lending.size,
-        "max_overflow": lending.max_overflow, "available": lending.available,
-        "overflow": lending.overflow, "checked_out": lending.checked_out,
-        "waiting": lending.waiting, "replacing": lending.replacing, "counters": counts,
-        "last_error": last_error, "node": node, "updated_at": time.time()})
+        **lending, "counters": {**work, **lending["counters"]}, "pool": pool, "node": node,
+        "last_error": last_error, "updated_at": time.time()})
