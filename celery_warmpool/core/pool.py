@@ -324,15 +324,7 @@ class AgentPool(Generic[AgentT]):
         The agent is not checked in; :meth:`finish_abandoned` tears it down once its work
         ends.
         """
-        with self._lock:
-            slot = self._policy.abandon(agent, reason)
-            woken = self._policy.take_woken()
-        wake(woken)
-        if slot is None or not slot.replaced:
-            return
-        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
-                       agent, reason)
-        self._supervisor.replace(slot, teardown=False)
+        self._supervisor.abandon(agent, reason)
 
     def finish_abandoned(self, agent: AgentT) -> None:
         """Tear down an agent given up by :meth:`abandon`, once its overrunning work ended."""

@@ -237,6 +237,19 @@ class Supervisor(Generic[AgentT]):
                         slot.uses, slot.retired)
             self.replace(slot, teardown=True)
 
+    def abandon(self, agent: AgentT, reason: str) -> None:
+        """Give up a lent agent still busy with overrunning work; rebuild its place (its
+        teardown waits for that work: see the pool's ``finish_abandoned``)."""
+        with self._lock:
+            slot = self._policy.abandon(agent, reason)
+            woken = self._policy.take_woken()
+        wake(woken)
+        if slot is None or not slot.replaced:
+            return
+        logger.warning("pool %r: abandoning %r (%s); building a replacement", self.name,
+                       agent, reason)
+        self.replace(slot, teardown=False)
+
     def replace(self, slot: Slot, *, teardown: bool) -> None:
         """Build a replacement for ``slot`` (retired), tearing it down first if asked."""
         if self._hooks.agent_replaced:
