@@ -269,7 +269,8 @@ class AgentPool(Generic[AgentT]):
                 slot = self._take_back(agent)
                 woken = self._policy.take_woken() if self._woken else None
         if woken:
-            wake(woken)
+            for waiter in woken:  # wake(), inlined: every hand-over under load passes here
+                waiter.wake()
         if self.hooks.agent_checkin:
             self.hooks.send(telemetry.agent_checkin, agent=agent, held=_now() - slot.lent_at)
         if slot.retired is not None:

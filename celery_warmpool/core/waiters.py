@@ -44,7 +44,7 @@ W = TypeVar("W", bound=Waiter)
 
 
 class WaitQueue(Generic[W]):
-    """Waiters in the order they came, and those served since :meth:`take_woken`.
+    """Waiters in the order they came, and those served since the pool last woke them.
 
     Arguments:
         waiter: makes the waiter a checkout queues.
@@ -55,8 +55,8 @@ class WaitQueue(Generic[W]):
     def __init__(self, waiter: Callable[[], W]) -> None:
         self._new = waiter
         self.waiting: deque[W] = deque()
-        #: Served since the last :meth:`take_woken`; one list for the queue's life,
-        #: emptied in place (so a pool can keep it and test it in one lookup).
+        #: Served and not yet woken; one list for the queue's life, emptied in place by
+        #: whoever wakes them (so a pool can keep it and test it in one lookup).
         self.woken: list[W] = []
 
     def __len__(self) -> int:
@@ -95,9 +95,3 @@ class WaitQueue(Generic[W]):
             return False
         self.waiting.remove(waiter)
         return True
-
-    def take_woken(self) -> list[W]:
-        """The waiters served since the last call, for the caller to wake."""
-        woken = self.woken[:]
-        self.woken.clear()
-        return woken
