@@ -1,6 +1,8 @@
 """LendingPolicy: which agent a checkout gets and what becomes of one checked in.
 
-The policy decides and does nothing else: no I/O, no threads, no clock of its own. Asked
+The policy decides and does nothing else: no I/O, no threads, no lock (its caller holds
+one around every call); it reads the pool's clock (ages, idle spells) and the monotonic
+one (how long an agent is held), which is all the outside it sees. Asked
 to lend, it answers with what must happen (lend this agent, build an overflow agent,
 wait in the queue, exhausted); asked to take an agent back, it puts it back, hands it to
 the oldest waiter, or retires it (dismiss, replace, close), recording why on its
