@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,9 +22,11 @@ from celery_warmpool import (
     ConfigurationError,
     PoolSpec,
     Result,
+    Signal,
     telemetry,
 )
-from tests.conftest import at_once
+from celery_warmpool.core.batching import Batcher
+from tests.conftest import at_once, wait_until
 from tests.core_agents import receiving
 
 
@@ -46,12 +50,24 @@ class Upper(BatchAction):
         return [ValueError("bad text") if text == "bad" else text.upper() for text in texts]
 
 
+class Slow(Upper):
+    """Upper-cases, in batches that wait long for more signals."""
+
+    name = "slow"
+    batch_wait_timeout = 30.0
+    batches: list[list[str]] = []
+
+
 class UpperAgent(Agent[AgentState]):
-    signal_routes = {"text.upper": Upper}
+    signal_routes = {"text.upper": Upper, "text.slow": Slow}
 
 
 def upper(text: str) -> dict[str, Any]:
     return {"type": "text.upper", "data": {"text": text}}
+
+
+def slow(text: str) -> dict[str, Any]:
+    return {"type": "text.slow", "data": {"text": text}}
 
 
 @pytest.fixture
@@ -142,6 +158,207 @@ def _outcome(function: Any) -> Any:
         return function()
     except Exception as exc:
         return exc
+
+
+# -- each caller's own deadline ----------------------------------------------------------
+
+
+class Caller(threading.Thread):
+    """One caller in a thread of its own: its outcome (reply or any exception, an
+    interruption included) and how long it took."""
+
+    def __init__(self, call: Callable[[], Any], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._call = call
+        self.outcome: Any = None
+        self.elapsed = -1.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.outcome = self._call()
+        except BaseException as exc:  # an interrupted leader ends with KeyboardInterrupt
+            self.outcome = exc
+        self.elapsed = time.monotonic() - started
+
+    def finished(self, within: float = 10.0) -> Any:
+        self.join(within)
+        assert not self.is_alive(), f"{self.name} is still waiting"
+        return self.outcome
+
+
+def batcher_of(pool: AgentPool[Any], signal: dict[str, Any] | None = None) -> Batcher[Any]:
+    batcher = pool.work.batcher_for(Signal.parse(signal or upper("x")))
+    assert batcher is not None
+    return batcher
+
+
+def caller(pool: AgentPool[Any], text: str, timeout: float | None,
+           kind: Callable[[str], dict[str, Any]] = upper) -> Caller:
+    started = Caller(lambda: pool.call(kind(text), timeout=timeout), name=text)
+    started.start()
+    return started
+
+
+@pytest.mark.parametrize("short_leads", [True, False], ids=["short-leads", "short-follows"])
+def test_a_short_timeout_batched_with_a_long_one_fails_at_its_own_deadline(pool, short_leads):
+    held = pool.checkout()  # every agent busy: the batch waits for one
+    batcher = batcher_of(pool)
+    timeouts = {"short": 0.1, "long": 10.0}
+    order = ["short", "long"] if short_leads else ["long", "short"]
+    callers = {each.name: each for each in in_turn(
+        batcher, lambda name: caller(pool, name, timeouts[name]), *order)}
+
+    short = callers["short"].finished()
+
+    assert isinstance(short, CheckoutTimeout)
+    assert 0.1 <= callers["short"].elapsed < 0.6  # its own 0.1 s, not the other's 10 s
+    assert callers["long"].is_alive()  # still waiting for an agent, within its own 10 s
+    pool.checkin(held)
+    assert callers["long"].finished().result == "LONG"
+    assert Upper.batches == [["long"]]  # the short one's signal never ran
+
+
+def in_turn(batcher: Batcher[Any], start: Callable[[str], Caller], *names: str) -> list[Caller]:
+    """Start a caller per name, each once the one before joined ``batcher``'s batch."""
+    joined = batcher.pending()
+    started = []
+    for name in names:
+        started.append(start(name))
+        joined += 1
+        wait_until(lambda joined=joined: batcher.pending() == joined, within=5,
+                   what=f"{name} joined the batch")
+    return started
+
+
+def test_a_leader_past_its_deadline_hands_the_batch_to_a_follower_in_time(pool):
+    held = pool.checkout()
+    batcher = batcher_of(pool)
+    [leader] = in_turn(batcher, lambda name: caller(pool, name, 0.1), "leader")
+    followers = in_turn(batcher, lambda name: caller(pool, name, 10.0), "first", "second")
+
+    assert isinstance(leader.finished(), CheckoutTimeout)
+    pool.checkin(held)
+
+    assert [follower.finished().result for follower in followers] == ["FIRST", "SECOND"]
+    assert Upper.batches == [["first", "second"]]  # one batch, led by the first follower
+
+
+def test_a_leader_past_its_deadline_with_no_follower_in_time_fails_them_all(pool):
+    held = pool.checkout()
+    batcher = batcher_of(pool)
+    callers = in_turn(batcher, lambda name: caller(pool, name, 0.3), "a", "b", "c")
+
+    outcomes = [each.finished() for each in callers]
+
+    assert all(isinstance(outcome, CheckoutTimeout) for outcome in outcomes)
+    assert all(each.elapsed < 1.0 for each in callers)
+    assert batcher.pending() == 0  # the next caller opens a batch of its own
+    pool.checkin(held)
+    assert pool.call(upper("next"), timeout=5).result == "NEXT"
+    assert Upper.batches == [["next"]]
+
+
+class InterruptingLender:
+    """A pool, as its batcher sees it, whose blocking checkout in one thread is
+    interrupted (as Ctrl-C or a time limit would) once ``ready`` is set."""
+
+    def __init__(self, pool: AgentPool[Any], victim: str) -> None:
+        self.pool = pool
+        self.victim = victim
+        self.ready = threading.Event()
+        self.name, self.size, self.max_overflow = pool.name, pool.size, pool.max_overflow
+        self.counters, self.agent_class = pool.counters, pool.agent_class
+        self.checkin, self.lent = pool.checkin, pool.lent
+        self.abandon, self.finish_abandoned = pool.abandon, pool.finish_abandoned
+
+    def checkout(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block and threading.current_thread().name == self.victim:
+            assert self.ready.wait(10)
+            raise KeyboardInterrupt
+        return self.pool.checkout(block=block, timeout=timeout)
+
+
+def test_a_leader_interrupted_while_waiting_for_an_agent_hands_the_batch_on(pool):
+    held = pool.checkout()
+    lender = InterruptingLender(pool, victim="leader")
+    batcher: Batcher[Any] = Batcher(lender, Upper(), pool.work.run_batch_within)
+
+    def join(text: str) -> Caller:
+        joined = Caller(lambda: batcher.call(Signal.parse(upper(text)), None), name=text)
+        joined.start()
+        return joined
+
+    leader, *followers = in_turn(batcher, join, "leader", "first", "second")
+    lender.ready.set()
+
+    assert isinstance(leader.finished(), KeyboardInterrupt)
+    pool.checkin(held)
+    assert [follower.finished().result for follower in followers] == ["FIRST", "SECOND"]
+    assert Upper.batches == [["first", "second"]]
+
+
+def test_a_leader_interrupted_while_waiting_for_its_batch_to_fill_hands_it_on(pool):
+    # Ctrl-C reaches the main thread while it leads a batch that is still filling (its
+    # wait for more signals, inside the batcher's lock).
+    batcher = batcher_of(pool, slow("x"))
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread().ident == main
+    followers: list[Caller] = []
+
+    def interrupt_once_joined() -> None:
+        wait_until(lambda: batcher.pending() == 1, within=5, what="the leader joined")
+        # The first follower leads next: its own deadline ends the batch's wait.
+        followers.extend(in_turn(batcher, lambda name: caller(pool, name, 1.0, slow), "first"))
+        followers.extend(in_turn(batcher, lambda name: caller(pool, name, 10.0, slow), "second"))
+        signal.pthread_kill(main, signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt_once_joined)
+    helper.start()
+    Slow.batches = []
+    with pytest.raises(KeyboardInterrupt):
+        pool.call(slow("leader"))  # waits up to its batch_wait_timeout (30 s) for more
+    helper.join(10)
+
+    assert [follower.finished().result for follower in followers] == ["FIRST", "SECOND"]
+    assert Slow.batches == [["first", "second"]]
+
+
+class Stop(BaseModel):
+    text: str
+
+
+class Halting(BatchAction):
+    """Interrupted as it runs (a KeyboardInterrupt is not an Exception: nothing catches it)."""
+
+    name = "halting"
+    max_batch_size = 3
+    batch_wait_timeout = 5.0
+    Params = Stop
+
+    def run_batch(self, items: list[Any], context: ActionContext) -> list[Any]:
+        raise KeyboardInterrupt
+
+
+class HaltingAgent(Agent[AgentState]):
+    signal_routes = {"halt": Halting}
+
+
+def test_a_leader_interrupted_while_its_batch_runs_fails_every_follower_at_once():
+    with AgentPool(HaltingAgent, name="halting", size=1) as pool:
+        callers = [Caller(lambda text=text: pool.call({"type": "halt", "data": {"text": text}}),
+                          name=text) for text in ("a", "b", "c")]
+        for each in callers:
+            each.start()
+
+        outcomes = [each.finished() for each in callers]
+
+        assert sum(isinstance(outcome, KeyboardInterrupt) for outcome in outcomes) == 1
+        failed = [outcome for outcome in outcomes if isinstance(outcome, ActionFailed)]
+        assert len(failed) == 2
+        assert all("interrupted while it ran (KeyboardInterrupt)" in str(outcome)
+                   for outcome in failed)
+        assert (pool.status().available, pool.status().checked_out) == (1, 0)
 
 
 # -- Result and reply_state -----------------------------------------------------------------

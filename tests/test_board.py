@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from celery_warmpool.worker.status_board import _SEQUENCE, StatusBoard
+from celery_warmpool import AgentPool
+from celery_warmpool.worker.status_board import _SEQUENCE, CHANGES, StatusBoard, StatusPublisher
+
+from .core_agents import CounterAgent
 
 
 def test_a_forked_child_writes_what_the_parent_reads() -> None:
@@ -34,3 +37,21 @@ def test_a_cleared_slot_reads_as_never_written() -> None:
     board.write(0, {"generation": 1})
     board.clear(0)
     assert board.read(0) is None
+
+
+def test_the_publisher_listens_to_the_pools_it_watches_and_to_no_other() -> None:
+    before = [len(signal.receivers) for signal in CHANGES]
+    publisher = StatusPublisher(StatusBoard(slots=1, slot_size=4096))
+    with AgentPool(CounterAgent, name="watched", size=1) as watched, \
+            AgentPool(CounterAgent, name="other", size=1) as other:
+        publisher.watch(watched)
+
+        other.checkin(other.checkout())
+        assert not publisher._changed.is_set()
+        watched.checkin(watched.checkout())
+        assert publisher._changed.is_set()
+
+        # Connected to the watched pool alone: no receiver of every pool, none on the other.
+        assert [len(signal.receivers) for signal in CHANGES] == before
+        assert [watched.hooks.listeners(signal) for signal in CHANGES] == [1] * len(CHANGES)
+        assert [getattr(other.hooks, signal.key) for signal in CHANGES] == [()] * len(CHANGES)

@@ -11,6 +11,8 @@ import pytest
 
 import celery_warmpool
 
+from .import_graph import ImportGraph
+
 #: Every name the package exported before its modules moved into subpackages.
 PUBLIC_NAMES = {
     "Action", "ActionContext", "ActionFailed", "Agent", "AgentPool", "AgentReply",
@@ -63,3 +65,49 @@ def test_every_module_is_in_the_docs_layout_table():
                if path.name not in ("__init__.py", "__main__.py")}
     missing = sorted(module for module in modules if f"`{module}`" not in layout)
     assert not missing, f"modules docs/architecture.md's layout table does not name: {missing}"
+
+
+# -- who imports whom -------------------------------------------------------------------
+
+PACKAGE_ROOT = Path(celery_warmpool.__file__).parent
+CORE = "celery_warmpool.core"
+
+
+@pytest.fixture(scope="module")
+def graph() -> ImportGraph:
+    return ImportGraph.of_package(PACKAGE_ROOT)
+
+
+def test_no_circle_among_the_modules_of_the_core(graph):
+    assert graph.circles(within=CORE) == []
+
+
+def test_the_core_imports_nothing_of_the_package_above_it(graph):
+    assert graph.imports_outside(CORE) == []
+
+
+def test_the_import_reader_sees_every_kind_of_import(tmp_path):
+    # The two tests above pass vacuously if the reader misses imports: here it must
+    # find a circle made only of a type-only and a function-level import, and a
+    # layer broken by a relative import two levels up.
+    package = tmp_path / "pkg"
+    (package / "core").mkdir(parents=True)
+    (package / "side").mkdir()
+    for init in (package / "__init__.py", package / "core" / "__init__.py",
+                 package / "side" / "__init__.py"):
+        init.write_text("")
+    (package / "core" / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n")
+    (package / "core" / "b.py").write_text("def f():\n    from . import c\n")
+    (package / "core" / "c.py").write_text(
+        "import pkg.core.a\nfrom ..side.d import D\nfrom ..core import e\n")
+    (package / "core" / "e.py").write_text("import os\nfrom pkg import side\n")
+    (package / "side" / "d.py").write_text("from ..core.a import A\n")
+
+    found = ImportGraph.of_package(package)
+
+    assert found.circles(within="pkg.core") == [["pkg.core.a", "pkg.core.b", "pkg.core.c"]]
+    assert found.imports_of("pkg.core.c") == {"pkg.core.a", "pkg.side.d", "pkg.core.e"}
+    assert found.imports_outside("pkg.core") == [
+        "pkg.core.c -> pkg.side.d (line 2)", "pkg.core.e -> pkg.side (line 2)"]
+    assert found.circles() == [["pkg.core.a", "pkg.core.b", "pkg.core.c", "pkg.side.d"]]

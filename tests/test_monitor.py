@@ -146,21 +146,29 @@ def test_without_monitor_interval_nothing_listens(pools, clock, caplog):
     base, overflow = pool.checkout(), pool.checkout()
 
     assert len(telemetry.agent_checkout.receivers) == checkout_receivers
+    assert pool.hooks.agent_checkout == ()
+    assert pool.hooks.pool_exhausted == ()
     assert warnings(caplog) == []
     pool.checkin(overflow)
     pool.checkin(base)
 
 
-def test_closing_the_pool_stops_its_monitor(clock):
+def test_the_monitor_listens_to_its_own_pool_only_until_it_closes(clock):
     checkout_receivers = len(telemetry.agent_checkout.receivers)
     exhausted_receivers = len(telemetry.pool_exhausted.receivers)
     pool: AgentPool[Any] = AgentPool(CounterAgent, name="closing", size=1, clock=clock,
                                      monitor_interval=5)
+    other: AgentPool[Any] = AgentPool(CounterAgent, name="other", size=1, clock=clock)
     pool.start()
-    assert len(telemetry.agent_checkout.receivers) == checkout_receivers + 1
+    assert pool.hooks.listeners(telemetry.agent_checkout) == 1
+    assert pool.hooks.listeners(telemetry.pool_exhausted) == 1
+    assert other.hooks.agent_checkout == ()  # another pool pays nothing for it
+    assert len(telemetry.agent_checkout.receivers) == checkout_receivers
 
     pool.close()
 
+    assert pool.hooks.listeners(telemetry.agent_checkout) == 0
+    assert pool.hooks.listeners(telemetry.pool_exhausted) == 0
     assert len(telemetry.agent_checkout.receivers) == checkout_receivers
     assert len(telemetry.pool_exhausted.receivers) == exhausted_receivers
 

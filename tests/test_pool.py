@@ -7,6 +7,7 @@ Threads are coordinated with barriers, events and telemetry, never with sleeps.
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 import time
@@ -27,6 +28,7 @@ from celery_warmpool import (
     PoolExhausted,
     PoolSpec,
     PoolStartError,
+    PoolStatus,
     Signal,
     telemetry,
 )
@@ -883,6 +885,25 @@ def test_status_state_and_numbers_follow_checkouts(make_pool: Callable[..., Pool
         ("overflow", 0, 2, 0, 2),
         ("full", 0, 3, 1, 3),
     ]
+
+
+def test_status_is_a_whole_status_and_leaves_no_garbage(make_pool: Callable[..., Pool]) -> None:
+    # A prefork child's publisher reads it up to 50 times a second: garbage cycles there
+    # (model_construct calling default factories through inspect) cost every child memory.
+    pool = make_pool(size=1)
+    pool.checkin(pool.checkout())
+    status = pool.status()
+    assert status == PoolStatus.model_validate(status.model_dump())  # every field set
+    assert status.counters.checkouts == status.counters.checkins == 1
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            pool.status().model_dump(mode="json")
+        assert gc.collect() == 0
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
 
 
 # -- calls and transactions --------------------------------------------------------------

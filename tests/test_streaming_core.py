@@ -393,7 +393,7 @@ def test_the_local_stream_needs_no_celery() -> None:
 def test_run_stream_emits_every_chunk_in_order(pool: AgentPool[Writer]) -> None:
     emitted: list[Any] = []
     with pool.agent() as agent:
-        reply = pool.run_stream(agent, write(3), emitted.append)
+        reply = pool.work.run_stream(agent, write(3), emitted.append)
 
     assert emitted == ["word0", "word1", "word2"]
     assert reply.result == {"written": 3, "words": emitted}
@@ -409,7 +409,7 @@ def test_a_reader_gone_closes_the_generator_and_the_agent_stays_healthy(
         emitted.append(chunk)
 
     with pool.agent() as agent, pytest.raises(StreamCancelled):
-        pool.run_stream(agent, write(10), emit)
+        pool.work.run_stream(agent, write(10), emit)
 
     assert emitted == ["word0", "word1"]
     assert (agent.finally_ran, agent.broken, agent.state.written) == (1, None, 0)
@@ -425,7 +425,7 @@ def test_an_emit_that_fails_fails_the_stream_and_closes_the_generator(
         raise ConnectionError("result store gone")
 
     with pool.agent() as agent, pytest.raises(ConnectionError):
-        pool.run_stream(agent, write(3), emit)
+        pool.work.run_stream(agent, write(3), emit)
 
     assert (agent.finally_ran, agent.state.written) == (1, 0)
     assert counters(pool, *STREAM_COUNTERS) == {
@@ -444,7 +444,7 @@ def test_run_stream_stops_when_its_cancellation_is_cancelled(
             cancellation.cancel()
 
     with pool.agent() as agent, pytest.raises(StreamCancelled, match="by its caller"):
-        pool.run_stream(agent, write(10), emit, cancellation)
+        pool.work.run_stream(agent, write(10), emit, cancellation)
 
     assert (emitted, agent.finally_ran) == (["word0", "word1"], 1)
 
@@ -454,7 +454,7 @@ def test_run_stream_of_a_cancelled_call_runs_nothing(pool: AgentPool[Writer]) ->
     cancellation.cancel()
 
     with pool.agent() as agent, pytest.raises(StreamCancelled, match="before it started"):
-        pool.run_stream(agent, write(3), [].append, cancellation)
+        pool.work.run_stream(agent, write(3), [].append, cancellation)
 
     assert agent.finally_ran == 0
     assert counters(pool, "streams_started", "streams_cancelled") == {
@@ -465,7 +465,7 @@ def test_run_stream_of_a_plain_action_is_a_call_without_chunks(
         pool: AgentPool[Writer]) -> None:
     emitted: list[Any] = []
     with pool.agent() as agent:
-        reply = pool.run_stream(agent, Signal.new("count"), emitted.append)
+        reply = pool.work.run_stream(agent, Signal.new("count"), emitted.append)
 
     assert (emitted, reply.result) == ([], {"written": 1})
 

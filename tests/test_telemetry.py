@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -215,3 +216,81 @@ def test_receivers_are_disconnected_after_the_block() -> None:
         assert telemetry.agent_checkout.receivers
 
     assert not telemetry.agent_checkout.receivers
+
+
+# -- listening to one pool ---------------------------------------------------------------
+
+
+def test_every_pool_signal_has_its_place_in_a_pools_hooks() -> None:
+    keys_of_pool_signals = {signal.key for signal in telemetry.POOL_SIGNALS}
+    assert keys_of_pool_signals == set(telemetry.PoolHooks.__annotations__)
+    assert {signal for signal in ALL_SIGNALS if signal.per_pool} == set(telemetry.POOL_SIGNALS)
+    assert len(telemetry.POOL_SIGNALS) == 9
+
+
+def test_a_receiver_of_one_pool_is_kept_by_that_pool_and_costs_the_others_nothing(
+        tracker: Tracker) -> None:
+    watched = tracked_pool(tracker, size=1).start()
+    other = tracked_pool(tracker, size=1).start()
+    everyone = len(telemetry.agent_checkout.receivers)
+    try:
+        with receiving(telemetry.agent_checkout, sender=watched) as out:
+            assert len(telemetry.agent_checkout.receivers) == everyone  # not the signal's
+            assert watched.hooks.listeners(telemetry.agent_checkout) == 1
+            assert other.hooks.agent_checkout == ()  # one attribute test, nothing to call
+            other.checkin(other.checkout())
+            agent = watched.checkout()
+            watched.checkin(agent)
+        assert [call["agent"] for call in out.calls] == [agent]
+        assert [call["sender"] for call in out.calls] == [watched]
+        assert watched.hooks.agent_checkout == ()  # disconnected after the block
+    finally:
+        watched.close()
+        other.close()
+
+
+def test_a_receiver_of_every_pool_reaches_pools_made_before_and_after_it(
+        tracker: Tracker) -> None:
+    before = tracked_pool(tracker, size=1).start()
+    with receiving(telemetry.agent_checkin) as back:
+        after = tracked_pool(tracker, size=1).start()
+        assert before.hooks.agent_checkin and after.hooks.agent_checkin
+        for pool in (before, after):
+            pool.checkin(pool.checkout())
+    assert [call["sender"] for call in back.calls] == [before, after]
+    assert before.hooks.agent_checkin == () and after.hooks.agent_checkin == ()
+    before.close()
+    after.close()
+
+
+def test_a_pools_own_receivers_hear_it_however_they_were_connected(pool: Pool) -> None:
+    heard: list[str] = []
+
+    def by_hooks(**kwargs: Any) -> None:
+        heard.append("hooks")
+
+    def by_signal(**kwargs: Any) -> None:
+        heard.append("signal")
+
+    pool.hooks.connect(telemetry.agent_checkin, by_hooks)
+    telemetry.agent_checkin.connect(by_signal, sender=pool)
+    pool.checkin(pool.checkout())
+    telemetry.agent_checkin.send(pool, agent=None, held=0.0)  # sent by hand, as to any sender
+    assert heard == ["hooks", "signal", "hooks", "signal"]
+
+    pool.hooks.disconnect(telemetry.agent_checkin, by_hooks)
+    telemetry.agent_checkin.disconnect(by_signal, sender=pool)
+    pool.checkin(pool.checkout())
+    assert len(heard) == 4
+
+
+def test_a_weak_receiver_of_one_pool_goes_when_it_is_collected(pool: Pool) -> None:
+    def receiver(**kwargs: Any) -> None:
+        pass
+
+    telemetry.agent_checkout.connect(receiver, sender=pool)
+    assert pool.hooks.listeners(telemetry.agent_checkout) == 1
+    del receiver
+    gc.collect()
+    assert pool.hooks.listeners(telemetry.agent_checkout) == 0
+    assert pool.hooks.agent_checkout == ()

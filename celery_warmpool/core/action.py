@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -14,10 +14,31 @@ from .errors import ConfigurationError, InvalidSignal
 from .validation import describe, error_details
 
 if TYPE_CHECKING:
-    from .agent import Agent
     from .signal import Signal
 
-__all__ = ["Action", "ActionContext", "BatchAction", "NoParams", "Result"]
+__all__ = ["Action", "ActionContext", "AgentView", "BatchAction", "NoParams", "Result"]
+
+
+class AgentView(Protocol):
+    """What an action sees of the agent running it: an :class:`~.agent.Agent` is one.
+
+    Written here rather than naming the agent's class, which routes to actions and so
+    imports this module.
+    """
+
+    #: The agent's id, unique in its pool.
+    id: str
+    #: The agent's state (as it stands before the action; see ``ActionContext.state``).
+    state: Any
+    #: What the agent class's ``preload`` returned for its pool on this node, or ``None``.
+    shared: Any
+    #: This process's slot among the node's prefork children (0 elsewhere).
+    process_index: int
+    #: The agent's own options (its pool's ``worker_opts``, deep-copied).
+    options: dict[str, Any]
+    #: The pool and node it serves, once a pool built it.
+    pool_name: str | None
+    node: str | None
 
 
 class NoParams(BaseModel):
@@ -35,7 +56,7 @@ class ActionContext:
     (a client, a model) are the agent's own objects.
     """
 
-    agent: Agent[Any]
+    agent: AgentView
     state: Any
     event: Signal
     #: Every signal of a batch (see :class:`BatchAction`); ``(event,)`` for one call.

@@ -2,12 +2,24 @@
 
 A batch opens with its first signal and closes when it holds ``max_batch_size`` signals,
 or when ``batch_wait_timeout`` seconds have passed and an agent is free to run it: while
-every agent is busy, it keeps filling. The caller whose signal opened it runs it on one
-agent and hands every other caller its own outcome; the signals that arrive after it
-closed open the next batch. A signal whose ``timeout`` passes
-before its batch gets an agent is answered with :class:`CheckoutTimeout` and never runs.
+every agent is busy, it keeps filling. The caller whose signal opened it leads it: it
+gets an agent, runs the batch on it and hands every other caller its own outcome; the
+signals that arrive after it closed open the next batch.
 
-This is the in-process side (threads or greenlets calling :meth:`AgentPool.call`); in a
+Each caller waits within its own ``timeout`` and no longer, whoever else is in the batch:
+
+- a follower whose ``timeout`` passes before its batch has an agent leaves it at that
+  moment with :class:`CheckoutTimeout`; its signal never runs;
+- a leader waits for the batch to fill and for an agent within its own ``timeout`` only;
+  past it, it fails with :class:`CheckoutTimeout` and hands the lead to the oldest
+  follower still in time (which goes on waiting within its own), or, if there is none,
+  answers those left with :class:`CheckoutTimeout` too;
+- a leader interrupted (``KeyboardInterrupt``, a time limit, any ``BaseException``)
+  before the batch runs hands it on the same way; interrupted while the batch runs, it
+  answers every follower with :class:`ActionFailed` (the batch may have run in part).
+  No follower is ever left waiting for a leader that is gone.
+
+This is the in-process side (threads or greenlets calling ``AgentPool.call``); in a
 Celery worker the messages of a pool are grouped before they reach a process (see
 ``celery_warmpool.worker.batches``), with :class:`BatchWindow` deciding when.
 """
@@ -17,17 +29,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
 from .action import BatchAction
-from .errors import CallTimeout, CheckoutTimeout, PoolExhausted, WarmPoolError
+from .agent import Agent
+from .errors import ActionFailed, CallTimeout, CheckoutTimeout, PoolExhausted, WarmPoolError
+from .lease import Lender
 from .reply import AgentReply
 from .signal import Signal
 
-if TYPE_CHECKING:
-    from .pool import AgentPool
-
 __all__ = ["BatchWindow", "Batcher"]
+
+AgentT = TypeVar("AgentT", bound=Agent[Any])
+#: Runs a batch's signals on a lent agent within a call_timeout (AgentWork's).
+RunBatch = Callable[[AgentT, list[Signal], str, float | None], list[AgentReply | WarmPoolError]]
 
 
 class BatchWindow:
@@ -61,7 +76,7 @@ class BatchWindow:
 class _Item:
     """One caller's signal in a batch, and what became of it."""
 
-    __slots__ = ("arrived", "call_timeout", "deadline", "done", "event", "outcome")
+    __slots__ = ("arrived", "call_timeout", "deadline", "event", "outcome", "promoted", "woken")
 
     def __init__(self, event: Signal, deadline: float | None,
                  call_timeout: float | None) -> None:
@@ -69,30 +84,65 @@ class _Item:
         self.event = event
         self.deadline = deadline
         self.call_timeout = call_timeout
-        self.done = threading.Event()
+        #: Set once it has its outcome, or was handed the lead of its batch.
+        self.woken = threading.Event()
         self.outcome: AgentReply | BaseException | None = None
+        self.promoted = False
+
+    def remaining(self) -> float | None:
+        """Seconds left to its deadline (0 once past), or ``None`` without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def in_time(self, now: float) -> bool:
+        """Whether its deadline has not passed at ``now``."""
+        return self.deadline is None or self.deadline >= now
 
     def finish(self, outcome: AgentReply | BaseException) -> None:
+        """Give it its outcome and let its caller go."""
         self.outcome = outcome
-        self.done.set()
+        self.woken.set()
+
+    def promote(self) -> None:
+        """Hand it the lead of its batch."""
+        self.promoted = True
+        self.woken.set()
+
+    def result(self) -> AgentReply:
+        """Its reply, or raise its error."""
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        assert self.outcome is not None
+        return self.outcome
 
 
 class _Batch:
-    """The items of one batch while it fills."""
+    """The callers of one batch still waiting for it to run (its leader first)."""
 
-    __slots__ = ("items", "window")
+    __slots__ = ("items", "running", "window")
 
     def __init__(self, action: BatchAction) -> None:
         self.items: list[_Item] = []
         self.window = BatchWindow(action)
+        #: Whether it has an agent: from then on no caller leaves it.
+        self.running = False
 
 
-class Batcher:
-    """Groups one pool's concurrent calls to one batch action (see the module)."""
+class Batcher(Generic[AgentT]):
+    """Groups one pool's concurrent calls to one batch action (see the module).
 
-    def __init__(self, pool: AgentPool[Any], action: BatchAction) -> None:
-        self.pool = pool
+    Arguments:
+        lender: lends the agents batches run on.
+        action: the batch action.
+        run: runs a batch's signals on a lent agent within a call_timeout.
+    """
+
+    def __init__(self, lender: Lender[AgentT], action: BatchAction,
+                 run: RunBatch[AgentT]) -> None:
+        self.lender = lender
         self.action = action
+        self._run_batch = run
+        #: Guards which batch is filling and every batch's items; notified when the
+        #: filling batch is full.
         self._ready = threading.Condition(threading.Lock())
         #: The batch callers join now; a full one is closed at once, so that the next
         #: caller opens (and leads) the next batch.
@@ -102,102 +152,150 @@ class Batcher:
              call_timeout: float | None = None) -> AgentReply:
         """Handle ``event`` in a batch; return its reply or raise its error.
 
-        ``call_timeout`` bounds the batch it runs in (the shortest of its callers').
+        ``timeout`` bounds this caller's wait for its batch to get an agent, whatever
+        the others' are; ``call_timeout`` bounds the batch it runs in (the shortest of
+        its callers').
 
         Raises:
-            CheckoutTimeout: no agent was free for its batch within ``timeout``.
+            CheckoutTimeout: no agent was free for its batch within ``timeout``; its
+                signal did not run.
             CallTimeout: its batch overran; the agent is replaced.
-            ActionFailed, InvalidSignal: for this signal alone.
+            ActionFailed, InvalidSignal: for this signal alone (or the batch's leader
+                was interrupted while it ran).
         """
         item = _Item(event, None if timeout is None else time.monotonic() + timeout,
                      call_timeout)
         with self._ready:
-            batch, leads = self._filling, self._filling is None
+            batch = self._filling
+            leads = batch is None
             if batch is None:
                 batch = self._filling = _Batch(self.action)
             batch.items.append(item)
             if batch.window.add():
                 self._filling = None
                 self._ready.notify_all()
-            elif leads:
-                self._wait_until_due(batch)
-        if leads:
-            self._run(batch)
-        item.done.wait()
-        if isinstance(item.outcome, BaseException):
-            raise item.outcome
-        assert item.outcome is not None
-        return item.outcome
+        if leads or self._follow(batch, item):
+            self._lead(batch, item)
+        return item.result()
 
-    def _wait_until_due(self, batch: _Batch) -> None:
-        """As its leader: wait until ``batch`` is full or its wait is over."""
-        while self._filling is batch:
-            remaining = batch.window.remaining()
-            if remaining <= 0:
-                return
-            self._ready.wait(remaining)
-
-    def _close(self, batch: _Batch) -> list[_Item]:
+    def pending(self) -> int:
+        """Callers waiting for their batch to run (leaders included)."""
         with self._ready:
-            if self._filling is batch:
-                self._filling = None
-            return list(batch.items)
+            return 0 if self._filling is None else len(self._filling.items)
 
-    def _run(self, batch: _Batch) -> None:
-        """Get an agent, close ``batch``, run it; every caller gets its outcome."""
+    # -- following ---------------------------------------------------------------------
+
+    def _follow(self, batch: _Batch, item: _Item) -> bool:
+        """Wait for the outcome, or the lead (say so), or leave at the deadline."""
+        if not item.woken.wait(item.remaining()):
+            with self._ready:
+                if not (item.woken.is_set() or batch.running):
+                    # Not run, and now never: out of the batch before anyone runs it.
+                    batch.items.remove(item)
+                    item.finish(self._timed_out(item))
+                    return False
+            item.woken.wait()  # handed something meanwhile, or its batch runs already
+        return item.outcome is None
+
+    # -- leading -----------------------------------------------------------------------
+
+    def _lead(self, batch: _Batch, item: _Item) -> None:
+        """Get an agent for ``batch`` within this caller's deadline, run it, answer all."""
         try:
-            agent = self._agent_for(batch)
+            self._wait_until_due(batch, item)
+            agent = self._agent_within(item)
         except BaseException as exc:
-            _finish_all(self._close(batch), exc)
-            if not isinstance(exc, Exception):
+            self._hand_on(batch, item)
+            if not isinstance(exc, CheckoutTimeout):
                 raise
+            item.finish(self._timed_out(item))
             return
-        live = self._in_time(self._close(batch))
-        if not live:  # every one of them came too late
-            self.pool.checkin(agent)
-            return
-        bounds = [item.call_timeout for item in live if item.call_timeout is not None]
-        label = f"a batch of {len(live)} {self.action.name!r} signals"
+        live = self._close(batch, item)
         try:
-            outcomes: list[AgentReply | WarmPoolError] = self.pool.run_timeboxed(
-                agent, lambda: self.pool.run_batch(agent, [item.event for item in live]),
-                label, min(bounds) if bounds else None)
+            outcomes = self._run_batch(
+                agent, [each.event for each in live],
+                f"a batch of {len(live)} {self.action.name!r} signals",
+                min((each.call_timeout for each in live if each.call_timeout is not None),
+                    default=None))
         except CallTimeout as exc:  # the agent was abandoned: it is not checked in
             _finish_all(live, exc)
             return
         except BaseException as exc:
-            self.pool.checkin(agent)
-            _finish_all(live, exc)
+            self.lender.checkin(agent)
+            _finish_all(live, exc if isinstance(exc, Exception) else self._interrupted(exc))
             raise
-        self.pool.checkin(agent)
-        for item, outcome in zip(live, outcomes, strict=True):
-            item.finish(outcome)
+        self.lender.checkin(agent)
+        for each, outcome in zip(live, outcomes, strict=True):
+            each.finish(outcome)
 
-    def _agent_for(self, batch: _Batch) -> Any:
-        """An agent at once if one is free; else wait for one while the batch keeps filling."""
+    def _wait_until_due(self, batch: _Batch, item: _Item) -> None:
+        """Wait until ``batch`` is full or its wait is over, or the leader's deadline."""
+        with self._ready:
+            while self._filling is batch:
+                due, own = batch.window.remaining(), item.remaining()
+                wait = due if own is None else min(due, own)
+                if wait <= 0:
+                    return
+                self._ready.wait(wait)
+
+    def _agent_within(self, item: _Item) -> AgentT:
+        """An agent at once if one is free; else wait for one until ``item``'s deadline
+        (the batch keeps filling meanwhile).
+
+        Raises:
+            CheckoutTimeout: none came free in time.
+        """
         try:
-            return self.pool.checkout(block=False)
+            return self.lender.checkout(block=False)
         except PoolExhausted:
             pass
-        deadlines = [item.deadline for item in batch.items]
-        timeout = (None if None in deadlines
-                   else max(0.0, max(d for d in deadlines if d is not None) - time.monotonic()))
-        return self.pool.checkout(timeout=timeout)
+        return self.lender.checkout(timeout=item.remaining())
 
-    def _in_time(self, items: list[_Item]) -> list[_Item]:
-        """The items whose deadline has not passed; the others are answered."""
+    def _close(self, batch: _Batch, leader: _Item) -> list[_Item]:
+        """Close ``batch`` (its leader has an agent); the items to run, in the order they
+        came (those past their deadline are answered instead)."""
         now = time.monotonic()
-        live = []
-        for item in items:
-            if item.deadline is not None and item.deadline < now:
-                waited = now - item.arrived
-                item.finish(CheckoutTimeout(
-                    f"pool {self.pool.name!r}: no agent free for the batch after waiting "
-                    f"{waited:.3f}s; the signal was not run", self.pool.name, waited,
-                    self.pool.size, self.pool.max_overflow))
-            else:
-                live.append(item)
-        return live
+        with self._ready:
+            batch.running = True
+            if self._filling is batch:
+                self._filling = None
+            live = []
+            for each in batch.items:
+                if each is leader or each.in_time(now):  # the leader got its agent in time
+                    live.append(each)
+                else:  # past its deadline and not yet gone: it is answered here
+                    each.finish(self._timed_out(each))
+            return live
+
+    def _hand_on(self, batch: _Batch, leader: _Item) -> None:
+        """The leader leaves before the batch ran: the oldest follower in time leads it,
+        or, with none in time, every follower left is answered with CheckoutTimeout."""
+        now = time.monotonic()
+        with self._ready:
+            batch.items.remove(leader)
+            successor = next((each for each in batch.items if each.in_time(now)), None)
+            if successor is not None:
+                successor.promote()
+                return
+            if self._filling is batch:
+                self._filling = None  # nobody leads it: the next caller opens another
+            late, batch.items = batch.items, []
+        for each in late:
+            each.finish(self._timed_out(each))
+
+    def _timed_out(self, item: _Item) -> CheckoutTimeout:
+        waited = time.monotonic() - item.arrived
+        return CheckoutTimeout(
+            f"pool {self.lender.name!r}: no agent free for the batch after waiting "
+            f"{waited:.3f}s; the signal was not run", self.lender.name, waited,
+            self.lender.size, self.lender.max_overflow)
+
+    def _interrupted(self, exc: BaseException) -> ActionFailed:
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return ActionFailed(
+            f"pool {self.lender.name!r}: the batch of {self.action.name!r} this signal was "
+            f"in was interrupted while it ran ({cause}); the signal may have run",
+            None, self.action.name, cause)
 
 
 def _finish_all(items: list[_Item], outcome: BaseException) -> None:

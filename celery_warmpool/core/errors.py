@@ -226,7 +226,7 @@ class StreamCancelled(Exception):
     """The reader of a stream went away: stop producing chunks.
 
     Internal control flow, not an error a caller sees, hence not a :class:`WarmPoolError`:
-    the sink a worker gives :meth:`AgentPool.run_stream` raises it from ``emit`` when
+    the sink a worker gives ``pool.work.run_stream`` raises it from ``emit`` when
     nobody reads any more, and ``run_stream`` raises it back after closing the action's
     generator at its ``yield``. The agent is not broken by it and its state is unchanged.
     """

@@ -19,12 +19,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from . import telemetry
-
-if TYPE_CHECKING:
-    from .pool import AgentPool
+from .status import PoolStatus
 
 __all__ = ["PoolMonitor"]
 
@@ -34,13 +32,24 @@ logger = logging.getLogger(__name__)
 class PoolMonitor:
     """Watches one pool's checkouts; warns at most once per ``interval`` under pressure.
 
-    :class:`AgentPool` starts one when ``monitor_interval`` is set and stops it on close;
-    it listens to the pool's own telemetry, so a pool without one pays nothing.
+    The pool starts one when ``monitor_interval`` is set and stops it on close; it
+    listens to that pool's own telemetry (its ``hooks``), so a pool without one pays
+    nothing.
+
+    Arguments:
+        name: the pool's name, for the warning.
+        status: reads the pool's status (the numbers of the warning).
+        hooks: the pool's telemetry: listened to, and where ``pool_pressure`` is sent.
+        interval: the fewest seconds between two warnings.
+        clock: the clock ``interval`` is measured on.
     """
 
-    def __init__(self, pool: AgentPool[Any], interval: float,
+    def __init__(self, name: str, status: Callable[[], PoolStatus],
+                 hooks: telemetry.PoolHooks, interval: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.pool = pool
+        self.name = name
+        self._status = status
+        self._hooks = hooks
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
@@ -51,16 +60,16 @@ class PoolMonitor:
     def start(self) -> Self:
         """Listen to the pool's checkouts."""
         if not self._running:
-            telemetry.agent_checkout.connect(self._on_checkout, sender=self.pool, weak=False)
-            telemetry.pool_exhausted.connect(self._on_exhausted, sender=self.pool, weak=False)
+            self._hooks.connect(telemetry.agent_checkout, self._on_checkout, weak=False)
+            self._hooks.connect(telemetry.pool_exhausted, self._on_exhausted, weak=False)
             self._running = True
         return self
 
     def stop(self) -> None:
         """Stop listening. Safe to call twice."""
         if self._running:
-            telemetry.agent_checkout.disconnect(self._on_checkout, sender=self.pool)
-            telemetry.pool_exhausted.disconnect(self._on_exhausted, sender=self.pool)
+            self._hooks.disconnect(telemetry.agent_checkout, self._on_checkout)
+            self._hooks.disconnect(telemetry.pool_exhausted, self._on_exhausted)
             self._running = False
 
     def pressure(self, exhausted: bool) -> bool:
@@ -79,7 +88,7 @@ class PoolMonitor:
             self._events += 1
             if self._last_warning is not None and now - self._last_warning < self.interval:
                 return False
-        status = self.pool.status()
+        status = self._status()
         if not exhausted and status.available > 0:
             return False
         with self._lock:
@@ -90,11 +99,11 @@ class PoolMonitor:
             events, self._events = self._events, 0
         logger.warning(
             "pool %r is exhausted%s: size=%d checked_out=%d overflow=%d max_overflow=%d "
-            "waiting=%d (pressure events since the last warning: %d)", self.pool.name,
+            "waiting=%d (pressure events since the last warning: %d)", self.name,
             " and running on overflow" if status.overflow else "", status.size,
             status.checked_out, status.overflow, status.max_overflow, status.waiting, events)
-        if telemetry.pool_pressure.receivers:
-            telemetry.pool_pressure.send(self.pool, status=status, events=events)
+        if self._hooks.pool_pressure:
+            self._hooks.send(telemetry.pool_pressure, status=status, events=events)
         return True
 
     def _on_checkout(self, sender: Any = None, overflow: bool = False, **kwargs: Any) -> None:

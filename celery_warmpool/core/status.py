@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["PoolCounters", "PoolState", "PoolStatus"]
+__all__ = ["PoolCounters", "PoolState", "PoolStatus", "local_status"]
 
 PoolState = Literal["ready", "overflow", "full"]
 
@@ -133,3 +134,18 @@ def _combined_state(leaves: list[PoolStatus]) -> PoolState:
     if "overflow" in states:
         return "overflow"
     return "full"
+
+
+def local_status(pool: str, node: str | None, lending: Mapping[str, Any],
+                 work: Mapping[str, int], last_error: str | None) -> PoolStatus:
+    """One pool's status in this process, from numbers read under its locks: ``lending``
+    the lending policy's (its ``counters`` included), ``work`` the work counters.
+
+    Built after the locks are released: the pool's checkouts never wait for pydantic.
+    """
+    # Validated, counters from a plain dict: pydantic's compiled validation is about twice
+    # as fast as model_construct, which also calls every default factory through
+    # inspect.signature (and leaves garbage cycles a prefork child pays for in memory).
+    return PoolStatus.model_validate({
+        **lending, "counters": {**work, **lending["counters"]}, "pool": pool, "node": node,
+        "last_error": last_error, "updated_at": time.time()})

@@ -1,9 +1,11 @@
-"""AgentWork: running work on agents an :class:`~.pool.AgentPool` lends. It imports no Celery.
+"""AgentWork: running work on agents a pool lends. It imports no Celery.
 
 The pool lends agents (checkout, checkin, overflow, replacement); this module is what is
 done with a lent agent: a call, a transaction, a batch, a stream, each within its time
-bound, each counted in the pool's counters (its status reads them there). The pool's
-``call``, ``transaction``, ``stream`` and ``run_*`` methods are its public faces.
+bound, each counted in the pool's counters (its status reads them there). It knows the
+pool only as a :class:`~.lease.Lender`. The pool's ``call``, ``transaction`` and
+``stream`` are its public faces; a worker that checks agents out itself runs its work
+with ``pool.work.run_signals``, ``run_batch``, ``run_stream`` and ``overran``.
 
 Python cannot stop a thread, so work that overruns its ``call_timeout`` is abandoned:
 the caller gets :class:`CallTimeout`, the agent leaves the pool and a replacement is
@@ -14,57 +16,46 @@ thread and stopped between chunks instead: its generator is closed at a ``yield`
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .action import BatchAction
 from .agent import Agent
 from .batching import Batcher
 from .cancellation import NEVER, Cancellation
 from .errors import CallTimeout, StreamCancelled, UnknownSignal, WarmPoolError
+from .lease import Lease, Lender
 from .reply import AgentReply
 from .runner import Overran, TimeboxedRunner
 from .signal import Signal
 from .stream import Stream, drain
 
-if TYPE_CHECKING:
-    from .pool import AgentPool
-
-__all__ = ["AgentWork", "Lease"]
+__all__ = ["AgentWork"]
 
 AgentT = TypeVar("AgentT", bound=Agent[Any])
 R = TypeVar("R")
 
 
-class Lease:
-    """Whether a lent agent was abandoned to overrunning work (and so not checked in)."""
-
-    __slots__ = ("abandoned",)
-
-    def __init__(self) -> None:
-        self.abandoned = False
-
-
 class AgentWork(Generic[AgentT]):
-    """Runs calls, transactions, batches and streams on the agents ``pool`` lends.
+    """Runs calls, transactions, batches and streams on the agents ``lender`` lends.
 
     Arguments:
-        pool: lends the agents, replaces those given up, and holds the counters.
+        lender: lends the agents, replaces those given up, and holds the counters.
         clock: the clock a local stream's ``call_timeout`` is measured on (the pool's).
     """
 
-    def __init__(self, pool: AgentPool[AgentT], clock: Callable[[], float]) -> None:
-        self.pool = pool
+    def __init__(self, lender: Lender[AgentT], clock: Callable[[], float]) -> None:
+        self.lender = lender
         self._clock = clock
-        self._runner = TimeboxedRunner(pool.name)
-        self._batchers: dict[int, Batcher] = {}
+        self._runner = TimeboxedRunner(lender.name)
+        self._batchers: dict[int, Batcher[AgentT]] = {}
 
     # -- calls -------------------------------------------------------------------------
 
     def call(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
              call_timeout: float | None = None) -> AgentReply:
-        """Handle one signal on a checked-out agent (see :meth:`AgentPool.call`)."""
+        """Handle one signal on a checked-out agent (see :meth:`.pool.AgentPool.call`)."""
         event = Signal.parse(signal)
-        batcher = self._batcher_for(event)
+        batcher = self.batcher_for(event)
         if batcher is not None:
             return batcher.call(event, timeout, call_timeout)
         return self._run(lambda agent: self.run_signals(agent, [event])[0], event.type,
@@ -102,9 +93,15 @@ class AgentWork(Generic[AgentT]):
         """
         outcomes = agent.handle_batch(events)
         failed = sum(not isinstance(outcome, AgentReply) for outcome in outcomes)
-        self.pool.record(calls=len(outcomes), call_failures=failed, batches=1,
-                         batched=len(outcomes))
+        self.lender.counters.add(calls=len(outcomes), call_failures=failed, batches=1,
+                                 batched=len(outcomes))
         return outcomes
+
+    def run_batch_within(self, agent: AgentT, events: list[Signal], label: str,
+                         call_timeout: float | None) -> list[AgentReply | WarmPoolError]:
+        """:meth:`run_batch` within ``call_timeout`` (see :meth:`run_timeboxed`)."""
+        return self.run_timeboxed(agent, lambda: self.run_batch(agent, events), label,
+                                  call_timeout)
 
     def run_timeboxed(self, agent: AgentT, work: Callable[[], R], label: str,
                       call_timeout: float | None) -> R:
@@ -118,7 +115,7 @@ class AgentWork(Generic[AgentT]):
             return work()
         try:
             return self._runner.run(work, call_timeout,
-                                    on_abandon=lambda: self.pool.finish_abandoned(agent))
+                                    on_abandon=lambda: self.lender.finish_abandoned(agent))
         except Overran:
             raise self.overran(agent, label, call_timeout) from None
 
@@ -126,18 +123,18 @@ class AgentWork(Generic[AgentT]):
         """Give up on ``agent``, whose work on ``label`` outlasted ``call_timeout``.
 
         The agent leaves the pool at once and a replacement is built; whoever runs the
-        overrunning work calls :meth:`AgentPool.finish_abandoned` when it ends. Returns the error
-        for the caller.
+        overrunning work calls the pool's ``finish_abandoned`` when it ends. Returns the
+        error for the caller.
         """
-        self.pool.abandon(agent, f"call_timeout={call_timeout}s exceeded")
+        self.lender.abandon(agent, f"call_timeout={call_timeout}s exceeded")
         return CallTimeout(
-            f"pool {self.pool.name!r}: {label} took longer than call_timeout={call_timeout}s; "
+            f"pool {self.lender.name!r}: {label} took longer than call_timeout={call_timeout}s; "
             f"agent {agent.id} is being replaced", label, call_timeout)
 
     def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
              call_timeout: float | None) -> R:
-        agent = self.pool.checkout(timeout=timeout)
-        with self.pool.lent(agent) as lease:
+        agent = self.lender.checkout(timeout=timeout)
+        with self.lender.lent(agent) as lease:
             try:
                 return self.run_timeboxed(agent, lambda: work(agent), label, call_timeout)
             except CallTimeout:
@@ -149,13 +146,15 @@ class AgentWork(Generic[AgentT]):
         try:
             reply = agent.handle(signal, cancellation)
         except Exception:
-            self.pool.record(calls=1, call_failures=1)
+            self.lender.counters.count_call(failed=True)
             raise
-        self.pool.record(calls=1)
+        self.lender.counters.count_call()
         return reply
 
-    def _batcher_for(self, event: Signal) -> Batcher | None:
-        agent_class = self.pool.agent_class
+    def batcher_for(self, event: Signal) -> Batcher[AgentT] | None:
+        """The batcher calls of ``event`` join, if its action is a batch action (known
+        once the pool built an agent); ``None`` otherwise."""
+        agent_class = self.lender.agent_class
         if agent_class is None:
             return None
         try:
@@ -167,7 +166,8 @@ class AgentWork(Generic[AgentT]):
         # setdefault is atomic: two callers racing for a new action get one batcher.
         batcher = self._batchers.get(id(action))
         if batcher is None:
-            batcher = self._batchers.setdefault(id(action), Batcher(self.pool, action))
+            batcher = self._batchers.setdefault(
+                id(action), Batcher(self.lender, action, self.run_batch_within))
         return batcher
 
     # -- streams -----------------------------------------------------------------------
@@ -176,7 +176,7 @@ class AgentWork(Generic[AgentT]):
                call_timeout: float | None = None) -> Stream:
         """Check an agent out and stream ``signal`` on it (see :meth:`AgentPool.stream`)."""
         event = Signal.parse(signal)
-        agent = self.pool.checkout(timeout=timeout)
+        agent = self.lender.checkout(timeout=timeout)
         lease = Lease()
         chunks = self._counted_stream(agent, event, NEVER)
         if call_timeout is not None:
@@ -185,9 +185,9 @@ class AgentWork(Generic[AgentT]):
         def end() -> None:
             # After the generator is closed: an agent given up is torn down, not lent again.
             if lease.abandoned:
-                self.pool.finish_abandoned(agent)
+                self.lender.finish_abandoned(agent)
             else:
-                self.pool.checkin(agent)
+                self.lender.checkin(agent)
 
         return Stream(chunks, end)
 
@@ -205,7 +205,7 @@ class AgentWork(Generic[AgentT]):
             InvalidSignal, UnknownSignal, ActionFailed: as :meth:`Agent.handle`.
         """
         if cancellation.cancelled:
-            self.pool.record(streams_started=1, streams_cancelled=1)
+            self.lender.counters.add(streams_started=1, streams_cancelled=1)
             raise StreamCancelled(f"stream of {event.type!r} cancelled before it started")
 
         def deliver(chunk: Any) -> None:
@@ -232,7 +232,7 @@ class AgentWork(Generic[AgentT]):
     def _counted_stream(self, agent: AgentT, event: Signal,
                         cancellation: Cancellation) -> Generator[Any, None, AgentReply]:
         """``agent.stream(event)``, counted: closing it counts the stream as cancelled."""
-        self.pool.record(streams_started=1)
+        self.lender.counters.add(streams_started=1)
         produced = 0
         try:
             chunks = agent.stream(event, cancellation)
@@ -249,12 +249,12 @@ class AgentWork(Generic[AgentT]):
                     chunks.close()
                     raise
         except (GeneratorExit, StreamCancelled):
-            self.pool.record(chunks=produced, streams_cancelled=1)
+            self.lender.counters.add(chunks=produced, streams_cancelled=1)
             raise
         except BaseException:
-            self.pool.record(chunks=produced, calls=1, call_failures=1)
+            self.lender.counters.add(chunks=produced, calls=1, call_failures=1)
             raise
-        self.pool.record(chunks=produced, calls=1, streams_finished=1)
+        self.lender.counters.add(chunks=produced, calls=1, streams_finished=1)
         return reply
 
 

@@ -433,17 +433,17 @@ def _watched(runtime: WorkerRuntime, agent_pool: Any, agent: Any, items: list[di
     Returns the outcomes, or ``None`` if it overran (the agent is abandoned).
     """
     if bound is None:
-        return list(agent_pool.run_batch(agent, events))
+        return list(agent_pool.work.run_batch(agent, events))
     watchdog = Watchdog.of_this_process()
 
     def overran() -> None:
-        error = agent_pool.overran(agent, f"a batch of {len(events)} signals", bound)
+        error = agent_pool.work.overran(agent, f"a batch of {len(events)} signals", bound)
         for item in items:
             store(runtime, item, error)
 
     token = watchdog.watch(bound, overran)
     try:
-        outcomes = list(agent_pool.run_batch(agent, events))
+        outcomes = list(agent_pool.work.run_batch(agent, events))
     finally:
         in_time = watchdog.done(token)
     return outcomes if in_time else None

@@ -105,8 +105,8 @@ class CallHandler:
             if stream:
                 return [self._stream(task, agent_pool, agent, events[0], call_timeout,
                                      stopped, cancellation)]
-            return agent_pool.run_signals(agent, events, transaction=transaction,
-                                          cancellation=cancellation)
+            return agent_pool.work.run_signals(agent, events, transaction=transaction,
+                                               cancellation=cancellation)
 
         cancellation = _cancellation(task)
         label = ",".join(event.type for event in events)
@@ -151,7 +151,7 @@ class CallHandler:
             idle_timeout=spec.stream_idle_timeout, stopped=stopped,
             expires=(call_timeout or STREAM_KEEP) + spec.stream_idle_timeout)
         try:
-            return agent_pool.run_stream(agent, event, sink.emit, cancellation)
+            return agent_pool.work.run_stream(agent, event, sink.emit, cancellation)
         except StreamCancelled:
             # Its reader is gone (closed, or silent too long): nobody waits for a reply.
             # The agent goes back healthy, its state unchanged.
@@ -161,7 +161,7 @@ class CallHandler:
                  agent_pool: AgentPool[Agent[Any]], agent: Agent[Any], label: str,
                  call_timeout: float) -> None:
         """At the deadline of overrunning work: replace its agent, tell the caller."""
-        error = agent_pool.overran(agent, label, call_timeout)
+        error = agent_pool.work.overran(agent, label, call_timeout)
         if request.id is None:  # the task was called directly, not sent
             return
         # The request goes along: result backends that reply to the caller (rpc://) need

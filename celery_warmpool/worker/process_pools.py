@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,8 +31,11 @@ class ProcessPools:
 
     def __init__(self, specs: Iterable[PoolSpec], *, node: str | None = None,
                  process_index: int | None = None,
-                 shared: dict[str, Any] | None = None) -> None:
+                 shared: dict[str, Any] | None = None,
+                 watch: Callable[[AgentPool[Agent[Any]]], None] | None = None) -> None:
+        """``watch`` is given each pool before it starts (to listen to its telemetry)."""
         self.specs = {spec.name: spec for spec in specs}
+        self._watch = watch
         self.shared = shared or {}
         self.node = node
         self.process_index = process_index
@@ -63,6 +66,8 @@ class ProcessPools:
     def _start_one(self, spec: PoolSpec) -> None:
         pool = AgentPool.from_spec(spec, node=self.node, shared=self.shared.get(spec.name),
                                    process_index=self.process_index or 0)
+        if self._watch is not None:
+            self._watch(pool)
         try:
             pool.start()
         except PoolStartError as exc:

@@ -166,7 +166,8 @@ class WorkerRuntime:
             pools = self.pools = ProcessPools(
                 self.process_specs.values(), node=self.node,
                 process_index=index if self.execution.in_children else None,
-                shared=self.shared)
+                shared=self.shared,
+                watch=None if self.publisher is None else self.publisher.watch)
         if self.publisher is not None:
             self.publisher.start(index, pools.snapshot, self.after_publish)
         pools.start()

@@ -118,8 +118,9 @@ class StatusBoard:
 class StatusPublisher:
     """Writes one child's pool status to its slot: on every change, and as a heartbeat.
 
-    Made in the main process before the fork, which connects its telemetry receivers
-    once for every child to inherit; each child then calls :meth:`start` with its slot.
+    Made in the main process before the fork; each child then calls :meth:`watch` with
+    each of its pools (which hold its receivers: other pools pay nothing for them) and
+    :meth:`start` with its slot.
     """
 
     def __init__(self, board: StatusBoard) -> None:
@@ -128,8 +129,11 @@ class StatusPublisher:
         self._stop = threading.Event()
         self._index: int | None = None
         self._thread: threading.Thread | None = None
+
+    def watch(self, pool: Any) -> None:
+        """Republish whenever ``pool`` changes (a checkout, an agent built, ...)."""
         for event in CHANGES:
-            event.connect(self._on_change, weak=False)
+            event.connect(self._on_change, sender=pool, weak=False)
 
     def start(self, index: int, snapshot: Callable[[], dict[str, Any]],
               after_write: Callable[[], None] | None = None) -> None:
