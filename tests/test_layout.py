@@ -111,3 +111,31 @@ def test_the_import_reader_sees_every_kind_of_import(tmp_path):
     assert found.imports_outside("pkg.core") == [
         "pkg.core.c -> pkg.side.d (line 2)", "pkg.core.e -> pkg.side (line 2)"]
     assert found.circles() == [["pkg.core.a", "pkg.core.b", "pkg.core.c", "pkg.side.d"]]
+
+
+def test_no_circle_anywhere_in_the_package(graph):
+    assert graph.circles() == []
+
+
+def test_the_wire_imports_only_the_core(graph):
+    assert graph.imports_outside("celery_warmpool.wire", allowed=[CORE]) == []
+
+
+@pytest.mark.parametrize("side", ["client", "worker"])
+def test_each_side_imports_only_the_wire_the_core_and_the_configuration(graph, side):
+    # Neither the other side, nor the front door (http) or operations (ops) above them.
+    assert graph.imports_outside(f"celery_warmpool.{side}", allowed=[
+        CORE, "celery_warmpool.wire", "celery_warmpool.configuration"]) == []
+
+
+def test_no_class_of_the_package_is_over_400_lines():
+    import ast
+
+    long = []
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > 400:
+                    long.append(f"{path.relative_to(PACKAGE_ROOT)}:{node.name} ({lines})")
+    assert long == []

@@ -112,7 +112,11 @@ def test_errors_reach_the_caller_as_named_exceptions(start_worker, client):
 def test_first_call_after_ready_is_warm(start_worker, client, execution):
     _, warm = client(counter(2))
     app = warm.app
-    app.control.ping(timeout=0.2)  # the caller's own connections, not the worker's
+    # The caller's own one-time costs, not the worker's: its connections, its app's
+    # result backend and tasks, its reply listener.
+    app.control.ping(timeout=0.2)
+    app.finalize()
+    warm.client.listener()
     start_worker(counter(2), pool=execution, concurrency=2,
                  env={"WARMPOOL_TEST_SETUP_SECONDS": "1.5"})
     timings = []

@@ -23,6 +23,7 @@ out here after the lock is released: waiting, waking a waiter, ``setup()``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -109,7 +110,7 @@ class AgentPool(Generic[AgentT]):
         self.counters = Counters()
         self.hooks = telemetry.PoolHooks(self)
         self._supervisor = Supervisor(name, factory, self._lock, self._policy, self.counters,
-                                      self.hooks, clock, self._equip)
+                                      self.hooks, clock, functools.partial(_equip, self))
         self._borrowing = Borrowing(name, self._lock, self._policy, self._supervisor,
                                     self.hooks)
         self._monitor: PoolMonitor | None = None
@@ -452,13 +453,12 @@ class AgentPool(Generic[AgentT]):
         return local_status(self.name, self.node, lending, self.counters.snapshot(),
                             last_error)
 
-    # -- inside ------------------------------------------------------------------------
 
-    def _equip(self, agent: AgentT) -> None:
-        """Give a new agent what the pool gives each of its agents."""
-        agent.pool_name = self.name
-        agent.node = self.node
-        agent.discard_on = self.options.discard_on
-        agent.reply_state = self.options.reply_state
-        agent.shared = self.shared
-        agent.process_index = self.process_index
+def _equip(pool: AgentPool[Any], agent: Agent[Any]) -> None:
+    """Give a new agent what ``pool`` gives each of its agents."""
+    agent.pool_name = pool.name
+    agent.node = pool.node
+    agent.discard_on = pool.options.discard_on
+    agent.reply_state = pool.options.reply_state
+    agent.shared = pool.shared
+    agent.process_index = pool.process_index
