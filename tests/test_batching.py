@@ -272,11 +272,12 @@ class InterruptingLender:
         self.checkin, self.lent = pool.checkin, pool.lent
         self.abandon, self.finish_abandoned = pool.abandon, pool.finish_abandoned
 
-    def checkout(self, block: bool = True, timeout: float | None = None) -> Any:
+    def checkout(self, block: bool = True, timeout: float | None = None,
+                 model: str | None = None) -> Any:
         if block and threading.current_thread().name == self.victim:
             assert self.ready.wait(10)
             raise KeyboardInterrupt
-        return self.pool.checkout(block=block, timeout=timeout)
+        return self.pool.checkout(block=block, timeout=timeout, model=model)
 
 
 def test_a_leader_interrupted_while_waiting_for_an_agent_hands_the_batch_on(pool):

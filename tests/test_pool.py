@@ -98,7 +98,7 @@ def test_start_builds_size_warm_agents(make_pool: Callable[..., Pool],
         "overflow": 0, "checked_out": 0, "waiting": 0, "replacing": 0,
         "counters": dict.fromkeys(pool.status().counters.model_dump(), 0),
         "last_error": None, "node": None, "pid": None, "process_index": None,
-        "processes": [], "reservations": {}, "not_answering": [],
+        "processes": [], "reservations": {}, "not_answering": [], "warmup_seconds": None,
     }
 
 

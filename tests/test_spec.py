@@ -19,7 +19,8 @@ def test_defaults_are_the_documented_ones() -> None:
         "health_check_interval": None, "reset_on_checkin": False, "reply_state": True,
         "discard_on": (),
         "start_timeout": 60.0, "monitor_interval": None, "stream_buffer": 256,
-        "stream_idle_timeout": 30.0, "initial_state": None, "worker_opts": None,
+        "stream_idle_timeout": 30.0, "max_models": None, "models": (), "warmup": (),
+        "devices": (), "initial_state": None, "worker_opts": None,
         "queue": "warmpool.search",
         "dead_letter_queue": "warmpool.search.dead", "max_redeliveries": 3,
     }

@@ -34,6 +34,10 @@ class AgentView(Protocol):
     shared: Any
     #: This process's slot among the node's prefork children (0 elsewhere).
     process_index: int
+
+    @property
+    def device(self) -> str | None:
+        """The device it puts its models on (its pool's ``devices``), or ``None``."""
     #: The agent's own options (its pool's ``worker_opts``, deep-copied).
     options: dict[str, Any]
     #: The pool and node it serves, once a pool built it.
@@ -63,6 +67,10 @@ class ActionContext:
     events: tuple[Signal, ...] = ()
     #: The caller's cancellation (see :mod:`~.cancellation`); ``NEVER`` when it has none.
     cancellation: Cancellation = NEVER
+    #: The model the call is for, in a multiplexed pool (``max_models``): its id, and
+    #: what the agent's ``load_model`` returned for it. ``None`` in other pools.
+    model_id: str | None = None
+    model: Any = None
 
     @property
     def cancelled(self) -> bool:

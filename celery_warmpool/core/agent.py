@@ -13,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from . import telemetry
-from .action import Action, ActionContext, BatchAction, Result
+from .action import Action, ActionContext, BatchAction
 from .cancellation import NEVER, Cancellation
 from .errors import ActionFailed, ConfigurationError, InvalidSignal, WarmPoolError
+from .merging import merged, working_state
+from .models import ModelCache, check_model_hooks, device_for, model_in_use
 from .reply import AgentReply
 from .routing import Routes
 from .signal import Signal
@@ -23,10 +25,6 @@ from .stream import drain
 from .validation import describe, json_problem
 
 __all__ = ["Agent", "AgentState", "resource"]
-
-# Values an action cannot change in place: no copy needed.
-_IMMUTABLE = (int, float, str, bytes, bool, type(None), frozenset)
-
 
 class AgentState(BaseModel):
     """A convenient base for agent state: resource fields may hold any object."""
@@ -79,6 +77,7 @@ class Agent(Generic[StateT]):
         cls._resource_fields = frozenset(
             name for name, info in cls.State.model_fields.items() if info.exclude is True)
         cls._routes = Routes(cls.__qualname__, cls.signal_routes)
+        check_model_hooks(cls)
 
     def __init__(self, initial_state: Mapping[str, Any] | BaseModel | None = None, *,
                  agent_id: str | None = None, options: Mapping[str, Any] | None = None) -> None:
@@ -114,6 +113,14 @@ class Agent(Generic[StateT]):
         # Set to the exception that broke this agent; its pool closes and replaces it.
         self.broken: BaseException | None = None
         self.discard_on: tuple[type[BaseException], ...] = ()
+        #: The models it holds, in a multiplexed pool (``max_models``); else ``None``.
+        self.models: ModelCache | None = None
+        #: Its pool's ``devices``, and its seat among the pool's agents in its process
+        #: (0, 1, ...; a replacement takes the seat of the agent it replaces): see device.
+        self.devices: tuple[str, ...] = ()
+        self.seat = 0
+        #: True while it handles its pool's warm-up signals (counted nowhere).
+        self.warming = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} pool={self.pool_name}>"
@@ -150,6 +157,35 @@ class Agent(Generic[StateT]):
         """Whether the agent can still serve; a pool replaces an agent that says no."""
         return True
 
+    def load_model(self, model_id: str) -> Any:
+        """Load the model ``model_id`` and return it (in a pool with ``max_models``).
+
+        Called in the agent's own thread (a plain method: not async, not a generator)
+        when a call for a model the agent does not hold gets this agent, or before it
+        serves for each of its pool's ``models``; actions then read the return value as
+        ``context.model``. It raises to fail: the calls waiting for it get
+        :class:`ModelLoadFailed`, and the model is tried again after a back-off. The
+        least recently used model is unloaded before, if the agent holds ``max_models``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} serves a pool with max_models, so it must implement "
+            "load_model(model_id)")
+
+    def unload_model(self, model_id: str, model: Any) -> None:
+        """Release ``model`` (what :meth:`load_model` returned for ``model_id``): it was
+        the least recently used when another needed room, or the agent is closing (before
+        :meth:`teardown`). Default: drop it, for the garbage collector; free GPU memory
+        here. An error is logged and the model dropped all the same."""
+
+    @property
+    def device(self) -> str | None:
+        """The device this agent puts its models on: one of its pool's ``devices``, by its
+        prefork child's ``process_index`` (the same for a replacement child) and, in a
+        threads process, by its seat (see :func:`~.models.device_for`); ``None`` without
+        ``devices``. Reading it touches no device: use it in ``setup()`` or
+        ``load_model()``, in the process that serves, never in ``preload()``."""
+        return device_for(self.devices, self.process_index, self.seat)
+
     # -- handling signals --------------------------------------------------------------
 
     @classmethod
@@ -168,13 +204,15 @@ class Agent(Generic[StateT]):
         return cls._routes.action_for(signal_type)
 
     def handle(self, signal: Signal | Mapping[str, Any] | str,
-               cancellation: Cancellation = NEVER) -> AgentReply:
+               cancellation: Cancellation = NEVER, model: str | None = None) -> AgentReply:
         """Validate ``signal``, run its action and merge the result into state.
 
         State changes only if the action succeeds and the merged state validates; on any
         error it is exactly as before. A streaming action is run to its end and its
         chunks are dropped: the reply is its final one. The action reads
-        ``cancellation`` as ``context.cancelled``.
+        ``cancellation`` as ``context.cancelled``, and ``model`` (a model id, in a
+        multiplexed pool; loaded first if the agent does not hold it) as
+        ``context.model_id`` and ``context.model``.
 
         Raises:
             InvalidSignal: the signal or its parameters are invalid.
@@ -183,10 +221,11 @@ class Agent(Generic[StateT]):
         """
         started = time.perf_counter()
         event, action, params = self._prepared(signal)
-        return drain(self._streamed(event, action, params, cancellation, started))
+        return drain(self._streamed(event, action, params, cancellation, started, model))
 
     def stream(self, signal: Signal | Mapping[str, Any] | str,
-               cancellation: Cancellation = NEVER) -> Generator[Any, None, AgentReply]:
+               cancellation: Cancellation = NEVER,
+               model: str | None = None) -> Generator[Any, None, AgentReply]:
         """Validate ``signal`` now, then run its action as a stream of chunks.
 
         The generator returned yields each chunk the action yields and returns the final
@@ -201,9 +240,10 @@ class Agent(Generic[StateT]):
         """
         started = time.perf_counter()
         event, action, params = self._prepared(signal)
-        return self._streamed(event, action, params, cancellation, started)
+        return self._streamed(event, action, params, cancellation, started, model)
 
-    def handle_batch(self, events: Sequence[Signal]) -> list[AgentReply | WarmPoolError]:
+    def handle_batch(self, events: Sequence[Signal],
+                     model: str | None = None) -> list[AgentReply | WarmPoolError]:
         """Run the :class:`BatchAction` all of ``events`` route to, on all of them at once.
 
         Returns one outcome per event, in order: its reply, or the error for that event
@@ -227,7 +267,7 @@ class Agent(Generic[StateT]):
                 valid.append((index, action.validate_params(event.data, event.type)))
             except InvalidSignal as exc:
                 outcomes[index] = exc
-        values = self._run_batch(action, events, [params for _, params in valid])
+        values = self._run_batch(action, events, [params for _, params in valid], model)
         public = self.public_state() if self.reply_state else None
         for (index, _), value in zip(valid, values, strict=True):
             outcomes[index] = self._item_outcome(events[index], action, value, public, started)
@@ -260,12 +300,12 @@ class Agent(Generic[StateT]):
         return event, action, action.validate_params(event.data, event.type)
 
     def _streamed(self, event: Signal, action: Action, params: BaseModel,
-                  cancellation: Cancellation,
-                  started: float) -> Generator[Any, None, AgentReply]:
+                  cancellation: Cancellation, started: float,
+                  model: str | None) -> Generator[Any, None, AgentReply]:
         """Run ``action``: its chunks, if it streams, then its reply (every call's path)."""
+        context = self._context(event, (event,), cancellation, model)
         if telemetry.call_start.receivers:
             telemetry.call_start.send(self, agent=self, event=event, action=action.name)
-        context = ActionContext(self, self._working_state(), event, (event,), cancellation)
         try:
             outcome = action.run(params, context)
             if action.streams:
@@ -308,64 +348,11 @@ class Agent(Generic[StateT]):
     def _settled(self, outcome: Any, action: Action,
                  event: Signal) -> tuple[StateT, Any, dict[str, Any] | None]:
         """The state after ``outcome``, the caller's result, and the public state."""
-        new_state, result = self._merged(outcome, action, event)
+        new_state, result = merged(self.State, self.state, outcome, action, event)
         # Serialized before the state is committed: a state that cannot go over the
         # wire fails the call and leaves the agent as it was.
         public = new_state.model_dump(mode="json") if self.reply_state else None
-        return new_state, result, public
-
-    def _working_state(self) -> BaseModel:
-        # A private copy of plain fields, so an action that changes state in place cannot
-        # change the agent's state when it then fails; resources are shared, not copied.
-        working = self.state.model_copy()
-        fields = working.__dict__
-        for name, value in fields.items():
-            if name not in self._resource_fields and not isinstance(value, _IMMUTABLE):
-                fields[name] = copy.deepcopy(value)
-        return working
-
-    def _merged(self, outcome: Any, action: Action, event: Signal) -> tuple[StateT, Any]:
-        """The state after ``outcome`` (a Result, or a dict of updates), and the result."""
-        if isinstance(outcome, Result):
-            problem = json_problem(outcome.value, "result")
-            if problem:
-                raise ActionFailed(
-                    f"action {action.name!r} returned a result JSON cannot carry: {problem}",
-                    event.type, action.name, problem)
-            updates = self._updates(outcome.updates, action, event)
-            return self._with(updates, action, event), outcome.value
-        updates = self._updates(outcome, action, event)
-        new_state = self._with(updates, action, event)
-        return new_state, new_state.model_dump(mode="json", include=set(updates))
-
-    def _updates(self, updates: Any, action: Action, event: Signal) -> Mapping[str, Any]:
-        if updates is None:
-            return {}
-        if not isinstance(updates, Mapping):
-            raise ActionFailed(
-                f"action {action.name!r} returned {type(updates).__name__}, "
-                "expected a dict of state updates or a Result", event.type, action.name,
-                f"returned {type(updates).__name__}")
-        unknown = sorted(set(updates) - set(self.State.model_fields))
-        if unknown:
-            raise ActionFailed(
-                f"action {action.name!r} returned updates for unknown state fields "
-                f"{unknown} of {self.State.__name__}", event.type, action.name,
-                f"unknown state fields: {unknown}")
-        return updates
-
-    def _with(self, updates: Mapping[str, Any], action: Action, event: Signal) -> StateT:
-        if not updates:
-            return self.state
-        merged = {name: getattr(self.state, name) for name in self.State.model_fields}
-        merged.update(updates)
-        try:
-            new_state: StateT = self.State.model_validate(merged)  # type: ignore[assignment]
-        except ValidationError as exc:
-            raise ActionFailed(
-                f"action {action.name!r} produced an invalid state: {describe(exc)}",
-                event.type, action.name, describe(exc)) from exc
-        return new_state
+        return new_state, result, public  # type: ignore[return-value]
 
     def _replied(self, event: Signal, action: Action, result: Any,
                  public: dict[str, Any] | None, started: float) -> AgentReply:
@@ -398,12 +385,22 @@ class Agent(Generic[StateT]):
         failed.__cause__ = exc
         return failed
 
+    def _context(self, event: Signal, events: tuple[Signal, ...], cancellation: Cancellation,
+                 model: str | None) -> ActionContext:
+        """What the action sees: a working copy of the state, the signals, the model.
+
+        Raises:
+            ModelLoadFailed, ConfigurationError: see :func:`~.models.model_in_use`.
+        """
+        return ActionContext(self, working_state(self.state, self._resource_fields), event,
+                             events, cancellation, model, model_in_use(self, model))
+
     def _run_batch(self, action: BatchAction, events: Sequence[Signal],
-                   items: list[Any]) -> list[Any]:
+                   items: list[Any], model: str | None) -> list[Any]:
         """``run_batch`` on ``items``; if it raises, that error is every item's value."""
         if not items:
             return []
-        context = ActionContext(self, self._working_state(), events[0], tuple(events))
+        context = self._context(events[0], tuple(events), NEVER, model)
         try:
             values = action.run_batch(items, context)
         except Exception as exc:

@@ -27,6 +27,7 @@ map, status, nodes                         bounded (its message carries that dea
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import AsyncIterable, Iterable, Mapping
 from typing import Any, overload
 
@@ -42,6 +43,8 @@ __all__ = [
     "count",
     "flag",
     "local_timeouts",
+    "model_id",
+    "pool_model",
     "pool_name",
     "seconds",
     "signal_list",
@@ -53,6 +56,12 @@ MAX_SECONDS = 86_400.0
 #: The shortest timeout a call over the broker takes: a millisecond, the finest grain of
 #: a Redis expiry (``PX``); a shorter one could never be met anyway.
 MIN_SECONDS = 0.001
+#: A model id: 1 to 128 characters, a letter or digit first, then letters, digits and
+#: ``. _ - : / @ +`` (``tenant-42``, ``org/model@v2``): safe in a message, a Redis key, a
+#: queue name, an HTTP header and a metrics label alike.
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+_MODEL_ALLOWED = ("a model id (a str of 1 to 128 characters: a letter or digit, then "
+                  "letters, digits and . _ - : / @ +)")
 #: The longest ``repr`` of a refused value that an error carries.
 _REPR_MOST = 80
 
@@ -130,6 +139,38 @@ def pool_name(value: Any) -> str:
     if not isinstance(value, str):
         raise _invalid("pool", value, "a pool's name (a str)", kind=True)
     return value
+
+
+def model_id(value: Any) -> str:
+    """``value``, which must be a model id (see :data:`MODEL_ID`).
+
+    Raises:
+        InvalidArgument: not a str, or not of that form.
+    """
+    if not isinstance(value, str):
+        raise _invalid("model", value, _MODEL_ALLOWED, kind=True)
+    if MODEL_ID.fullmatch(value) is None:
+        raise _invalid("model", value, _MODEL_ALLOWED)
+    return value
+
+
+def pool_model(pool: str, max_models: int | None, value: Any) -> str | None:
+    """The checked ``model`` of a call on ``pool``: a model id when the pool is
+    multiplexed (``max_models`` set), ``None`` when it is not.
+
+    Raises:
+        InvalidArgument: a model id is missing for a multiplexed pool, given to a pool
+            that is not one, or not of the form :data:`MODEL_ID` says.
+    """
+    if max_models is None:
+        if value is None:
+            return None
+        raise _invalid("model", value, f"None: pool {pool!r} serves no models by id "
+                       "(its max_models is not set)")
+    if value is None:
+        raise _invalid("model", value, f"{_MODEL_ALLOWED}: pool {pool!r} holds many "
+                       f"models (max_models={max_models}), so each call names one")
+    return model_id(value)
 
 
 def signal_list(value: Any) -> Iterable[Any]:

@@ -19,6 +19,9 @@ Each caller waits within its own ``timeout`` and no longer, whoever else is in t
   answers every follower with :class:`ActionFailed` (the batch may have run in part).
   No follower is ever left waiting for a leader that is gone.
 
+In a pool with ``max_models`` a batch holds the signals of one model only: each model
+has its own batch filling, run on an agent holding that model.
+
 This is the in-process side (threads or greenlets calling ``AgentPool.call``); in a
 Celery worker the messages of a pool are grouped before they reach a process (see
 ``celery_warmpool.worker.batches``), with :class:`BatchWindow` deciding when.
@@ -41,8 +44,9 @@ from .signal import Signal
 __all__ = ["BatchWindow", "Batcher"]
 
 AgentT = TypeVar("AgentT", bound=Agent[Any])
-#: Runs a batch's signals on a lent agent within a call_timeout (AgentWork's).
-RunBatch = Callable[[AgentT, list[Signal], str, float | None], list[AgentReply | WarmPoolError]]
+#: Runs a batch's signals on a lent agent within a call_timeout, for a model (AgentWork's).
+RunBatch = Callable[[AgentT, list[Signal], str, float | None, str | None],
+                    list[AgentReply | WarmPoolError]]
 
 
 class BatchWindow:
@@ -118,9 +122,10 @@ class _Item:
 class _Batch:
     """The callers of one batch still waiting for it to run (its leader first)."""
 
-    __slots__ = ("items", "running", "window")
+    __slots__ = ("items", "model", "running", "window")
 
-    def __init__(self, action: BatchAction) -> None:
+    def __init__(self, action: BatchAction, model: str | None) -> None:
+        self.model = model
         self.items: list[_Item] = []
         self.window = BatchWindow(action)
         #: Whether it has an agent: from then on no caller leaves it.
@@ -144,13 +149,14 @@ class Batcher(Generic[AgentT]):
         #: Guards which batch is filling and every batch's items; notified when the
         #: filling batch is full.
         self._ready = threading.Condition(threading.Lock())
-        #: The batch callers join now; a full one is closed at once, so that the next
-        #: caller opens (and leads) the next batch.
-        self._filling: _Batch | None = None
+        #: The batch callers join now, by model (``None`` outside a multiplexed pool); a
+        #: full one is closed at once, so that the next caller opens (and leads) the next.
+        self._filling: dict[str | None, _Batch] = {}
 
     def call(self, event: Signal, timeout: float | None,
-             call_timeout: float | None = None) -> AgentReply:
-        """Handle ``event`` in a batch; return its reply or raise its error.
+             call_timeout: float | None = None, model: str | None = None) -> AgentReply:
+        """Handle ``event`` in a batch (of ``model``'s signals only); return its reply or
+        raise its error.
 
         ``timeout`` bounds this caller's wait for its batch to get an agent, whatever
         the others' are; ``call_timeout`` bounds the batch it runs in (the shortest of
@@ -166,22 +172,22 @@ class Batcher(Generic[AgentT]):
         item = _Item(event, None if timeout is None else time.monotonic() + timeout,
                      call_timeout)
         with self._ready:
-            batch = self._filling
+            batch = self._filling.get(model)
             leads = batch is None
             if batch is None:
-                batch = self._filling = _Batch(self.action)
+                batch = self._filling[model] = _Batch(self.action, model)
             batch.items.append(item)
             if batch.window.add():
-                self._filling = None
+                del self._filling[model]
                 self._ready.notify_all()
         if leads or self._follow(batch, item):
             self._lead(batch, item)
         return item.result()
 
     def pending(self) -> int:
-        """Callers waiting for their batch to run (leaders included)."""
+        """Callers waiting for their batch to run (leaders included), every model's."""
         with self._ready:
-            return 0 if self._filling is None else len(self._filling.items)
+            return sum(len(batch.items) for batch in self._filling.values())
 
     # -- following ---------------------------------------------------------------------
 
@@ -203,7 +209,7 @@ class Batcher(Generic[AgentT]):
         """Get an agent for ``batch`` within this caller's deadline, run it, answer all."""
         try:
             self._wait_until_due(batch, item)
-            agent = self._agent_within(item)
+            agent = self._agent_within(item, batch.model)
         except BaseException as exc:
             self._hand_on(batch, item)
             if not isinstance(exc, CheckoutTimeout):
@@ -216,7 +222,7 @@ class Batcher(Generic[AgentT]):
                 agent, [each.event for each in live],
                 f"a batch of {len(live)} {self.action.name!r} signals",
                 min((each.call_timeout for each in live if each.call_timeout is not None),
-                    default=None))
+                    default=None), batch.model)
         except CallTimeout as exc:  # the agent was abandoned: it is not checked in
             _finish_all(live, exc)
             return
@@ -231,25 +237,26 @@ class Batcher(Generic[AgentT]):
     def _wait_until_due(self, batch: _Batch, item: _Item) -> None:
         """Wait until ``batch`` is full or its wait is over, or the leader's deadline."""
         with self._ready:
-            while self._filling is batch:
+            while self._filling.get(batch.model) is batch:
                 due, own = batch.window.remaining(), item.remaining()
                 wait = due if own is None else min(due, own)
                 if wait <= 0:
                     return
                 self._ready.wait(wait)
 
-    def _agent_within(self, item: _Item) -> AgentT:
-        """An agent at once if one is free; else wait for one until ``item``'s deadline
-        (the batch keeps filling meanwhile).
+    def _agent_within(self, item: _Item, model: str | None) -> AgentT:
+        """An agent (holding ``model``) at once if one is free; else wait for one until
+        ``item``'s deadline (the batch keeps filling meanwhile).
 
         Raises:
             CheckoutTimeout: none came free in time.
+            ModelLoadFailed: ``model`` failed to load.
         """
         try:
-            return self.lender.checkout(block=False)
+            return self.lender.checkout(block=False, model=model)
         except PoolExhausted:
             pass
-        return self.lender.checkout(timeout=item.remaining())
+        return self.lender.checkout(timeout=item.remaining(), model=model)
 
     def _close(self, batch: _Batch, leader: _Item) -> list[_Item]:
         """Close ``batch`` (its leader has an agent); the items to run, in the order they
@@ -257,8 +264,8 @@ class Batcher(Generic[AgentT]):
         now = time.monotonic()
         with self._ready:
             batch.running = True
-            if self._filling is batch:
-                self._filling = None
+            if self._filling.get(batch.model) is batch:
+                del self._filling[batch.model]
             live = []
             for each in batch.items:
                 if each is leader or each.in_time(now):  # the leader got its agent in time
@@ -277,8 +284,8 @@ class Batcher(Generic[AgentT]):
             if successor is not None:
                 successor.promote()
                 return
-            if self._filling is batch:
-                self._filling = None  # nobody leads it: the next caller opens another
+            if self._filling.get(batch.model) is batch:
+                del self._filling[batch.model]  # nobody leads it: the next caller opens another
             late, batch.items = batch.items, []
         for each in late:
             each.finish(self._timed_out(each))

@@ -17,7 +17,8 @@ __all__ = ["WORK_COUNTERS", "Counters"]
 #: The totals kept here; the other fields of PoolCounters are the lending policy's.
 WORK_COUNTERS: Final = (
     "failures", "calls", "call_failures", "batches", "batched", "dead_lettered",
-    "streams_started", "streams_finished", "streams_cancelled", "chunks")
+    "streams_started", "streams_finished", "streams_cancelled", "chunks",
+    "model_hits", "model_loads", "model_load_failures", "model_evictions")
 
 
 class Counters:

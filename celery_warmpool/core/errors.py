@@ -144,6 +144,24 @@ class CallTimeout(SignalError, TimeoutError):
         self.timeout = timeout
 
 
+class ModelLoadFailed(WarmPoolError):
+    """A model's ``load_model()`` failed, so the calls that need it fail too.
+
+    ``model`` is its id, ``cause`` the failure's type and message, ``pool`` the pool.
+    The model is tried again by a later call once ``retry_in`` seconds have passed (the
+    wait doubles with each failure in a row); until then its calls fail at once with
+    this error, without a load.
+    """
+
+    def __init__(self, message: str, model: str | None = None, cause: str | None = None,
+                 pool: str | None = None, retry_in: float = 0.0) -> None:
+        super().__init__(message, model, cause, pool, retry_in)
+        self.model = model
+        self.cause = cause
+        self.pool = pool
+        self.retry_in = retry_in
+
+
 # -- delivery errors ---------------------------------------------------------------------
 
 

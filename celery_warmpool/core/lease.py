@@ -52,8 +52,10 @@ class Lender(Protocol[AgentT]):
     def agent_class(self) -> type[Agent[Any]] | None:
         """The class of its agents, once one was built (routes are read from it)."""
 
-    def checkout(self, block: bool = True, timeout: float | None = None) -> AgentT:
-        """Lend an agent (see :meth:`AgentPool.checkout <.pool.AgentPool.checkout>`)."""
+    def checkout(self, block: bool = True, timeout: float | None = None,
+                 model: str | None = None) -> AgentT:
+        """Lend an agent, holding ``model`` if one is named (see
+        :meth:`AgentPool.checkout <.pool.AgentPool.checkout>`)."""
 
     def checkin(self, agent: AgentT) -> None:
         """Take a lent agent back."""

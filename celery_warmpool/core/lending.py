@@ -101,6 +101,11 @@ class LendingPolicy(Generic[W]):
             return slot
         return None
 
+    def lend_chosen(self, slot: Slot) -> Slot:
+        """Lend the idle ``slot`` its caller chose (the agent holding a model, say)."""
+        self.idle.remove(slot)
+        return self._lend(slot)
+
     def lend(self, block: bool, overflow_allowed: bool = True,
              count_exhausted: bool = True) -> Slot | W | Literal["build", "exhausted"]:
         """Decide how a checkout gets its agent: lend one, build one, queue, or refuse.

@@ -14,7 +14,9 @@ The pool is a facade over its parts, each one concept:
 - :class:`~.telemetry.PoolHooks`, who listens to this pool;
 - :class:`~.work.AgentWork` (``pool.work``), what is done with a lent agent (calls,
   transactions, batches, streams), which knows the pool only as a
-  :class:`~.lease.Lender`.
+  :class:`~.lease.Lender`;
+- :class:`~.multiplexing.Multiplexer` (``pool.models``, with ``max_models``), which agent
+  a call for a model gets, and the model's load there.
 
 Every decision is taken by the policy under one lock; everything it answers is carried
 out here after the lock is released: waiting, waking a waiter, ``setup()``,
@@ -33,13 +35,14 @@ from typing import Any, Final, Generic, Self, TypeVar
 
 from . import telemetry
 from .agent import Agent
-from .arguments import checkout_timeout, flag, local_timeouts, signal_list
+from .arguments import checkout_timeout, flag, local_timeouts, pool_model, signal_list
 from .borrowing import BlockingWaiter, Borrowing
 from .counters import Counters
 from .errors import CheckoutTimeout, NotCheckedOut, PoolClosed, PoolExhausted, PoolStartError
 from .lease import Lease
 from .lending import LendingPolicy
 from .monitor import PoolMonitor
+from .multiplexing import Multiplexer
 from .reply import AgentReply
 from .signal import Signal
 from .slot import Slot
@@ -47,6 +50,7 @@ from .spec import PoolOptions, PoolSpec, validate_options
 from .status import PoolStatus, local_status
 from .stream import Stream
 from .supervisor import BACKOFF_CAP, BACKOFF_FIRST, START_ATTEMPTS, Supervisor, wake
+from .warmup import warm_model, warm_up
 from .work import AgentWork
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "START_ATTEMPTS", "AgentPool"]
@@ -110,11 +114,14 @@ class AgentPool(Generic[AgentT]):
         self.counters = Counters()
         self.hooks = telemetry.PoolHooks(self)
         self._supervisor = Supervisor(name, factory, self._lock, self._policy, self.counters,
-                                      self.hooks, clock, functools.partial(_equip, self))
+                                      self.hooks, clock, functools.partial(_equip, self),
+                                      functools.partial(_warm_up, self))
         self._borrowing = Borrowing(name, self._lock, self._policy, self._supervisor,
                                     self.hooks)
         self._monitor: PoolMonitor | None = None
-        self.work: AgentWork[AgentT] = AgentWork(self, clock)
+        self.work: AgentWork[AgentT] = AgentWork(self, clock, validated.max_models)
+        #: The pool's models, with ``max_models`` (else ``None``): see .multiplexing.
+        self.models = _multiplexer(self, self._borrowing)
         # The hot paths' steps, looked up once. The policy's list of woken waiters is
         # always the same object (emptied in place), so testing it is one lookup.
         self._lend_idle = self._policy.lend_idle
@@ -134,10 +141,7 @@ class AgentPool(Generic[AgentT]):
         agent_class, initial, worker_opts = spec.agent, spec.initial_state, spec.worker_opts
         if shared is _PRELOAD:
             shared = agent_class.preload(dict(worker_opts or {}))
-
-        def factory() -> Agent[Any]:
-            return agent_class(initial, options=worker_opts)
-
+        factory = functools.partial(agent_class, initial, options=worker_opts)
         return AgentPool(factory, name=spec.name, node=node, clock=clock, shared=shared,
                          process_index=process_index, **spec.options.model_dump())
 
@@ -227,21 +231,29 @@ class AgentPool(Generic[AgentT]):
 
     # -- checkout and checkin ----------------------------------------------------------
 
-    def checkout(self, block: bool = True, timeout: float | None = None) -> AgentT:
+    def checkout(self, block: bool = True, timeout: float | None = None,
+                 model: str | None = None) -> AgentT:
         """Take an agent out of the pool; give it back with :meth:`checkin`.
 
         Arguments:
             block: wait for an agent when none is free and no overflow room is left.
             timeout: the most seconds to wait (``None``: as long as it takes; ``0``: not
-                at all), at most a day.
+                at all), at most a day; with ``model``, its load included.
+            model: in a pool with ``max_models``, an agent holding this model (loaded on
+                it now if need be; see :mod:`.multiplexing`).
 
         Raises:
-            InvalidArgument: ``block`` is not a bool, or ``timeout`` not such a number.
+            InvalidArgument: ``block`` is not a bool, ``timeout`` not such a number, or
+                ``model`` not a model id of a multiplexed pool.
             PoolExhausted: ``block`` is false and no agent is free.
-            CheckoutTimeout: no agent came free within ``timeout``.
-            PoolClosed: the pool was closed.
+            CheckoutTimeout: no agent came free (and loaded ``model``) within ``timeout``.
+            ModelLoadFailed, PoolClosed: ``model`` failed to load; the pool was closed.
             PoolError: the pool was never started.
         """
+        # pool_model() returns the id, or raises: the id is missing, refused or invalid.
+        if model is not None and pool_model(self.name, self.options.max_models, model):
+            return self.models.checkout(  # type: ignore[union-attr, return-value]
+                model, flag("block", block), checkout_timeout(timeout))
         # Checked only when they are not the defaults: the common case is a cycle of about
         # a microsecond (bench/local_pool.py), and a check costs a good part of one.
         if timeout is not None or block is not True:
@@ -279,6 +291,8 @@ class AgentPool(Generic[AgentT]):
         if woken:
             for waiter in woken:  # wake(), inlined: every hand-over under load passes here
                 waiter.wake()
+        if self.models is not None:
+            self.models.returned()
         if self.hooks.agent_checkin:
             self.hooks.send(telemetry.agent_checkin, agent=agent, held=_now() - slot.lent_at)
         if slot.retired is not None:
@@ -342,27 +356,31 @@ class AgentPool(Generic[AgentT]):
     # -- running work (see the work module) --------------------------------------------
 
     def call(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
-             call_timeout: float | None = None) -> AgentReply:
+             call_timeout: float | None = None, model: str | None = None) -> AgentReply:
         """Handle one signal on a checked-out agent (see :meth:`Agent.handle`).
 
         Arguments:
-            timeout: the most seconds to wait for an agent.
+            timeout: the most seconds to wait for an agent (and load ``model``).
             call_timeout: the most seconds the work may take; an agent that overruns is
                 abandoned to finish in the background, then closed, and replaced.
+            model: the model the call is for: required in a pool with ``max_models``,
+                refused in another (see :mod:`.multiplexing`).
 
         Raises:
-            InvalidArgument: a timeout is not a number of seconds up to a day (see
-                :mod:`.arguments`).
+            InvalidArgument: a timeout is not a number of seconds up to a day, or
+                ``model`` is missing, refused or not a model id (see :mod:`.arguments`).
             CheckoutTimeout: no agent was free within ``timeout`` seconds.
+            ModelLoadFailed: ``model`` failed to load.
             CallTimeout: the work overran ``call_timeout``.
             SignalError, ActionFailed: what :meth:`Agent.handle` raises.
         """
         timeout, call_timeout = local_timeouts(timeout, call_timeout)
-        return self.work.call(signal, timeout=timeout, call_timeout=call_timeout)
+        return self.work.call(signal, timeout=timeout, call_timeout=call_timeout,
+                              model=model)
 
     def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
-                    timeout: float | None = None,
-                    call_timeout: float | None = None) -> list[AgentReply]:
+                    timeout: float | None = None, call_timeout: float | None = None,
+                    model: str | None = None) -> list[AgentReply]:
         """Handle ``signals`` in order on one agent, all or nothing.
 
         Every signal is validated before any runs. If one fails, the agent's state is put
@@ -371,10 +389,10 @@ class AgentPool(Generic[AgentT]):
         """
         timeout, call_timeout = local_timeouts(timeout, call_timeout)
         return self.work.transaction(signal_list(signals), timeout=timeout,
-                                     call_timeout=call_timeout)
+                                     call_timeout=call_timeout, model=model)
 
     def stream(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
-               call_timeout: float | None = None) -> Stream:
+               call_timeout: float | None = None, model: str | None = None) -> Stream:
         """Check an agent out and stream ``signal`` on it, in the caller's thread.
 
         Iterating the :class:`Stream` runs the action; the agent is checked in once the
@@ -382,7 +400,7 @@ class AgentPool(Generic[AgentT]):
         stream garbage collected after a ``break``).
 
         Arguments:
-            timeout: the most seconds to wait for an agent.
+            timeout: the most seconds to wait for an agent (``model``: see :meth:`call`).
             call_timeout: the most seconds the whole stream may take (on the pool's
                 clock), checked as each chunk comes: past it the action's generator is
                 closed, the iteration raises :class:`CallTimeout` and the agent is
@@ -393,7 +411,8 @@ class AgentPool(Generic[AgentT]):
                 CallTimeout) from the iteration.
         """
         timeout, call_timeout = local_timeouts(timeout, call_timeout)
-        return self.work.stream(signal, timeout=timeout, call_timeout=call_timeout)
+        return self.work.stream(signal, timeout=timeout, call_timeout=call_timeout,
+                                model=model)
 
     # -- changing size, handing back -----------------------------------------------------
 
@@ -406,18 +425,10 @@ class AgentPool(Generic[AgentT]):
         Raises:
             ConfigurationError: the new values are invalid; nothing changed.
         """
-        options = validate_options(self.name, {
+        self._supervisor.resize(validate_options(self.name, {
             **self.options.model_dump(),
             **({} if size is None else {"size": size}),
-            **({} if max_overflow is None else {"max_overflow": max_overflow})})
-        with self._lock:
-            missing, surplus = self._policy.resize(options)
-        self._supervisor.grow(missing)
-        now = self._clock()
-        for slot in surplus:
-            self._supervisor.dismiss(slot, idle=now - slot.returned)
-        logger.info("pool %r resized to size=%d max_overflow=%d", self.name, self.size,
-                    self.max_overflow)
+            **({} if max_overflow is None else {"max_overflow": max_overflow})}))
 
     def hand_back(self) -> int:
         """Give every queued caller :class:`HandedBack`, and every later one that would
@@ -449,9 +460,9 @@ class AgentPool(Generic[AgentT]):
         """
         with self._lock:
             lending = self._policy.numbers()
-            last_error = self._supervisor.last_error
+            last_error, warmup = self._supervisor.last_error, self._supervisor.last_warmup
         return local_status(self.name, self.node, lending, self.counters.snapshot(),
-                            last_error)
+                            last_error, warmup)
 
 
 def _equip(pool: AgentPool[Any], agent: Agent[Any]) -> None:
@@ -462,3 +473,22 @@ def _equip(pool: AgentPool[Any], agent: Agent[Any]) -> None:
     agent.reply_state = pool.options.reply_state
     agent.shared = pool.shared
     agent.process_index = pool.process_index
+    agent.devices = pool.options.devices
+    if pool.models is not None:
+        pool.models.equip(agent)
+
+
+def _warm_up(pool: AgentPool[Any], agent: Agent[Any]) -> float | None:
+    """Ready a new agent of ``pool`` after its ``setup()`` (see :mod:`.warmup`)."""
+    options = pool.options
+    return warm_up(agent, options.models, options.warmup, pool.counters)
+
+
+def _multiplexer(pool: AgentPool[Any], borrowing: Borrowing) -> Multiplexer | None:
+    """``pool``'s models, if it has ``max_models`` (see :mod:`.multiplexing`)."""
+    options = pool.options
+    if options.max_models is None:
+        return None
+    return Multiplexer(pool.name, options.max_models, pool._lock, pool._policy, borrowing,
+                       pool.checkin, pool.counters, pool.hooks,
+                       lambda agent, model: warm_model(agent, model, options.warmup))

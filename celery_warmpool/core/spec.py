@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -22,7 +23,9 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .agent import Agent
-from .errors import ConfigurationError
+from .arguments import MODEL_ID
+from .errors import ConfigurationError, InvalidSignal, SignalError
+from .signal import Signal
 from .validation import problems
 
 __all__ = ["PoolOptions", "PoolSpec", "import_object"]
@@ -57,6 +60,55 @@ class PoolOptions(BaseModel):
     stream_idle_timeout: float = Field(
         default=30.0, gt=0,
         description="seconds without a read before a stream's work is cancelled")
+
+    max_models: int | None = Field(
+        default=None, ge=1,
+        description="models one agent keeps loaded, least recently used unloaded first; "
+                    "None: the pool's calls name no model")
+    models: tuple[str, ...] = Field(
+        default=(), description="models each agent loads before it serves (max_models at most)")
+    warmup: tuple[Signal, ...] = Field(
+        default=(), description="signals each agent handles after setup(), before it serves "
+                                "(for each model of models, in a multiplexed pool)")
+    devices: tuple[str, ...] = Field(
+        default=(), description="devices the agents are placed on (Agent.device), e.g. "
+                                "cuda:0, cuda:1")
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for model in value:
+            if MODEL_ID.fullmatch(model) is None:
+                raise ValueError(f"{model!r} is not a model id (1 to 128 characters: a "
+                                 "letter or digit, then letters, digits and . _ - : / @ +)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a model is listed twice: {list(value)}")
+        most = info.data.get("max_models")
+        if value and most is None:
+            raise ValueError("models are loaded ahead only in a multiplexed pool: set "
+                             "max_models too")
+        if most is not None and len(value) > most:
+            raise ValueError(f"{len(value)} models but max_models={most}: each agent would "
+                             "unload what it had just loaded")
+        return value
+
+    @field_validator("warmup", mode="before")
+    @classmethod
+    def _warmup_signals(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            return value  # pydantic's own error: not a sequence
+        try:
+            return tuple(Signal.parse(item) for item in value)
+        except InvalidSignal as exc:
+            raise ValueError(f"a warm-up signal is invalid: {exc}") from None
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for device in value:
+            if not device or device != device.strip() or any(c.isspace() for c in device):
+                raise ValueError(f"{device!r} is not a device name (such as 'cuda:0')")
+        return value
 
     @field_validator("discard_on", mode="before")
     @classmethod
@@ -128,6 +180,19 @@ class PoolSpec(PoolOptions):
             object.__setattr__(self, "queue", f"warmpool.{self.name}")
         if not self.dead_letter_queue:
             object.__setattr__(self, "dead_letter_queue", f"warmpool.{self.name}.dead")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_routes(self) -> Self:
+        for signal in self.warmup:
+            try:
+                self.agent.route(signal.type).validate_params(signal.data, signal.type)
+            except SignalError as exc:
+                # Raised as it is (not a ValueError): the error is the field's, not the
+                # whole spec's, though only the whole spec knows the agent's routes.
+                raise ConfigurationError(
+                    f"pool {self.name!r}: invalid warmup: signal {signal.type!r}: {exc}",
+                    self.name, "warmup") from None
         return self
 
     @property

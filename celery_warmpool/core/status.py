@@ -40,6 +40,13 @@ class PoolCounters(BaseModel):
     streams_cancelled: int = 0
     #: Chunks the pool's streams produced.
     chunks: int = 0
+    #: In a multiplexed pool: calls whose agent held their model already; models
+    #: loaded (on first use, or ahead), loads that failed, and models unloaded to make
+    #: room for another.
+    model_hits: int = 0
+    model_loads: int = 0
+    model_load_failures: int = 0
+    model_evictions: int = 0
 
     def __add__(self, other: PoolCounters) -> PoolCounters:
         return PoolCounters(**{
@@ -75,6 +82,10 @@ class PoolStatus(BaseModel):
     not_answering: list[str] = Field(default_factory=list)
     counters: PoolCounters = Field(default_factory=PoolCounters)
     last_error: str | None = None
+    #: Seconds the warm-up of the last agent built took (``PoolSpec.models`` loaded and
+    #: ``warmup`` signals handled), per process; an aggregate shows its slowest process.
+    #: ``None``: no warm-up.
+    warmup_seconds: float | None = None
     node: str | None = None
     pid: int | None = None
     process_index: int | None = None
@@ -121,10 +132,11 @@ class PoolStatus(BaseModel):
         reservations = {node_name: reserved for part in parts
                         for node_name, reserved in part.reservations.items()}
         errors = [leaf.last_error for leaf in leaves if leaf.last_error]
+        warmups = [leaf.warmup_seconds for leaf in leaves if leaf.warmup_seconds is not None]
         return cls(
             pool=pool, state=_combined_state(leaves), counters=counters,
             last_error=errors[-1] if errors else None, node=node, processes=leaves,
-            reservations=reservations, **total)
+            reservations=reservations, warmup_seconds=max(warmups, default=None), **total)
 
 
 def _combined_state(leaves: list[PoolStatus]) -> PoolState:
@@ -137,7 +149,8 @@ def _combined_state(leaves: list[PoolStatus]) -> PoolState:
 
 
 def local_status(pool: str, node: str | None, lending: Mapping[str, Any],
-                 work: Mapping[str, int], last_error: str | None) -> PoolStatus:
+                 work: Mapping[str, int], last_error: str | None,
+                 warmup_seconds: float | None = None) -> PoolStatus:
     """One pool's status in this process, from numbers read under its locks: ``lending``
     the lending policy's (its ``counters`` included), ``work`` the work counters.
 
@@ -148,4 +161,5 @@ def local_status(pool: str, node: str | None, lending: Mapping[str, Any],
     # inspect.signature (and leaves garbage cycles a prefork child pays for in memory).
     return PoolStatus.model_validate({
         **lending, "counters": {**work, **lending["counters"]}, "pool": pool, "node": node,
-        "last_error": last_error, "updated_at": time.time()})
+        "last_error": last_error, "warmup_seconds": warmup_seconds,
+        "updated_at": time.time()})

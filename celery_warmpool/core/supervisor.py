@@ -23,6 +23,7 @@ from .counters import Counters
 from .errors import PoolClosed, PoolStartError
 from .lending import LendingPolicy
 from .slot import CLOSED, DISMISSED, Slot
+from .spec import PoolOptions
 from .waiters import Waiter
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "START_ATTEMPTS", "Supervisor", "wake"]
@@ -56,11 +57,14 @@ class Supervisor(Generic[AgentT]):
         hooks: the pool's telemetry.
         clock: the pool's clock (a slot's age).
         equip: gives a new agent what its pool gives every agent (name, node, shared).
+        warm_up: readies a new agent after its ``setup()`` (models, warm-up signals);
+            returns the seconds it took, or ``None`` when there was nothing to do.
     """
 
     def __init__(self, name: str, factory: Callable[[], AgentT], lock: threading.Lock,
                  policy: LendingPolicy[Any], counters: Counters, hooks: telemetry.PoolHooks,
-                 clock: Callable[[], float], equip: Callable[[AgentT], None]) -> None:
+                 clock: Callable[[], float], equip: Callable[[AgentT], None],
+                 warm_up: Callable[[AgentT], float | None]) -> None:
         self.name = name
         self._factory = factory
         self._lock = lock
@@ -70,11 +74,15 @@ class Supervisor(Generic[AgentT]):
         self._hooks = hooks
         self._clock = clock
         self._equip = equip
+        self._warm_up = warm_up
+        self._seats: set[int] = set()  # the seats of the live agents (see Agent.seat)
         self._stop = threading.Event()
         # Start builders that failed START_ATTEMPTS times; start() stops waiting for them.
         self._start_gave_up = 0
         self.last_error: str | None = None
         self.last_exception: BaseException | None = None
+        #: Seconds the warm-up of the last agent built took (``None``: it had none).
+        self.last_warmup: float | None = None
         #: The class of the pool's agents, once one was built.
         self.agent_class: type[Agent[Any]] | None = None
 
@@ -128,11 +136,19 @@ class Supervisor(Generic[AgentT]):
         self._stop.set()
         self._changed.notify_all()
 
-    def grow(self, count: int) -> None:
-        """Build ``count`` more base agents in the background (a resize; already counted
-        by the policy as being rebuilt)."""
-        for index in range(count):
+    def resize(self, options: PoolOptions) -> None:
+        """Adopt a new ``size`` and ``max_overflow`` (``options``, validated): build the
+        base agents it adds in the background, dismiss the surplus idle ones now (the
+        checked-out surplus when they come back)."""
+        with self._lock:
+            missing, surplus = self._policy.resize(options)
+        for index in range(missing):  # counted by the policy as being rebuilt already
             self._spawn(self._rebuild, None, "resize", name=f"warmpool-{self.name}-grow-{index}")
+        now = self._clock()
+        for slot in surplus:
+            self.dismiss(slot, idle=now - slot.returned)
+        logger.info("pool %r resized to size=%d max_overflow=%d", self.name, options.size,
+                    options.max_overflow)
 
     # -- building ----------------------------------------------------------------------
 
@@ -142,12 +158,17 @@ class Supervisor(Generic[AgentT]):
         agent: AgentT | None = None
         try:
             agent = self._factory()
+            agent.seat = self._take_seat()
             self._equip(agent)
             agent.setup()
+            warmed = self._warm_up(agent)
         except BaseException as exc:
             self._failed(agent, exc, attempt, retry_in)
             raise
         self.agent_class = type(agent)
+        if warmed is not None:
+            with self._lock:
+                self.last_warmup = warmed
         if self._hooks.agent_started:
             self._hooks.send(telemetry.agent_started, agent=agent, overflow=overflow,
                              duration=time.perf_counter() - started)
@@ -273,11 +294,24 @@ class Supervisor(Generic[AgentT]):
         return len(expired)
 
     def teardown(self, agent: Agent[Any]) -> None:
-        """``agent.teardown()``, its failure logged (it is going anyway)."""
+        """Unload ``agent``'s models, then ``agent.teardown()``, a failure logged (it is
+        going anyway); its seat is free again."""
         try:
+            if agent.models is not None:
+                agent.models.clear()
             agent.teardown()
         except Exception:
             logger.exception("pool %r: teardown() of %r failed", self.name, agent)
+        with self._lock:
+            self._seats.discard(agent.seat)
+
+    def _take_seat(self) -> int:
+        """The lowest seat no live agent has (a replacement gets its predecessor's, whose
+        teardown came first)."""
+        with self._lock:
+            seat = min(set(range(len(self._seats) + 1)) - self._seats)
+            self._seats.add(seat)
+        return seat
 
     def _dismiss_loop(self) -> None:
         interval = max(0.05, min(self._policy.options.overflow_ttl / 2, 1.0))

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from .action import BatchAction
 from .agent import Agent
+from .arguments import pool_model
 from .batching import Batcher
 from .cancellation import NEVER, Cancellation
 from .errors import CallTimeout, StreamCancelled, UnknownSignal, WarmPoolError
@@ -41,66 +42,83 @@ class AgentWork(Generic[AgentT]):
     Arguments:
         lender: lends the agents, replaces those given up, and holds the counters.
         clock: the clock a local stream's ``call_timeout`` is measured on (the pool's).
+        max_models: the pool's (its calls then each name a model), or ``None``.
+
+    Every kind of work takes a ``model``: the model id a call is for, which a pool with
+    ``max_models`` requires and any other refuses (:class:`InvalidArgument`). An agent
+    checked out by its caller holds it (``lender.checkout(model=...)``).
     """
 
-    def __init__(self, lender: Lender[AgentT], clock: Callable[[], float]) -> None:
+    def __init__(self, lender: Lender[AgentT], clock: Callable[[], float],
+                 max_models: int | None = None) -> None:
         self.lender = lender
         self._clock = clock
+        self._max_models = max_models
         self._runner = TimeboxedRunner(lender.name)
         self._batchers: dict[int, Batcher[AgentT]] = {}
 
     # -- calls -------------------------------------------------------------------------
 
     def call(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
-             call_timeout: float | None = None) -> AgentReply:
+             call_timeout: float | None = None, model: str | None = None) -> AgentReply:
         """Handle one signal on a checked-out agent (see :meth:`.pool.AgentPool.call`)."""
+        model = pool_model(self.lender.name, self._max_models, model)
         event = Signal.parse(signal)
         batcher = self.batcher_for(event)
         if batcher is not None:
-            return batcher.call(event, timeout, call_timeout)
-        return self._run(lambda agent: self.run_signals(agent, [event])[0], event.type,
-                         timeout, call_timeout)
+            return batcher.call(event, timeout, call_timeout, model)
+        return self._run(lambda agent: self.run_signals(agent, [event], model=model)[0],
+                         event.type, timeout, call_timeout, model)
 
     def transaction(self, signals: Iterable[Signal | Mapping[str, Any]], *,
-                    timeout: float | None = None,
-                    call_timeout: float | None = None) -> list[AgentReply]:
+                    timeout: float | None = None, call_timeout: float | None = None,
+                    model: str | None = None) -> list[AgentReply]:
         """Handle ``signals`` in order on one agent, all or nothing (see the pool's)."""
+        model = pool_model(self.lender.name, self._max_models, model)
         events = [Signal.parse(signal) for signal in signals]
         label = ",".join(event.type for event in events)
-        return self._run(lambda agent: self.run_signals(agent, events, transaction=True),
-                         label, timeout, call_timeout)
+        return self._run(
+            lambda agent: self.run_signals(agent, events, transaction=True, model=model),
+            label, timeout, call_timeout, model)
 
     def run_signals(self, agent: AgentT, events: list[Signal], *, transaction: bool = False,
-                    cancellation: Cancellation = NEVER) -> list[AgentReply]:
+                    cancellation: Cancellation = NEVER,
+                    model: str | None = None) -> list[AgentReply]:
         """Handle ``events`` in order on ``agent`` (checked out by the caller), counted.
 
         With ``transaction``, a failure puts the agent's state back as it was before the
         first event, then raises. The actions see ``cancellation`` as
-        ``context.cancelled``.
+        ``context.cancelled``, and ``model`` as ``context.model_id`` and
+        ``context.model``.
         """
+        model = pool_model(self.lender.name, self._max_models, model)
         before = agent.state
         try:
-            return [self._count_call(agent, event, cancellation) for event in events]
+            return [self._count_call(agent, event, cancellation, model) for event in events]
         except BaseException:
             if transaction:
                 agent.state = before
             raise
 
-    def run_batch(self, agent: AgentT, events: list[Signal]) -> list[AgentReply | WarmPoolError]:
-        """Handle ``events`` (routed to one batch action) as one batch on ``agent``, counted.
+    def run_batch(self, agent: AgentT, events: list[Signal],
+                  model: str | None = None) -> list[AgentReply | WarmPoolError]:
+        """Handle ``events`` (routed to one batch action, all for ``model``) as one batch
+        on ``agent``, counted.
 
         ``agent`` is checked out by the caller. Returns one outcome per event, in order.
         """
-        outcomes = agent.handle_batch(events)
+        outcomes = agent.handle_batch(events, pool_model(self.lender.name, self._max_models,
+                                                         model))
         failed = sum(not isinstance(outcome, AgentReply) for outcome in outcomes)
         self.lender.counters.add(calls=len(outcomes), call_failures=failed, batches=1,
                                  batched=len(outcomes))
         return outcomes
 
     def run_batch_within(self, agent: AgentT, events: list[Signal], label: str,
-                         call_timeout: float | None) -> list[AgentReply | WarmPoolError]:
+                         call_timeout: float | None,
+                         model: str | None = None) -> list[AgentReply | WarmPoolError]:
         """:meth:`run_batch` within ``call_timeout`` (see :meth:`run_timeboxed`)."""
-        return self.run_timeboxed(agent, lambda: self.run_batch(agent, events), label,
+        return self.run_timeboxed(agent, lambda: self.run_batch(agent, events, model), label,
                                   call_timeout)
 
     def run_timeboxed(self, agent: AgentT, work: Callable[[], R], label: str,
@@ -132,8 +150,8 @@ class AgentWork(Generic[AgentT]):
             f"agent {agent.id} is being replaced", label, call_timeout)
 
     def _run(self, work: Callable[[AgentT], R], label: str, timeout: float | None,
-             call_timeout: float | None) -> R:
-        agent = self.lender.checkout(timeout=timeout)
+             call_timeout: float | None, model: str | None) -> R:
+        agent = self.lender.checkout(timeout=timeout, model=model)
         with self.lender.lent(agent) as lease:
             try:
                 return self.run_timeboxed(agent, lambda: work(agent), label, call_timeout)
@@ -141,10 +159,12 @@ class AgentWork(Generic[AgentT]):
                 lease.abandoned = True
                 raise
 
-    def _count_call(self, agent: AgentT, signal: Signal,
-                    cancellation: Cancellation = NEVER) -> AgentReply:
+    def _count_call(self, agent: AgentT, signal: Signal, cancellation: Cancellation,
+                    model: str | None) -> AgentReply:
         try:
-            reply = agent.handle(signal, cancellation)
+            # Without a model, as before models: an agent class may override handle().
+            reply = (agent.handle(signal, cancellation) if model is None
+                     else agent.handle(signal, cancellation, model))
         except Exception:
             self.lender.counters.count_call(failed=True)
             raise
@@ -173,12 +193,13 @@ class AgentWork(Generic[AgentT]):
     # -- streams -----------------------------------------------------------------------
 
     def stream(self, signal: Signal | Mapping[str, Any], *, timeout: float | None = None,
-               call_timeout: float | None = None) -> Stream:
+               call_timeout: float | None = None, model: str | None = None) -> Stream:
         """Check an agent out and stream ``signal`` on it (see :meth:`AgentPool.stream`)."""
+        model = pool_model(self.lender.name, self._max_models, model)
         event = Signal.parse(signal)
-        agent = self.lender.checkout(timeout=timeout)
+        agent = self.lender.checkout(timeout=timeout, model=model)
         lease = Lease()
-        chunks = self._counted_stream(agent, event, NEVER)
+        chunks = self._counted_stream(agent, event, NEVER, model)
         if call_timeout is not None:
             chunks = _watched(chunks, self._deadline(agent, event, lease, call_timeout))
 
@@ -192,8 +213,9 @@ class AgentWork(Generic[AgentT]):
         return Stream(chunks, end)
 
     def run_stream(self, agent: AgentT, event: Signal, emit: Callable[[Any], None],
-                   cancellation: Cancellation = NEVER) -> AgentReply:
-        """Stream ``event`` on ``agent`` (checked out by the caller), counted.
+                   cancellation: Cancellation = NEVER, model: str | None = None) -> AgentReply:
+        """Stream ``event`` on ``agent`` (checked out by the caller, holding ``model``),
+        counted.
 
         ``emit`` gets each chunk in order and may block (the reader is behind). A
         non-streaming action runs as a call with no chunks.
@@ -204,6 +226,7 @@ class AgentWork(Generic[AgentT]):
                 agent is healthy and its state unchanged.
             InvalidSignal, UnknownSignal, ActionFailed: as :meth:`Agent.handle`.
         """
+        model = pool_model(self.lender.name, self._max_models, model)
         if cancellation.cancelled:
             self.lender.counters.add(streams_started=1, streams_cancelled=1)
             raise StreamCancelled(f"stream of {event.type!r} cancelled before it started")
@@ -213,7 +236,8 @@ class AgentWork(Generic[AgentT]):
             if cancellation.cancelled:
                 raise StreamCancelled(f"stream of {event.type!r} cancelled by its caller")
 
-        return drain(_watched(self._counted_stream(agent, event, cancellation), deliver))
+        return drain(_watched(self._counted_stream(agent, event, cancellation, model),
+                              deliver))
 
     def _deadline(self, agent: AgentT, event: Signal, lease: Lease,
                   call_timeout: float) -> Callable[[Any], None]:
@@ -229,13 +253,13 @@ class AgentWork(Generic[AgentT]):
 
         return check
 
-    def _counted_stream(self, agent: AgentT, event: Signal,
-                        cancellation: Cancellation) -> Generator[Any, None, AgentReply]:
+    def _counted_stream(self, agent: AgentT, event: Signal, cancellation: Cancellation,
+                        model: str | None) -> Generator[Any, None, AgentReply]:
         """``agent.stream(event)``, counted: closing it counts the stream as cancelled."""
         self.lender.counters.add(streams_started=1)
         produced = 0
         try:
-            chunks = agent.stream(event, cancellation)
+            chunks = agent.stream(event, cancellation, model)
             while True:
                 try:
                     chunk = next(chunks)
