@@ -11,10 +11,10 @@ under the pool's lock, the load done outside it:
    holder: past it, a second copy on another agent would have been no slower, so the
    model spreads, and a hot model is never stuck on one agent. While ``m`` is being
    loaded for the first time here, nothing but the caller's timeout bounds the wait;
-3. else an idle agent where the load costs least: one with room (fewer than
-   ``max_models`` models), else the one whose least recently used model was used the
-   longest ago, which is unloaded first; a cold model never pushes out a warm one while
-   a colder one is there to go;
+3. else an idle agent where the load costs least: the one with the most room (fewer than
+   ``max_models`` models: models spread over the agents), else the one whose least
+   recently used model was used the longest ago, which is unloaded first; a cold model
+   never pushes out a warm one while a colder one is there to go;
 4. else (no agent idle) the pool's usual checkout (wait in line, or build an overflow
    agent), and ``m`` loaded on the agent it gives if that one lacks it.
 
@@ -87,6 +87,11 @@ class Multiplexer:
         self._waiting = 0  # callers waiting for a busy holder
         #: The models whose load failed lately, with their back-off.
         self.failures = LoadFailures()
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting now for a busy agent that holds (or loads) their model."""
+        return self._waiting
 
     def equip(self, agent: Agent[Any]) -> None:
         """Give a new agent of the pool its model cache (empty)."""
@@ -197,14 +202,16 @@ class Multiplexer:
         return None if bound is None else bound
 
     def _cheapest_idle(self) -> Slot | None:
-        """The idle agent where a load costs least: room first, else the coldest least
-        recently used model (idle agents' caches do not change meanwhile)."""
+        """The idle agent where a load costs least: the one with the most room (so that
+        models spread over the agents), else the one whose least recently used model was
+        used the longest ago (idle agents' caches do not change meanwhile)."""
         best: Slot | None = None
-        coldest = math.inf
+        lowest = (2, 0.0)
         for slot in reversed(self._policy.idle):
-            when = slot.agent.models.coldest()
-            if best is None or when < coldest:
-                best, coldest = slot, when
+            cache: ModelCache = slot.agent.models
+            cost = (1, cache.coldest()) if cache.full else (0, float(len(cache)))
+            if cost < lowest:
+                best, lowest = slot, cost
         return best
 
     @staticmethod
