@@ -113,20 +113,24 @@ class WarmPool:
         return decorator
 
     def call(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-             call_timeout: float | None = 5.0) -> AgentReply:
-        """Handle ``signal`` on an agent of ``pool``; see :meth:`PoolClient.call`."""
-        return self.client.call(pool, signal, timeout=timeout, call_timeout=call_timeout)
+             call_timeout: float | None = 5.0, *, model: str | None = None) -> AgentReply:
+        """Handle ``signal`` on an agent of ``pool`` (for ``model``, in a pool with
+        ``max_models``); see :meth:`PoolClient.call`."""
+        return self.client.call(pool, signal, timeout=timeout, call_timeout=call_timeout,
+                                model=model)
 
     def cast(self, pool: str, signal: SignalLike, timeout: float | None = None,
-             call_timeout: float | None = None) -> Any:
+             call_timeout: float | None = None, *, model: str | None = None) -> Any:
         """Send ``signal`` to ``pool`` without waiting; see :meth:`PoolClient.cast`."""
-        return self.client.cast(pool, signal, timeout=timeout, call_timeout=call_timeout)
+        return self.client.cast(pool, signal, timeout=timeout, call_timeout=call_timeout,
+                                model=model)
 
     def transaction(self, pool: str, signals: Iterable[SignalLike], timeout: float = 5.0,
-                    call_timeout: float | None = 5.0) -> list[AgentReply]:
+                    call_timeout: float | None = 5.0, *,
+                    model: str | None = None) -> list[AgentReply]:
         """Handle ``signals`` in order on one agent, all or nothing."""
         return self.client.transaction(pool, signals, timeout=timeout,
-                                       call_timeout=call_timeout)
+                                       call_timeout=call_timeout, model=model)
 
     def status(self, pool: str, timeout: float = 1.0) -> PoolStatus:
         """``pool``'s status over every node hosting it; see :meth:`StatusReader.status`."""
@@ -137,43 +141,48 @@ class WarmPool:
         return self.status_reader.nodes(pool, timeout=timeout)
 
     def stream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-               call_timeout: float | None = 60.0) -> Stream:
+               call_timeout: float | None = 60.0, *, model: str | None = None) -> Stream:
         """Stream ``signal``'s chunks from an agent of ``pool``; see
         :meth:`PoolClient.stream`."""
-        return self.client.stream(pool, signal, timeout=timeout, call_timeout=call_timeout)
+        return self.client.stream(pool, signal, timeout=timeout, call_timeout=call_timeout,
+                                  model=model)
 
     def astream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-                call_timeout: float | None = 60.0) -> AsyncStream:
+                call_timeout: float | None = 60.0, *,
+                model: str | None = None) -> AsyncStream:
         """:meth:`stream` as an async iterator; see :meth:`PoolClient.astream`."""
-        return self.client.astream(pool, signal, timeout=timeout, call_timeout=call_timeout)
+        return self.client.astream(pool, signal, timeout=timeout, call_timeout=call_timeout,
+                                   model=model)
 
     def map(self, pool: str, signals: Iterable[SignalLike], *, concurrency: int = 64,
             timeout: float = 5.0, call_timeout: float | None = 5.0,
-            return_exceptions: bool = False) -> Iterator[Any]:
+            return_exceptions: bool = False, model: str | None = None) -> Iterator[Any]:
         """Call ``pool`` once per signal, many at once; see :func:`~.client.fanout.fan_out`."""
         return fan_out(self.client, pool, signals, concurrency=concurrency, timeout=timeout,
-                       call_timeout=call_timeout, return_exceptions=return_exceptions)
+                       call_timeout=call_timeout, return_exceptions=return_exceptions,
+                       model=model)
 
     # -- asyncio ---------------------------------------------------------------------------
 
     async def acall(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-                    call_timeout: float | None = 5.0) -> AgentReply:
+                    call_timeout: float | None = 5.0, *,
+                    model: str | None = None) -> AgentReply:
         """:meth:`call`, awaited; see :meth:`PoolClient.acall`."""
         return await self.client.acall(pool, signal, timeout=timeout,
-                                       call_timeout=call_timeout)
+                                       call_timeout=call_timeout, model=model)
 
     async def atransaction(self, pool: str, signals: Iterable[SignalLike],
-                           timeout: float = 5.0,
-                           call_timeout: float | None = 5.0) -> list[AgentReply]:
+                           timeout: float = 5.0, call_timeout: float | None = 5.0, *,
+                           model: str | None = None) -> list[AgentReply]:
         """:meth:`transaction`, awaited."""
         return await self.client.atransaction(pool, signals, timeout=timeout,
-                                              call_timeout=call_timeout)
+                                              call_timeout=call_timeout, model=model)
 
     async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
-                    call_timeout: float | None = None) -> Any:
+                    call_timeout: float | None = None, *, model: str | None = None) -> Any:
         """:meth:`cast`, awaited: it returns once the message is published."""
         return await self.client.acast(pool, signal, timeout=timeout,
-                                       call_timeout=call_timeout)
+                                       call_timeout=call_timeout, model=model)
 
     async def astatus(self, pool: str, timeout: float = 1.0) -> PoolStatus:
         """:meth:`status`, awaited (the nodes are asked from a thread)."""
@@ -185,10 +194,11 @@ class WarmPool:
 
     def amap(self, pool: str, signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
              concurrency: int = 64, timeout: float = 5.0, call_timeout: float | None = 5.0,
-             return_exceptions: bool = False) -> AsyncIterator[Any]:
+             return_exceptions: bool = False, model: str | None = None) -> AsyncIterator[Any]:
         """:meth:`map` as an async iterator; see :func:`~.client.fanout.afan_out`."""
         return afan_out(self.client, pool, signals, concurrency=concurrency, timeout=timeout,
-                        call_timeout=call_timeout, return_exceptions=return_exceptions)
+                        call_timeout=call_timeout, return_exceptions=return_exceptions,
+                        model=model)
 
     def local_pool(self, pool: str) -> AgentPool[Agent[Any]]:
         """The pool ``pool`` in this process (built on first use outside a worker)."""

@@ -24,6 +24,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from celery_warmpool import Action, ActionContext, Agent, AgentState, BatchAction, Result
+from celery_warmpool.core import models as _models
+
+if os.environ.get("WARMPOOL_TEST_RETRY_FIRST"):  # a worker's back-off, set by its test
+    _models.RETRY_FIRST = float(os.environ["WARMPOOL_TEST_RETRY_FIRST"])
 
 
 class Recorder:

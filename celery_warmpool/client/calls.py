@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task, states
 from celery.result import AsyncResult
 
-from ..core.arguments import call_timeouts, cast_timeouts, pool_name, signal_list
+from ..core.arguments import call_timeouts, cast_timeouts, pool_model, pool_name, signal_list
 from ..core.errors import (
     BrokerUnavailable,
     CheckoutTimeout,
@@ -88,7 +88,7 @@ class PoolClient:
     # -- blocking ------------------------------------------------------------------------
 
     def call(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-             call_timeout: float | None = 5.0) -> AgentReply:
+             call_timeout: float | None = 5.0, *, model: str | None = None) -> AgentReply:
         """Handle ``signal`` on an agent of ``pool`` and return its reply.
 
         Arguments:
@@ -99,7 +99,8 @@ class PoolClient:
                 no bound.
 
         Both are checked before anything is sent: finite, from 0.001 to 86400 seconds
-        (see :mod:`celery_warmpool.core.arguments`).
+        (see :mod:`celery_warmpool.core.arguments`). ``model`` names the model the call
+        is for: required by a pool with ``max_models`` (a model id), refused by another.
 
         A broker or result store away for less than the call's time is waited out. A
         caller interrupted while it waits (``KeyboardInterrupt``) leaves the call: if no
@@ -107,55 +108,59 @@ class PoolClient:
 
         Raises:
             InvalidArgument, UnknownPool, InvalidSignal, UnknownSignal, ActionFailed,
-            CheckoutTimeout, CallTimeout, AgentLost, BrokerUnavailable, WorkerFailed: as
-            their names say; never a reply hiding an error, never an exception that is
-            not a :class:`WarmPoolError`.
+            CheckoutTimeout, CallTimeout, AgentLost, BrokerUnavailable, WorkerFailed,
+            ModelLoadFailed: as their names say; never a reply hiding an error, never an
+            exception that is not a :class:`WarmPoolError`.
         """
-        return self.transaction(pool, [signal], timeout, call_timeout)[0]
+        return self.transaction(pool, [signal], timeout, call_timeout, model=model)[0]
 
     def transaction(self, pool: str, signals: Iterable[SignalLike], timeout: float = 5.0,
-                    call_timeout: float | None = 5.0) -> list[AgentReply]:
+                    call_timeout: float | None = 5.0, *,
+                    model: str | None = None) -> list[AgentReply]:
         """Handle ``signals`` in order on one agent, all or nothing (see :meth:`call`)."""
         pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
         events = [Signal.parse(signal) for signal in signal_list(signals)]
         if not events:
             return []
         if self.listener() is None:
-            return self._call_through_celery(pool, events, timeout, call_timeout)
-        return run_blocking(self.call_steps(pool, events, timeout, call_timeout))
+            return self._call_through_celery(pool, events, timeout, call_timeout, model)
+        return run_blocking(self.call_steps(pool, events, timeout, call_timeout, model))
 
     def cast(self, pool: str, signal: SignalLike, timeout: float | None = None,
-             call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
+             call_timeout: float | None = None, *,
+             model: str | None = None) -> AsyncResult:  # type: ignore[type-arg]
         """Send ``signal`` without waiting; the agent is held until the work ends.
 
         Returns the :class:`AsyncResult`, as ``.delay()`` does. With ``timeout`` the work
         is dropped (to the dead-letter queue) if it cannot start within that many
         seconds; without (``None``) it waits for an agent as long as it takes. With
         ``call_timeout`` the work is bounded as a call's is (``None``: no bound). Both are
-        checked as :meth:`call`'s are. Publishing is retried while the broker is away, for
-        ``timeout`` seconds or :data:`PUBLISH_TIMEOUT` without one.
+        checked as :meth:`call`'s are, ``model`` too. Publishing is retried while the
+        broker is away, for ``timeout`` seconds or :data:`PUBLISH_TIMEOUT` without one.
 
         Raises:
             InvalidArgument: an argument is out of range or of the wrong type.
             BrokerUnavailable: the broker could not be reached in that time.
         """
         pool, (timeout, call_timeout) = pool_name(pool), cast_timeouts(timeout, call_timeout)
-        return run_blocking(self.cast_steps(pool, signal, timeout, call_timeout))
+        return run_blocking(self.cast_steps(pool, signal, timeout, call_timeout, model))
 
     # -- asyncio -------------------------------------------------------------------------
 
     async def acall(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-                    call_timeout: float | None = 5.0) -> AgentReply:
+                    call_timeout: float | None = 5.0, *,
+                    model: str | None = None) -> AgentReply:
         """:meth:`call`, awaited: the event loop never blocks, a broker outage included.
 
         A cancelled caller (``asyncio.CancelledError``, as when an HTTP client goes
         away) stops waiting at once; if no worker has started the call, none will.
         """
-        return (await self.atransaction(pool, [signal], timeout, call_timeout))[0]
+        return (await self.atransaction(pool, [signal], timeout, call_timeout,
+                                        model=model))[0]
 
     async def atransaction(self, pool: str, signals: Iterable[SignalLike],
-                           timeout: float = 5.0,
-                           call_timeout: float | None = 5.0) -> list[AgentReply]:
+                           timeout: float = 5.0, call_timeout: float | None = 5.0, *,
+                           model: str | None = None) -> list[AgentReply]:
         """:meth:`transaction`, awaited (see :meth:`acall`)."""
         pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
         events = [Signal.parse(signal) for signal in signal_list(signals)]
@@ -163,21 +168,22 @@ class PoolClient:
             return []
         if self.listener() is None:
             return await asyncio.to_thread(self._call_through_celery, pool, events, timeout,
-                                           call_timeout)
-        return await run_async(self.call_steps(pool, events, timeout, call_timeout),
+                                           call_timeout, model)
+        return await run_async(self.call_steps(pool, events, timeout, call_timeout, model),
                                self.publisher.executor)
 
     async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
-                    call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
+                    call_timeout: float | None = None, *,
+                    model: str | None = None) -> AsyncResult:  # type: ignore[type-arg]
         """:meth:`cast`, awaited: publishing runs on a thread, never on the loop."""
         pool, (timeout, call_timeout) = pool_name(pool), cast_timeouts(timeout, call_timeout)
-        return await run_async(self.cast_steps(pool, signal, timeout, call_timeout),
+        return await run_async(self.cast_steps(pool, signal, timeout, call_timeout, model),
                                self.publisher.executor)
 
     # -- streams --------------------------------------------------------------------------
 
     def stream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-               call_timeout: float | None = 60.0) -> Stream:
+               call_timeout: float | None = 60.0, *, model: str | None = None) -> Stream:
         """Handle ``signal`` with a streaming action of ``pool``; its chunks as they come.
 
         Iterate the returned :class:`Stream` for the chunks, in order; ``stream.reply``
@@ -193,21 +199,24 @@ class PoolClient:
             UnknownPool: no such pool is configured.
         """
         timeout, call_timeout = call_timeouts(timeout, call_timeout)
-        listener, event = self._streamable(pool, signal)
-        steps = stream_steps(self, listener, pool, event, timeout, call_timeout)
+        listener, event = self._streamable(pool, signal, model)
+        steps = stream_steps(self, listener, pool, event, timeout, call_timeout, model)
         return Stream(blocking_chunks(steps))
 
     def astream(self, pool: str, signal: SignalLike, timeout: float = 5.0,
-                call_timeout: float | None = 60.0) -> AsyncStream:
+                call_timeout: float | None = 60.0, *,
+                model: str | None = None) -> AsyncStream:
         """:meth:`stream` as an async iterator, read on the caller's event loop."""
         timeout, call_timeout = call_timeouts(timeout, call_timeout)
-        listener, event = self._streamable(pool, signal)
-        steps = stream_steps(self, listener, pool, event, timeout, call_timeout)
+        listener, event = self._streamable(pool, signal, model)
+        steps = stream_steps(self, listener, pool, event, timeout, call_timeout, model)
         return AsyncStream(steps, self.publisher.executor)
 
-    def _streamable(self, pool: str, signal: SignalLike) -> tuple[ReplyListener, Signal]:
+    def _streamable(self, pool: str, signal: SignalLike,
+                    model: str | None) -> tuple[ReplyListener, Signal]:
         event = Signal.parse(signal)
-        self.configuration.spec(pool_name(pool))
+        spec = self.configuration.spec(pool_name(pool))
+        pool_model(pool, spec.max_models, model)  # before anything is sent
         listener = self.listener()
         if listener is None:
             raise ConfigurationError(
@@ -219,7 +228,8 @@ class PoolClient:
     # -- what a call is ----------------------------------------------------------------
 
     def call_steps(self, pool: str, events: list[Signal], timeout: float,
-                   call_timeout: float | None) -> Steps[list[AgentReply]]:
+                   call_timeout: float | None,
+                   model: str | None = None) -> Steps[list[AgentReply]]:
         """The steps of a call (one event) or a transaction (several) on ``pool``.
 
         The message carries the caller's deadline, so a worker that takes it late drops
@@ -229,7 +239,7 @@ class PoolClient:
         assert listener is not None
         started = time.monotonic()
         task_id = new_id()
-        message = self.call_message(task_id, pool, events, timeout, call_timeout)
+        message = self.call_message(task_id, pool, events, timeout, call_timeout, model=model)
         key = self.result_key(task_id)
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         subscription = listener.subscribe(key, key)
@@ -281,15 +291,19 @@ class PoolClient:
                                  self.delivery.broker_url)
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
-                     call_timeout: float | None, *, stream: bool = False) -> Message:
-        """The message of a call (or transaction, or stream) of ``events`` on ``pool``.
+                     call_timeout: float | None, *, stream: bool = False,
+                     model: str | None = None) -> Message:
+        """The message of a call (or transaction, or stream) of ``events`` on ``pool``
+        (for ``model``, in a pool with ``max_models``).
 
         Raises:
             UnknownPool: no such pool is configured.
+            InvalidArgument: ``model`` is missing, refused or not a model id.
         """
         spec = self.configuration.spec(pool)
         call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
-                           call_timeout, transaction=len(events) > 1, stream=stream)
+                           call_timeout, transaction=len(events) > 1, stream=stream,
+                           model=pool_model(pool, spec.max_models, model))
         return self.publisher.message(CALL_TASK, task_id, call, spec.queue)
 
     def send(self, message: Message) -> None:
@@ -328,7 +342,8 @@ class PoolClient:
         return _no_reply(pool, timeout, window, spec.size, spec.max_overflow)
 
     def cast_steps(self, pool: str, signal: SignalLike, timeout: float | None,
-                   call_timeout: float | None) -> Steps[AsyncResult]:  # type: ignore[type-arg]
+                   call_timeout: float | None,
+                   model: str | None = None) -> Steps[AsyncResult]:  # type: ignore[type-arg]
         """The steps of a cast: publishing only, retried while the broker is away.
 
         The cast is then kept for a while, to be sent again if a broker restart lost it
@@ -339,7 +354,8 @@ class PoolClient:
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
         task_id = new_id()
-        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout)
+        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout,
+                           model=pool_model(pool, spec.max_models, model))
         message = functools.partial(self._cast_message, task_id, cast, spec.queue)
         yield from self.publish(functools.partial(self.publisher.send, message(0)),
                                 time.monotonic() + bound, bound)
@@ -401,12 +417,14 @@ class PoolClient:
         return self._backend.get_key_for_task(task_id)  # type: ignore[no-any-return]
 
     def _call_through_celery(self, pool: str, events: list[Signal], timeout: float,
-                             call_timeout: float | None) -> list[AgentReply]:
+                             call_timeout: float | None,
+                             model: str | None = None) -> list[AgentReply]:
         """A call for result backends without a listener: Celery's own ``get()``."""
         spec = self.configuration.spec(pool)
         started = time.monotonic()
         call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
-                           call_timeout, transaction=len(events) > 1)
+                           call_timeout, transaction=len(events) > 1,
+                           model=pool_model(pool, spec.max_models, model))
         result = self.delivery.publish(
             lambda: self.handle_task.apply_async(  # type: ignore[call-arg]
                 call.to_args(), queue=spec.queue, argsrepr=call.argsrepr(), kwargsrepr="{}"),

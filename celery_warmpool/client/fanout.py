@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from ..core.arguments import call_timeouts, count, flag, pool_name, signal_source
+from ..core.arguments import call_timeouts, count, flag, model_id, pool_name, signal_source
 from ..core.reply import AgentReply
 
 if TYPE_CHECKING:
@@ -26,8 +26,10 @@ __all__ = ["afan_out", "fan_out"]
 def afan_out(client: PoolClient, pool: str,
              signals: Iterable[SignalLike] | AsyncIterable[SignalLike], *,
              concurrency: int = 64, timeout: float = 5.0, call_timeout: float | None = 5.0,
-             return_exceptions: bool = False) -> AsyncGenerator[AgentReply | Exception]:
-    """Call ``pool`` with each of ``signals``; yield the replies in the signals' order.
+             return_exceptions: bool = False,
+             model: str | None = None) -> AsyncGenerator[AgentReply | Exception]:
+    """Call ``pool`` with each of ``signals`` (each for ``model``, in a pool with
+    ``max_models``); yield the replies in the signals' order.
 
     At most ``concurrency`` calls are in flight. The first error is raised where its
     reply would be (and the calls still in flight are cancelled), or, with
@@ -40,13 +42,15 @@ def afan_out(client: PoolClient, pool: str,
     """
     pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
     return _fan_out(client, pool, signal_source(signals), count("concurrency", concurrency),
-                    timeout, call_timeout, flag("return_exceptions", return_exceptions))
+                    timeout, call_timeout, flag("return_exceptions", return_exceptions),
+                    None if model is None else model_id(model))
 
 
 async def _fan_out(client: PoolClient, pool: str,
                    signals: Iterable[SignalLike] | AsyncIterable[SignalLike],
                    concurrency: int, timeout: float, call_timeout: float | None,
-                   return_exceptions: bool) -> AsyncGenerator[AgentReply | Exception]:
+                   return_exceptions: bool,
+                   model: str | None) -> AsyncGenerator[AgentReply | Exception]:
     source = _signals(signals)
     pending: deque[asyncio.Task[AgentReply]] = deque()
     try:
@@ -55,8 +59,8 @@ async def _fan_out(client: PoolClient, pool: str,
                 signal = await anext(source, None)
                 if signal is None:
                     break
-                pending.append(asyncio.ensure_future(
-                    client.acall(pool, signal, timeout=timeout, call_timeout=call_timeout)))
+                pending.append(asyncio.ensure_future(client.acall(
+                    pool, signal, timeout=timeout, call_timeout=call_timeout, model=model)))
             if not pending:
                 return
             try:
@@ -79,7 +83,8 @@ async def _fan_out(client: PoolClient, pool: str,
 
 def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
             concurrency: int = 64, timeout: float = 5.0, call_timeout: float | None = 5.0,
-            return_exceptions: bool = False) -> Iterator[AgentReply | Exception]:
+            return_exceptions: bool = False,
+            model: str | None = None) -> Iterator[AgentReply | Exception]:
     """:func:`afan_out` from one thread, for code without an event loop.
 
     Raises:
@@ -87,7 +92,8 @@ def fan_out(client: PoolClient, pool: str, signals: Iterable[SignalLike], *,
         RuntimeError: called from a thread that runs an event loop (use ``amap`` there).
     """
     return _driven(afan_out(client, pool, signals, concurrency=concurrency, timeout=timeout,
-                            call_timeout=call_timeout, return_exceptions=return_exceptions))
+                            call_timeout=call_timeout, return_exceptions=return_exceptions,
+                            model=model))
 
 
 def _driven(replies: AsyncGenerator[AgentReply | Exception]) -> Iterator[AgentReply | Exception]:

@@ -40,7 +40,8 @@ class Caller(Protocol):
     reply_grace: float
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
-                     call_timeout: float | None, *, stream: bool = False) -> Message:
+                     call_timeout: float | None, *, stream: bool = False,
+                     model: str | None = None) -> Message:
         """The message of a call of ``events`` on ``pool``."""
 
     def send(self, message: Message) -> None:
@@ -120,7 +121,8 @@ class _Position:
 
 
 def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Signal,
-                 timeout: float, call_timeout: float | None) -> Steps[AgentReply]:
+                 timeout: float, call_timeout: float | None,
+                 model: str | None = None) -> Steps[AgentReply]:
     """The steps of a streaming call of ``event`` on ``pool`` (see the module).
 
     Deliver steps carry the chunks; the steps return the final reply, or raise the
@@ -130,7 +132,8 @@ def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Sign
     started = time.monotonic()
     task_id = new_id()
     window = timeout + (call_timeout or 0.0) + client.reply_grace
-    message = client.call_message(task_id, pool, [event], timeout, call_timeout, stream=True)
+    message = client.call_message(task_id, pool, [event], timeout, call_timeout, stream=True,
+                                  model=model)
     mailbox = Mailbox()
     chunks_key = stream_key(task_id).encode()
     result_key = client.result_key(task_id)

@@ -207,7 +207,8 @@ def dead_letters(ctx: click.Context, pool: str, as_json: bool, replay: bool, pur
     letters_of = warm.dead_letters
     try:
         if replay:
-            count = letters_of.take(spec, lambda letter: warm.cast(pool, letter.signal))
+            count = letters_of.take(
+                spec, lambda letter: warm.cast(pool, letter.signal, model=letter.model))
             cli.echo(f"replayed {count} dead letters of pool {pool!r} as casts")
         elif purge:
             count = letters_of.purge(spec)

@@ -49,6 +49,8 @@ class DeadLetter(BaseModel):
     attempts: int = 1
     #: Whether the work may have run before it failed (its process died, or it overran).
     may_have_run: bool = False
+    #: The model the cast was for, in a pool with ``max_models`` (a replay names it too).
+    model: str | None = None
     dead_at: float
 
     @classmethod

@@ -6,7 +6,7 @@ kind of work it is (:data:`CALL_TASK` or :data:`CAST_TASK`) and whose one positi
 argument is a :class:`CallMessage` as JSON data::
 
     {"pool": "search", "signals": [{...a CloudEvent...}], "deadline": 1765130000.25,
-     "call_timeout": 5.0}
+     "call_timeout": 5.0, "model": "tenant-42"}
 
 Fields left at their defaults are left out. The worker reads the message back with
 :meth:`CallMessage.from_args`, in one place, whatever part of it reads it (the task, the
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from ..core.arguments import seconds
+from ..core.arguments import model_id, seconds
 
 __all__ = ["CALL_TASK", "CAST_TASK", "CallMessage", "WorkKind", "kind_of"]
 
@@ -56,6 +56,8 @@ class CallMessage:
         stream: the one signal's chunks go to the caller as they come.
         copy: which copy of a cast this is: ``0`` as first sent, ``n`` for the
             ``n``-th copy its caller sent again (see :mod:`.marks`).
+        model: the model the signals are for, in a pool with ``max_models``; else
+            ``None``.
     """
 
     pool: str
@@ -65,6 +67,7 @@ class CallMessage:
     transaction: bool = False
     stream: bool = False
     copy: int = 0
+    model: str | None = None
 
     def to_args(self) -> tuple[dict[str, Any]]:
         """The task's positional arguments: this message as JSON data."""
@@ -79,6 +82,8 @@ class CallMessage:
             data["stream"] = True
         if self.copy:
             data["copy"] = self.copy
+        if self.model is not None:
+            data["model"] = self.model
         return (data,)
 
     @classmethod
@@ -89,7 +94,7 @@ class CallMessage:
         (``stream`` for a call, ``copy`` for a cast).
 
         Raises:
-            InvalidArgument: its ``call_timeout`` is not one a caller sends.
+            InvalidArgument: its ``call_timeout`` or ``model`` is not one a caller sends.
             ValueError: the arguments are not a pool call's message.
         """
         if len(args) == 1 and isinstance(args[0], Mapping):
@@ -112,9 +117,11 @@ class CallMessage:
         # by whatever would fail on it later (an agent checked out and never back).
         call_timeout = seconds("call_timeout", data.get("call_timeout"),
                                none="no bound on the work")
+        model = data.get("model")
         return cls(pool=pool, signals=signals, deadline=deadline, call_timeout=call_timeout,
                    transaction=bool(data.get("transaction", False)),
-                   stream=bool(data.get("stream", False)), copy=copy)
+                   stream=bool(data.get("stream", False)), copy=copy,
+                   model=None if model is None else model_id(model))
 
     @property
     def label(self) -> str:
@@ -125,7 +132,8 @@ class CallMessage:
         """What worker logs and monitors show for the message (the signals by type and
         id, not in full)."""
         kinds = ", ".join(f"{signal.get('type')}#{signal.get('id')}" for signal in self.signals)
-        return f"({self.pool!r}, [{kinds}])"
+        model = "" if self.model is None else f", model={self.model!r}"
+        return f"({self.pool!r}, [{kinds}]{model})"
 
 
 def _optional_float(value: Any) -> float | None:

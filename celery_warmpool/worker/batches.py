@@ -20,6 +20,8 @@ are the messages acknowledged.
 - Each message of a batch is marked taken as the batch starts (one round trip for the
   batch, see :mod:`.claims`): a copy of a call or cast another copy of which was taken
   is dropped from the batch.
+- In a pool with ``max_models`` a batch holds the signals of one model only: each model
+  has its buffer, and its batch runs on an agent holding that model.
 - Batched calls are not Celery requests of the worker: ``inspect active`` does not list
   them, and no task events are sent for them.
 """
@@ -182,9 +184,10 @@ class PoolBatches:
             self._handler(message)
             return
         action, item = found
-        buffer = self._buffers.get(action.name)
+        key = f"{action.name} {item['model']}"  # a batch per action and model
+        buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[action.name] = _Buffer(action)
+            buffer = self._buffers[key] = _Buffer(action)
         buffer.messages.append((message, item))
         if buffer.window.add():
             self._flush(buffer)
@@ -226,7 +229,7 @@ class PoolBatches:
             "id": message.headers["id"], "kind": kind, "pool": self.spec.name,
             "signal": dict(call.signals[0]),
             "deadline": call.deadline, "call_timeout": call.call_timeout,
-            "copy": call.copy if kind == "cast" else None,
+            "copy": call.copy if kind == "cast" else None, "model": call.model,
             "reply_to": properties.get("reply_to"),
             "correlation_id": properties.get("correlation_id") or message.headers["id"],
             "retries": message.headers.get("retries") or 0}
@@ -335,7 +338,7 @@ def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:
         backend.mark_as_failure(item["id"], outcome, request=request)
         if item["kind"] == "cast":
             runtime.dead_letter(item["pool"], item["signal"], outcome, task_id=item["id"],
-                                attempts=item["retries"] + 1,
+                                attempts=item["retries"] + 1, model=item.get("model"),
                                 may_have_run=isinstance(outcome, AgentLost | CallTimeout))
         return
     backend.mark_as_done(item["id"], [outcome.to_wire()], request=request)
@@ -390,7 +393,8 @@ def _run(runtime: WorkerRuntime, pool: str, items: list[dict[str, Any]]) -> list
             outcomes[index] = exc
     deadlines = [items[index]["deadline"] for index, _ in events]
     timeout = None if None in deadlines else max(0.0, max(deadlines) - time.time())
-    agent = agent_pool.checkout(timeout=timeout)
+    model = items[0].get("model")  # one model per batch (see PoolBatches.on_message)
+    agent = agent_pool.checkout(timeout=timeout, model=model)
     live = _in_time(agent_pool, items, events, outcomes)
     if not live:
         agent_pool.checkin(agent)
@@ -399,7 +403,8 @@ def _run(runtime: WorkerRuntime, pool: str, items: list[dict[str, Any]]) -> list
               if items[index]["call_timeout"] is not None]
     with agent_pool.lent(agent) as lease:
         results = _watched(runtime, agent_pool, agent, [items[index] for index, _ in live],
-                           [event for _, event in live], min(bounds) if bounds else None)
+                           [event for _, event in live], min(bounds) if bounds else None,
+                           model)
         lease.abandoned = results is None
     if results is None:  # it overran: its callers had their CallTimeout at the deadline
         agent_pool.finish_abandoned(agent)
@@ -427,13 +432,14 @@ def _in_time(agent_pool: Any, items: list[dict[str, Any]], events: list[tuple[in
 
 
 def _watched(runtime: WorkerRuntime, agent_pool: Any, agent: Any, items: list[dict[str, Any]],
-             events: list[Signal], bound: float | None) -> list[Any] | None:
+             events: list[Signal], bound: float | None,
+             model: str | None) -> list[Any] | None:
     """Run the batch inline, the watchdog answering its callers if it outlasts ``bound``.
 
     Returns the outcomes, or ``None`` if it overran (the agent is abandoned).
     """
     if bound is None:
-        return list(agent_pool.work.run_batch(agent, events))
+        return list(agent_pool.work.run_batch(agent, events, model))
     watchdog = Watchdog.of_this_process()
 
     def overran() -> None:
@@ -443,7 +449,7 @@ def _watched(runtime: WorkerRuntime, agent_pool: Any, agent: Any, items: list[di
 
     token = watchdog.watch(bound, overran)
     try:
-        outcomes = list(agent_pool.work.run_batch(agent, events))
+        outcomes = list(agent_pool.work.run_batch(agent, events, model))
     finally:
         in_time = watchdog.done(token)
     return outcomes if in_time else None

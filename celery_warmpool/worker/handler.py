@@ -6,7 +6,8 @@
 :class:`~celery_warmpool.wire.message.CallMessage`. In the process that takes it, either:
 
 1. drops the call unrun if its deadline (the caller's ``timeout``) has passed;
-2. checks an agent out, waiting at most until that deadline, and drops the call unrun if
+2. checks an agent out (in a pool with ``max_models``, one holding the message's model,
+   loaded now if need be), waiting at most until that deadline, and drops the call unrun if
    its caller left it meanwhile (a cancel mark, see :mod:`..wire.marks`; a caller
    that left before any worker took the call marked it taken, see :mod:`.claims`);
 3. runs the signals on it inline (a transaction: all or nothing);
@@ -85,12 +86,12 @@ class CallHandler:
         (see :mod:`.streams`).
         """
         pool, deadline, call_timeout = message.pool, message.deadline, message.call_timeout
-        transaction, stream = message.transaction, message.stream
+        transaction, stream, model = message.transaction, message.stream, message.model
         agent_pool = self.runtime.local_pool(pool)
         events = [Signal.parse(signal) for signal in message.signals]
         asked = time.monotonic()
         try:
-            agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline))
+            agent = agent_pool.checkout(timeout=_time_left(agent_pool, deadline), model=model)
         except HandedBack:
             # The node is draining or stopping: back to the broker, for another node.
             raise Reject(requeue=True) from None
@@ -104,9 +105,9 @@ class CallHandler:
         def work(stopped: Callable[[], bool]) -> list[AgentReply]:
             if stream:
                 return [self._stream(task, agent_pool, agent, events[0], call_timeout,
-                                     stopped, cancellation)]
+                                     stopped, cancellation, model)]
             return agent_pool.work.run_signals(agent, events, transaction=transaction,
-                                               cancellation=cancellation)
+                                               cancellation=cancellation, model=model)
 
         cancellation = _cancellation(task)
         label = ",".join(event.type for event in events)
@@ -142,7 +143,8 @@ class CallHandler:
 
     def _stream(self, task: Task, agent_pool: AgentPool[Agent[Any]],  # type: ignore[type-arg]
                 agent: Agent[Any], event: Signal, call_timeout: float | None,
-                stopped: Callable[[], bool], cancellation: Cancellation) -> AgentReply:
+                stopped: Callable[[], bool], cancellation: Cancellation,
+                model: str | None) -> AgentReply:
         """Stream ``event`` on ``agent`` to its caller; its final reply."""
         spec = self.runtime.configuration.spec(agent_pool.name)
         client = task.backend.client  # type: ignore[attr-defined]
@@ -151,7 +153,7 @@ class CallHandler:
             idle_timeout=spec.stream_idle_timeout, stopped=stopped,
             expires=(call_timeout or STREAM_KEEP) + spec.stream_idle_timeout)
         try:
-            return agent_pool.work.run_stream(agent, event, sink.emit, cancellation)
+            return agent_pool.work.run_stream(agent, event, sink.emit, cancellation, model)
         except StreamCancelled:
             # Its reader is gone (closed, or silent too long): nobody waits for a reply.
             # The agent goes back healthy, its state unchanged.
@@ -180,8 +182,8 @@ class CallHandler:
                          request.id, request.args)
             return
         self.runtime.dead_letter(cast.pool, dict(cast.signals[0]), error, task_id=request.id,
-                                 pid=os.getpid(),
-                                 attempts=(request.retries or 0) + 1, may_have_run=may_have_run)
+                                 pid=os.getpid(), attempts=(request.retries or 0) + 1,
+                                 may_have_run=may_have_run, model=cast.model)
 
 
 def _time_left(agent_pool: AgentPool[Agent[Any]], deadline: float | None) -> float | None:

@@ -121,7 +121,7 @@ class PoolRequest(Request):
     def _dead_letter(self, lost: AgentLost) -> None:
         _extension(self).runtime.dead_letter(
             self.pool, dict(self.call.signals[0]), lost, task_id=self.id, pid=lost.pid,
-            attempts=_context(self).retries + 1, may_have_run=True)
+            attempts=_context(self).retries + 1, may_have_run=True, model=self.call.model)
 
 
 def _context(request: Any) -> Any:
