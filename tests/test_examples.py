@@ -126,6 +126,22 @@ def test_embeddings_serves_the_real_model_batched_from_one_copy(tmp_path: Path) 
     assert memory < 800, output
 
 
+def test_many_models_serves_a_head_per_customer_from_one_pool(tmp_path: Path) -> None:
+    output = run_example("many_models", cwd=tmp_path, limit=60)
+    assert "customer-0, loaded ahead and warmed up: first call" in output
+    assert number(r"its head loaded in (\d+) ms", output) >= 5  # a real load cost
+    assert "6 callers at once for cold customer-8: 6 replies, 1 load, on 1 agent(s)" in output
+    hits = number(r"\(Zipf, 4 callers\): (\d+) hits", output)
+    loads = number(r"hits, (\d+) loads", output)
+    assert hits + loads == 200 and hits > loads
+    assert ("customer-99 (first): ModelLoadFailed: pool 'heads': model 'customer-99' failed "
+            "to load on") in output
+    assert "FileNotFoundError: no head was trained for customer-99" in output
+    assert "customer-99 (again): ModelLoadFailed:" in output
+    assert "failed to load 1 time(s) in a row" in output  # backing off: no second load
+    assert "a call naming no customer: InvalidArgument: model must be a model id" in output
+
+
 def test_state_semantics_and_isolation_patterns(tmp_path: Path) -> None:
     output = run_example("state_semantics", cwd=tmp_path, limit=15)
     assert "count 1 then 2 (same agent: True)" in output

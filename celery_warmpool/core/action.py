@@ -14,6 +14,7 @@ from .errors import ConfigurationError, InvalidSignal
 from .validation import describe, error_details
 
 if TYPE_CHECKING:
+    from .models import ModelCache
     from .signal import Signal
 
 __all__ = ["Action", "ActionContext", "AgentView", "BatchAction", "NoParams", "Result"]
@@ -40,6 +41,8 @@ class AgentView(Protocol):
         """The device it puts its models on (its pool's ``devices``), or ``None``."""
     #: The agent's own options (its pool's ``worker_opts``, deep-copied).
     options: dict[str, Any]
+    #: The models it holds, in a pool with ``max_models`` (else ``None``).
+    models: ModelCache | None
     #: The pool and node it serves, once a pool built it.
     pool_name: str | None
     node: str | None

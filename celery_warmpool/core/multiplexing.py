@@ -7,10 +7,13 @@ under the pool's lock, the load done outside it:
 1. an idle agent that holds ``m``: a hit;
 2. else, if an agent that holds ``m``, or is loading it, is busy: wait for that agent
    rather than load ``m`` a second time. So ``n`` callers of a cold model wait for one
-   load, not ``n``. The wait is bounded by the model's own load time, as measured on its
-   holder: past it, a second copy on another agent would have been no slower, so the
-   model spreads, and a hot model is never stuck on one agent. While ``m`` is being
-   loaded for the first time here, nothing but the caller's timeout bounds the wait;
+   load, not ``n``. Once ``m`` is loaded, the wait for a busy holder is bounded by the
+   model's own load time, as measured on its holder, and at least :data:`HOLDER_WAIT`:
+   past it, a second copy on another agent would have been no slower, so the model
+   spreads, and a hot model is never stuck on one agent (the floor keeps a burst of
+   first calls, each waiting its turn, from loading a copy it barely needed). While
+   ``m`` is being loaded for the first time here, nothing but the caller's timeout
+   bounds the wait;
 3. else an idle agent where the load costs least: the one with the most room (fewer than
    ``max_models`` models: models spread over the agents), else the one whose least
    recently used model was used the longest ago, which is unloaded first; a cold model
@@ -45,9 +48,12 @@ from .lending import LendingPolicy
 from .models import HeldModel, LoadFailures, ModelCache, load_failed
 from .slot import Slot
 
-__all__ = ["RECHECK", "Multiplexer"]
+__all__ = ["HOLDER_WAIT", "RECHECK", "Multiplexer"]
 
 _now = time.monotonic
+#: The least a caller waits for a busy agent holding its model, in seconds, before it has
+#: the model loaded on another (more, for a model whose load takes longer).
+HOLDER_WAIT = 0.25
 #: The longest a caller waiting for a busy holder sleeps before it looks again: a holder
 #: that leaves the pool (replaced, or given up to overrunning work) sends no word.
 RECHECK = 0.5
@@ -144,7 +150,7 @@ class Multiplexer:
                     bound = self._busy_holder(model_id)
                     if bound is not None and block:
                         if holder_until is None and bound != math.inf:
-                            holder_until = _now() + bound
+                            holder_until = _now() + max(bound, HOLDER_WAIT)
                         if holder_until is None or _now() < holder_until:
                             self._wait(model_id, started, timeout, holder_until)
                             continue
