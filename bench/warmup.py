@@ -85,12 +85,15 @@ def run_node(scenario: str, execution: str,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="fresh nodes per way and setting")
+    parser.add_argument("--ways", nargs="+", default=[way for way, _ in SCENARIOS],
+                        choices=[way for way, _ in SCENARIOS], help="the ways to measure")
     options = parser.parse_args()
+    scenarios = [(way, execution) for way, execution in SCENARIOS if way in options.ways]
     ratios: dict[tuple[str, bool], list[float]] = {}
     print("all-MiniLM-L6-v2 on the CPU, one sentence per call, agent time (reply.duration)\n")
     print(f"  {'way':10} {'warm-up':8} {'first ms':>9} {'steady ms':>10} {'ratio':>6} "
           f"{'after idle ms':>14} {'warm-up s':>10}")
-    for scenario, execution in SCENARIOS:
+    for scenario, execution in scenarios:
         for warm_up in (False, True):
             for _ in range(options.runs):
                 first, steady, idle, warmup_seconds = run_node(scenario, execution, warm_up)
@@ -100,7 +103,7 @@ def main() -> int:
                       f"{warmup_seconds:10.2f}", flush=True)
     print("\nthe first call / the steady median, median over nodes")
     checks = []
-    for scenario, execution in SCENARIOS:
+    for scenario, execution in scenarios:
         for warm_up in (False, True):
             median = statistics.median(ratios[(scenario, warm_up)])
             name = f"{scenario} ({execution}), warm-up {'on' if warm_up else 'off'}"

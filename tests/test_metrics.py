@@ -143,6 +143,22 @@ def test_threads_node_counts_waits_exhaustion_and_timeouts(start_worker, client)
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("execution,concurrency", [("prefork", 2), ("threads", 2)])
+def test_warm_up_signals_are_not_counted_as_calls(start_worker, client, execution,
+                                                   concurrency):
+    specs = counter(2, warmup=[INCREMENT, INCREMENT])
+    url = metrics_worker(start_worker, specs, execution, concurrency)
+    _, warm = client(specs)
+
+    reply = warm.call("counter", INCREMENT)
+
+    assert reply.state["count"] == 3  # the agent ran the two warm-up signals before it
+    samples = scrape_until(url, lambda s: s["warmpool_calls_total"] == 1)
+    assert samples["warmpool_calls_total"] == 1
+    assert samples["warmpool_call_duration_seconds_count"] == 1
+
+
+@pytest.mark.integration
 def test_setup_failures_and_replacements_are_counted(start_worker, client):
     specs = counter(1, agent="tests.flaky_agents:FlakySetupAgent")
     url = metrics_worker(start_worker, specs, "threads", 2,

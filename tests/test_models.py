@@ -34,7 +34,7 @@ from celery_warmpool.core.models import (
 )
 
 from .conftest import at_once, wait_until
-from .core_agents import FakeClock
+from .core_agents import CounterAgent, FakeClock
 from .model_agents import ModelAgent, Recorder
 
 
@@ -209,6 +209,11 @@ def test_model_load_failed_survives_being_rebuilt_from_its_args() -> None:
     assert (again.model, again.cause, again.pool, again.retry_in) == (
         "m", "OSError: no weights", "heads", 2.0)
     assert str(again) == "model 'm' failed"
+
+
+def test_a_multiplexed_pool_of_an_agent_without_load_model_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="does not implement load_model"):
+        PoolSpec("plain", CounterAgent, max_models=2)
 
 
 @pytest.mark.parametrize("options,message", [

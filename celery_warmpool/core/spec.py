@@ -183,13 +183,18 @@ class PoolSpec(PoolOptions):
         return self
 
     @model_validator(mode="after")
-    def _warmup_routes(self) -> Self:
+    def _fits_the_agent(self) -> Self:
+        # Raised as they are (not ValueErrors): each is a field's error, though only the
+        # whole spec knows the agent class.
+        if self.max_models is not None and self.agent.load_model is Agent.load_model:
+            raise ConfigurationError(
+                f"pool {self.name!r}: invalid max_models: {self.agent.__qualname__} does "
+                "not implement load_model(model_id), so it cannot hold models",
+                self.name, "max_models")
         for signal in self.warmup:
             try:
                 self.agent.route(signal.type).validate_params(signal.data, signal.type)
             except SignalError as exc:
-                # Raised as it is (not a ValueError): the error is the field's, not the
-                # whole spec's, though only the whole spec knows the agent's routes.
                 raise ConfigurationError(
                     f"pool {self.name!r}: invalid warmup: signal {signal.type!r}: {exc}",
                     self.name, "warmup") from None

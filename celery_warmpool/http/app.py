@@ -96,6 +96,7 @@ class Gateway:
         options = {name: getattr(spec, name) for name in PoolOptions.model_fields}
         options["discard_on"] = [f"{kind.__module__}.{kind.__qualname__}"
                                  for kind in spec.discard_on]
+        options["warmup"] = [signal.to_wire() for signal in spec.warmup]
         return {
             "name": spec.name,
             "agent": f"{spec.agent.__module__}.{spec.agent.__qualname__}",

@@ -208,9 +208,10 @@ class ProcessMetrics:
             self.batch_size.labels(pool, self.node).observe(size)
 
     def _on_call(self, sender: Any = None, duration: float = 0.0, **kwargs: Any) -> None:
-        # Call events are sent by the agent, which knows its pool once a pool built it.
+        # Call events are sent by the agent, which knows its pool once a pool built it; a
+        # warm-up's calls are not the pool's (see celery_warmpool.core.warmup).
         pool = getattr(sender, "pool_name", None)
-        if pool is not None:
+        if pool is not None and not getattr(sender, "warming", False):
             self.call_duration.labels(pool, self.node).observe(duration)
 
 
