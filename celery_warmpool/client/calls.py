@@ -26,6 +26,8 @@ from ..core.marks import mark_cancelled
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
+from ..queues import pool_queue, route
+from ..scoped import scoped
 from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
 from .protocol import Receive, Steps, Taken, ask_taken, publish_steps
@@ -366,12 +368,18 @@ class PoolClient:
         spec = self.configuration.spec(pool)
         started = time.monotonic()
         deadline = time.time() + timeout
-        result = self.delivery.publish(
-            lambda: self.handle_task.apply_async(  # type: ignore[call-arg]
-                (pool, [event.to_wire() for event in events], deadline, call_timeout,
-                 len(events) > 1), queue=spec.queue, argsrepr=_argsrepr(pool, events),
-                kwargsrepr="{}"),
-            started + timeout, timeout)
+        destination = route(pool_queue(self.app, spec.queue))
+
+        def send() -> Any:
+            with scoped(self.app).producers.acquire() as producer:
+                return self.handle_task.apply_async(  # type: ignore[call-arg]
+                    (pool, [event.to_wire() for event in events], deadline, call_timeout,
+                     len(events) > 1), producer=producer, argsrepr=_argsrepr(pool, events),
+                    kwargsrepr="{}", **destination)
+
+        sent = self.delivery.publish(send, started + timeout, timeout)
+        # Read through app.backend, which Celery subscribed in this thread as it sent.
+        result: AsyncResult = AsyncResult(sent.id, app=self.app)  # type: ignore[type-arg]
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
                                      spec.max_overflow)

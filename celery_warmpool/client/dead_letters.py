@@ -20,6 +20,7 @@ from kombu import Connection, Exchange, Queue
 from pydantic import BaseModel, ConfigDict
 
 from ..core.spec import PoolSpec
+from ..scoped import scoped
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DeadLetter", "DeadLetters"]
 
@@ -68,13 +69,14 @@ class DeadLetters:
                      routing_key=spec.dead_letter_queue, durable=True)
 
     def send(self, spec: PoolSpec, letter: DeadLetter) -> None:
-        """Publish ``letter`` to the pool's dead-letter queue (retrying a broken connection).
+        """Publish ``letter`` to the pool's dead-letter queue (retrying a broken connection),
+        with one of the package's own producers (publisher confirms on RabbitMQ).
 
         Raises:
             OperationalError: the broker could not be reached even after retries.
         """
         queue = self.queue(spec)
-        with self.app.producer_or_acquire() as producer:
+        with scoped(self.app).producers.acquire() as producer:
             producer.publish(letter.model_dump(mode="json"), exchange=DEAD_LETTER_EXCHANGE,
                              routing_key=queue.routing_key, declare=[queue],
                              serializer="json", delivery_mode=2, retry=True,

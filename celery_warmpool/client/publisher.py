@@ -3,9 +3,10 @@
 A call's message is made by Celery's own ``app.amqp`` (so workers, monitors and Flower see
 an ordinary task) but without ``apply_async``'s per-thread result machinery: the reply
 comes through the process's :class:`~.listener.ReplyListener`. Messages go out through
-a few producers of the publisher's own (:data:`PUBLISH_CONNECTIONS`, on connections of
-the app's pool), whatever the number of calling threads; coroutines publish through a
-small thread pool of their own, since Kombu has no asyncio producer.
+the package's own few producers (:class:`~celery_warmpool.scoped.Producers`: with
+publisher confirms on RabbitMQ), whatever the number of calling threads, to the pool's
+queue as the package declares it (:mod:`celery_warmpool.queues`); coroutines publish
+through a small thread pool of their own, since Kombu has no asyncio producer.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kombu.pools import ProducerPool
+from ..queues import pool_queue, route
+from ..scoped import scoped
 
 __all__ = ["Message", "Publisher"]
 
 #: Threads that publish for coroutines.
 PUBLISH_THREADS = 2
-#: Producers (each on a broker connection of the app's pool) that publish pool calls,
-#: whatever the number of calling threads: more threads wait their turn, briefly.
-PUBLISH_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +46,6 @@ class Publisher:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._declared: set[str] = set()
-        self._pool: ProducerPool | None = None
-        self._pool_pid = 0
         self._pid = os.getpid()
 
     def message(self, name: str, task_id: str, args: tuple[Any, ...], queue: str,
@@ -65,25 +62,17 @@ class Publisher:
         return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
-        """Publish ``message`` on a connection of the app's producer pool (blocking)."""
+        """Publish ``message`` with one of the package's own producers (blocking)."""
         options = message.options
         queue = options.get("queue")
         if queue is not None and queue.name in self._declared:
             # Kombu would bind copies of the queue and exchange on every publish only to
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
-        with self._producers().acquire(block=True) as producer:
+        with scoped(self.app).producers.acquire() as producer:
             self.app.amqp.send_task_message(producer, message.name, message.body, **options)
         if queue is not None:
             self._declared.add(queue.name)
-
-    def _producers(self) -> ProducerPool:
-        """This process's producers for pool calls (made anew in a forked child)."""
-        with self._lock:
-            if self._pool is None or self._pool_pid != os.getpid():
-                self._pool_pid = os.getpid()
-                self._pool = ProducerPool(self.app.pool, limit=PUBLISH_CONNECTIONS)
-            return self._pool
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -98,9 +87,7 @@ class Publisher:
     def _route(self, name: str, queue: str) -> dict[str, Any]:
         # Routing is the same for every call of a pool: worked out once. A copy per
         # message, since sending adds to it.
-        route = self._routes.get((name, queue))
-        if route is None:
-            task = self.app.tasks.get(name)
-            route = self.app.amqp.router.route({"queue": queue}, name, None, None, task)
-            self._routes[(name, queue)] = route
-        return dict(route)
+        options = self._routes.get((name, queue))
+        if options is None:
+            options = self._routes[(name, queue)] = route(pool_queue(self.app, queue))
+        return dict(options)

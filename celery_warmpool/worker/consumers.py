@@ -34,6 +34,7 @@ from celery.worker import state as worker_state
 from kombu import Consumer
 from kombu.common import ignore_errors
 
+from ..queues import pool_queue
 from .batches import PoolBatches
 from .broker_workarounds import (
     keep_partial_result_reads,
@@ -317,7 +318,9 @@ class PoolConsumers(bootsteps.StartStopStep):
 
     def _open(self, c: Any, queue: PoolQueue) -> None:
         queue.channel = c.connection.channel()
-        queue.bound = c.app.amqp.queues[queue.name](queue.channel)
+        # Declared by the package, whatever the app's queue settings (and not added to
+        # them): see celery_warmpool.queues.
+        queue.bound = pool_queue(c.app, queue.name)(queue.channel)
         queue.bound.declare()
         queue.slots, queue.prefetch, queue.paused = [], None, False
         if queue.batches is not None:

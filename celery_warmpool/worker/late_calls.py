@@ -19,6 +19,7 @@ from typing import Any
 from celery.worker import state as worker_state
 
 from ..core.errors import CheckoutTimeout
+from ..scoped import scoped
 from .claims import is_taken
 from .handler import HANDLE_TASK
 
@@ -56,9 +57,10 @@ class LateCalls:
             deadline = args[2] if len(args) > 2 else None
             if deadline is None or now <= deadline + GRACE:
                 continue
+            backend = scoped(self.app).results.backend
             try:
-                taken = is_taken(self.app.backend, request.id)
-            except getattr(self.app.backend, "connection_errors", ()):
+                taken = is_taken(backend, request.id)
+            except getattr(backend, "connection_errors", ()):
                 continue  # the result store is away: look again next time
             self._answered.add(request.id)
             if taken:
@@ -68,7 +70,7 @@ class LateCalls:
                 f"pool {pool!r}: no agent came free within the call's timeout; the call "
                 "waited in a busy worker and will not run", pool, now - deadline)
             try:
-                self.app.backend.mark_as_failure(request.id, error)
+                backend.mark_as_failure(request.id, error)
                 answered += 1
             except Exception:
                 logger.exception("could not answer late call %s", request.id)

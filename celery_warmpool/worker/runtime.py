@@ -25,6 +25,7 @@ from ..core.errors import UnknownPool
 from ..core.pool import AgentPool
 from ..core.spec import PoolSpec
 from ..core.status import PoolCounters, PoolStatus
+from ..scoped import scoped
 from .execution import ExecutionModel, execution_model_of
 from .preload import preload
 from .process_pools import ProcessPools
@@ -190,7 +191,7 @@ class WorkerRuntime:
         # The first reply a process stores would otherwise open the result backend's
         # connection: do it now, so the first call after "ready" is as fast as the rest.
         try:
-            client = getattr(self.app.backend, "client", None)
+            client = getattr(scoped(self.app).results.backend, "client", None)
             ping = getattr(client, "ping", None)
             if callable(ping):
                 ping()
