@@ -101,41 +101,54 @@ def test_the_extension_changes_none_of_the_apps_settings_or_queues(broker):
     assert not app.conf.result_backend_always_retry
 
 
-def test_the_packages_store_calls_retry_and_the_apps_do_not():
+def backends_of(app: Any) -> list[Any]:
+    """The package's result backend as two threads get it."""
+    found: list[Any] = []
+    for _ in range(2):
+        thread = threading.Thread(target=lambda: found.append(scoped(app).results.backend))
+        thread.start()
+        thread.join()
+    return found
+
+
+def test_the_packages_result_store_is_shared_by_threads_only_where_that_is_safe(tmp_path):
     app, _ = make_app(REDIS_BROKER, REDIS_BACKEND)
-    own = scoped(app).results.backend
-    assert (own.always_retry, own.max_sleep_between_retries_ms) == (True, 1000)
-    assert own.retry_policy == {"max_retries": 2, "interval_start": 0.0,
-                                "interval_step": 0.2, "interval_max": 0.5}
-    assert (app.backend.always_retry, app.backend.max_sleep_between_retries_ms) == (
-        False, 10_000)
-    assert app.backend.retry_policy["max_retries"] == 20
-    # One object serves every thread of the process (Redis stores are thread safe).
-    seen: list[Any] = []
-    thread = threading.Thread(target=lambda: seen.append(scoped(app).results.backend))
-    thread.start()
-    thread.join()
-    assert seen == [own]
-    # What the app sets itself, the package keeps; and the opt-out is the app's backend.
-    mine, _ = make_app(REDIS_BROKER, REDIS_BACKEND, conf={
-        "result_backend_max_sleep_between_retries_ms": 50,
-        "result_backend_transport_options": {"retry_policy": {"max_retries": 9}}})
-    assert scoped(mine).results.backend.max_sleep_between_retries_ms == 50
-    assert scoped(mine).results.backend.retry_policy["max_retries"] == 9
-    off, _ = make_app(REDIS_BROKER, REDIS_BACKEND, conf={"warmpool_resilient_results": False})
-    assert scoped(off).results.backend is off.backend
+    first, second = backends_of(app)
+    assert first is second  # Redis stores through redis-py's thread-safe client
+    assert first.always_retry and not app.backend.always_retry
+    database, _ = make_app(REDIS_BROKER, f"db+sqlite:///{tmp_path / 'results.db'}")
+    first, second = backends_of(database)
+    assert first is not second  # one per thread, as Celery keeps app.backend
+    assert first.always_retry and second.always_retry
+    # Replies over RPC go to the caller's own queue: the app's backend, nothing to set.
+    rpc, _ = make_app(RABBITMQ_BROKER, "rpc://")
+    assert scoped(rpc).results.backend is rpc.backend
 
 
-def test_confirms_are_for_py_amqp_brokers_unless_the_app_decides():
-    assert scoped(make_app(RABBITMQ_BROKER, REDIS_BACKEND)[0]).producers.confirms
-    assert not scoped(make_app(REDIS_BROKER, REDIS_BACKEND)[0]).producers.confirms
-    off, _ = make_app(RABBITMQ_BROKER, REDIS_BACKEND, conf={"warmpool_confirm_publish": False})
-    assert not scoped(off).producers.confirms
-    # The app's own confirm_publish applies to everything it publishes, the package's too.
-    mine, _ = make_app(RABBITMQ_BROKER, REDIS_BACKEND, conf={
-        "broker_transport_options": {"confirm_publish": True}})
-    assert not scoped(mine).producers.confirms
-    assert mine.conf.broker_transport_options == {"confirm_publish": True}
+class FakeTimer:
+    """A worker timer that only records what is asked of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], None]] = []
+
+    def call_after(self, seconds: float, function: Callable[[], None]) -> None:
+        self.calls.append(function)
+
+
+def test_a_node_with_no_pool_call_in_flight_adds_no_wake_ups_to_its_event_loop():
+    from celery_warmpool.worker.late_calls import LateCalls
+
+    app, _ = make_app(REDIS_BROKER, REDIS_BACKEND)
+    late_calls, timer = LateCalls(app), FakeTimer()
+    late_calls.start(timer)
+    assert timer.calls == []  # nothing to look for until a call arrives
+    late_calls.watch()
+    late_calls.watch()
+    assert len(timer.calls) == 1  # one look at a time
+    timer.calls.pop()()  # the look finds no call waiting (none is reserved here)
+    assert timer.calls == []  # and the looks stop
+    late_calls.watch()
+    assert len(timer.calls) == 1  # until the next call arrives
 
 
 def channel_name(producer: Any) -> str:

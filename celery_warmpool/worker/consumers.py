@@ -127,7 +127,7 @@ class PoolConsumers(bootsteps.StartStopStep):
             # once the event loop runs, so removing ours here loses nothing.
             if name in getattr(c.task_consumer, "_queues", {}):
                 c.task_consumer.cancel_by_queue(name)
-        self._handler = c.create_task_handler()
+        self._handler = self._watched(c.create_task_handler())
         self.apply_global = not c.connection.qos_semantics_matches_spec
         forced = c.app.conf.get("warmpool_qos_global")
         if forced is not None:
@@ -325,6 +325,19 @@ class PoolConsumers(bootsteps.StartStopStep):
         queue.slots, queue.prefetch, queue.paused = [], None, False
         if queue.batches is not None:
             queue.batches.start(c, queue.channel, self._handler)
+
+    def _watched(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``handler``, and then the node looks for calls that outwait their deadline
+        while any waits (see :mod:`.late_calls`)."""
+        late_calls = self.runtime.late_calls
+        if late_calls is None:
+            return handler
+
+        def on_message(message: Any) -> None:
+            handler(message)
+            late_calls.watch()
+
+        return on_message
 
     def _discards_unaccepted(self, c: Any) -> bool:
         # A prefork pool drops work not yet given to a child when the connection is lost.

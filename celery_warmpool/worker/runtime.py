@@ -59,6 +59,8 @@ class WorkerRuntime:
         self.after_publish: Any = None
         #: The per-pool consumers of this node's main process (see .consumers).
         self.consumers: Any = None
+        #: What answers calls that outwait their deadline in this node (a LateCalls).
+        self.late_calls: Any = None
         self.pools: ProcessPools | None = None
         #: What each hosted pool's ``preload`` returned, by pool (shared across the fork).
         self.shared: dict[str, Any] = {}
