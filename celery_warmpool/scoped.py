@@ -110,30 +110,39 @@ class ResultStore:
     def __init__(self, app: Any) -> None:
         self.app = app
         self._local = threading.local()
-        self._shared: Any = None
-        self._shared_pid = 0
+        #: The process id and the backend every thread of that process shares.
+        self._shared: tuple[int, Any] = (0, None)
         self._lock = threading.Lock()
 
     @functools.cached_property
-    def resilient(self) -> bool:
-        """Whether the package's store calls get its retry settings."""
-        return bool(self.app.conf.get("warmpool_resilient_results", True))
+    def _kind(self) -> str:
+        """``"app"`` (``app.backend`` as it is), ``"shared"`` (one per process) or
+        ``"thread"`` (one per thread): decided once, when first needed."""
+        if not self.app.conf.get("warmpool_resilient_results", True):
+            return "app"
+        backend = self.app.backend
+        if not _tunable(backend):
+            return "app"
+        return "shared" if _shareable(backend) else "thread"
 
     @property
     def backend(self) -> Any:
         """The backend for the package's store calls in this thread."""
-        app_backend = self.app.backend
-        if not self.resilient or not _tunable(app_backend):
-            return app_backend
-        if _shareable(app_backend):
-            with self._lock:
-                if self._shared is None or self._shared_pid != os.getpid():
-                    self._shared, self._shared_pid = self._new(), os.getpid()
-                return self._shared
+        kind, pid = self._kind, os.getpid()
+        if kind == "app":
+            return self.app.backend
+        if kind == "shared":
+            owner, shared = self._shared  # one read: a forked child makes its own
+            if owner != pid:
+                with self._lock:
+                    if self._shared[0] != pid:
+                        self._shared = (pid, self._new())
+                    shared = self._shared[1]
+            return shared
         backend = getattr(self._local, "backend", None)
-        if backend is None or getattr(self._local, "pid", 0) != os.getpid():
+        if backend is None or getattr(self._local, "pid", 0) != pid:
             backend = self._local.backend = self._new()
-            self._local.pid = os.getpid()
+            self._local.pid = pid
         return backend
 
     def _new(self) -> Any:
