@@ -35,6 +35,8 @@ from ..core.signal import Signal
 from ..core.stream import Stream
 from ..wire.marks import mark_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
+from ..wire.queues import pool_queue, route
+from ..wire.scoped import scoped
 from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
 from .protocol import Receive, Steps, Taken, ask_taken, publish_steps
@@ -407,10 +409,17 @@ class PoolClient:
         started = time.monotonic()
         call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
                            call_timeout, transaction=len(events) > 1)
-        result = self.delivery.publish(
-            lambda: self.handle_task.apply_async(  # type: ignore[call-arg]
-                call.to_args(), queue=spec.queue, argsrepr=call.argsrepr(), kwargsrepr="{}"),
-            started + timeout, timeout)
+        destination = route(pool_queue(self.app, spec.queue))
+
+        def send() -> Any:
+            with scoped(self.app).producers.acquire() as producer:
+                return self.handle_task.apply_async(  # type: ignore[call-arg]
+                    call.to_args(), producer=producer, argsrepr=call.argsrepr(),
+                    kwargsrepr="{}", retry=False, **destination)
+
+        sent = self.delivery.publish(send, started + timeout, timeout)
+        # Read through app.backend, which Celery subscribed in this thread as it sent.
+        result: AsyncResult = AsyncResult(sent.id, app=self.app)  # type: ignore[type-arg]
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
                                      spec.max_overflow)

@@ -3,9 +3,10 @@
 A call's message is made by Celery's own ``app.amqp`` (so workers, monitors and Flower see
 an ordinary task) but without ``apply_async``'s per-thread result machinery: the reply
 comes through the process's :class:`~.listener.ReplyListener`. Messages go out through
-a few producers of the publisher's own (:data:`PUBLISH_CONNECTIONS`, on connections of
-the app's pool), whatever the number of calling threads; coroutines publish through a
-small thread pool of their own, since Kombu has no asyncio producer.
+the package's own few producers (:class:`~celery_warmpool.wire.scoped.Producers`: with
+publisher confirms on RabbitMQ), whatever the number of calling threads, to the pool's
+queue as the package declares it (:mod:`celery_warmpool.wire.queues`); coroutines publish
+through a small thread pool of their own, since Kombu has no asyncio producer.
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kombu.pools import ProducerPool
-
 from ..wire.message import CallMessage
+from ..wire.queues import pool_queue, route
+from ..wire.scoped import scoped
 
 __all__ = ["Message", "Publisher"]
 
 #: Threads that publish for coroutines.
 PUBLISH_THREADS = 2
-#: Producers (each on a broker connection of the app's pool) that publish pool calls,
-#: whatever the number of calling threads: more threads wait their turn, briefly.
-PUBLISH_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,26 +38,6 @@ class Message:
     options: dict[str, Any]
 
 
-def own_connection(app: Any) -> Any:
-    """A broker connection of the package's own, apart from the app's.
-
-    It connects once when asked (``max_retries`` 0): kombu would otherwise keep trying
-    for the app's ``broker_connection_timeout`` and more, past a caller's deadline; the
-    package waits out an outage itself, within each caller's deadline (see
-    :mod:`celery_warmpool.wire.outages`).
-    """
-    connection = app.connection_for_write()
-    options = {**(connection.transport_options or {}), "max_retries": 0}
-    own = connection.clone(transport_options=options)
-    connection.release()
-    return own
-
-
-def own_connections(app: Any, limit: int) -> Any:
-    """A pool of ``limit`` connections like :func:`own_connection`."""
-    return own_connection(app).Pool(limit=limit)
-
-
 class Publisher:
     """Builds and sends the task messages of pool calls for ``app`` (see the module)."""
 
@@ -69,8 +47,6 @@ class Publisher:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._declared: set[str] = set()
-        self._pool: ProducerPool | None = None
-        self._pool_pid = 0
         self._pid = os.getpid()
 
     def message(self, name: str, task_id: str, call: CallMessage, queue: str) -> Message:
@@ -87,29 +63,20 @@ class Publisher:
         return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
-        """Publish ``message`` on a connection of the app's producer pool (blocking)."""
+        """Publish ``message`` with one of the package's own producers (blocking)."""
         options = message.options
         queue = options.get("queue")
         if queue is not None and queue.name in self._declared:
             # Kombu would bind copies of the queue and exchange on every publish only to
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
-        with self._producers().acquire(block=True) as producer:
+        with scoped(self.app).producers.acquire() as producer:
             # Kombu's own retry off: the caller's deadline decides how long to try (see
             # celery_warmpool.wire.outages).
             self.app.amqp.send_task_message(producer, message.name, message.body,
                                             retry=False, **options)
         if queue is not None:
             self._declared.add(queue.name)
-
-    def _producers(self) -> ProducerPool:
-        """This process's producers for pool calls (made anew in a forked child)."""
-        with self._lock:
-            if self._pool is None or self._pool_pid != os.getpid():
-                self._pool_pid = os.getpid()
-                self._pool = ProducerPool(own_connections(self.app, PUBLISH_CONNECTIONS),
-                                          limit=PUBLISH_CONNECTIONS)
-            return self._pool
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -124,9 +91,7 @@ class Publisher:
     def _route(self, name: str, queue: str) -> dict[str, Any]:
         # Routing is the same for every call of a pool: worked out once. A copy per
         # message, since sending adds to it.
-        route = self._routes.get((name, queue))
-        if route is None:
-            task = self.app.tasks.get(name)
-            route = self.app.amqp.router.route({"queue": queue}, name, None, None, task)
-            self._routes[(name, queue)] = route
-        return dict(route)
+        options = self._routes.get((name, queue))
+        if options is None:
+            options = self._routes[(name, queue)] = route(pool_queue(self.app, queue))
+        return dict(options)

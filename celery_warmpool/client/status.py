@@ -20,8 +20,8 @@ from ..core.arguments import pool_name, seconds
 from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
 from ..wire.membership import Membership, NodeRecord
+from ..wire.scoped import own_connection
 from .delivery import Delivery
-from .publisher import own_connection
 
 __all__ = ["StatusReader", "StatusReport"]
 

@@ -93,7 +93,8 @@ class WarmPoolStep(bootsteps.StartStopStep):
         else:
             runtime.start_process(index=0)
         if runtime.process_specs and getattr(worker, "timer", None) is not None:
-            LateCalls(worker.app).start(worker.timer)
+            runtime.late_calls = LateCalls(worker.app)
+            runtime.late_calls.start(worker.timer)
         for service in self.services:
             service.start()
         if runtime.process_specs:

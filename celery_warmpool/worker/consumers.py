@@ -34,6 +34,7 @@ from celery.worker import state as worker_state
 from kombu import Consumer
 from kombu.common import ignore_errors
 
+from ..wire.queues import pool_queue
 from .batches import PoolBatches
 from .broker_workarounds import (
     keep_partial_result_reads,
@@ -126,7 +127,7 @@ class PoolConsumers(bootsteps.StartStopStep):
             # once the event loop runs, so removing ours here loses nothing.
             if name in getattr(c.task_consumer, "_queues", {}):
                 c.task_consumer.cancel_by_queue(name)
-        self._handler = c.create_task_handler()
+        self._handler = self._watched(c.create_task_handler())
         self.apply_global = not c.connection.qos_semantics_matches_spec
         forced = c.app.conf.get("warmpool_qos_global")
         if forced is not None:
@@ -317,11 +318,26 @@ class PoolConsumers(bootsteps.StartStopStep):
 
     def _open(self, c: Any, queue: PoolQueue) -> None:
         queue.channel = c.connection.channel()
-        queue.bound = c.app.amqp.queues[queue.name](queue.channel)
+        # Declared by the package, whatever the app's queue settings (and not added to
+        # them): see celery_warmpool.wire.queues.
+        queue.bound = pool_queue(c.app, queue.name)(queue.channel)
         queue.bound.declare()
         queue.slots, queue.prefetch, queue.paused = [], None, False
         if queue.batches is not None:
             queue.batches.start(c, queue.channel, self._handler)
+
+    def _watched(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``handler``, and then the node looks for calls that outwait their deadline
+        while any waits (see :mod:`.late_calls`)."""
+        late_calls = self.runtime.late_calls
+        if late_calls is None:
+            return handler
+
+        def on_message(message: Any) -> None:
+            handler(message)
+            late_calls.watch()
+
+        return on_message
 
     def _discards_unaccepted(self, c: Any) -> bool:
         # A prefork pool drops work not yet given to a child when the connection is lost.

@@ -27,6 +27,7 @@ from ..core.status import PoolCounters, PoolStatus
 from ..wire.dead_letters import DeadLetter, DeadLetters
 from ..wire.membership import NodeRecord
 from ..wire.outages import Outages
+from ..wire.scoped import scoped
 from .errands import Errands
 from .execution import ExecutionModel, execution_model_of
 from .preload import preload
@@ -84,6 +85,8 @@ class WorkerRuntime:
         self.service_factories: list[ServiceFactory] = []
         #: The per-pool consumers of this node's main process (see .consumers).
         self.consumers: Any = None
+        #: What answers calls that outwait their deadline in this node (a LateCalls).
+        self.late_calls: Any = None
         self.pools: ProcessPools | None = None
         #: What each hosted pool's ``preload`` returned, by pool (shared across the fork).
         self.shared: dict[str, Any] = {}
@@ -224,7 +227,7 @@ class WorkerRuntime:
         # The first reply a process stores would otherwise open the result backend's
         # connection: do it now, so the first call after "ready" is as fast as the rest.
         try:
-            client = getattr(self.app.backend, "client", None)
+            client = getattr(scoped(self.app).results.backend, "client", None)
             ping = getattr(client, "ping", None)
             if callable(ping):
                 ping()
