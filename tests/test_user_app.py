@@ -22,7 +22,7 @@ import pytest
 import redis
 from celery.result import AsyncResult
 from celery.signals import after_task_publish, before_task_publish
-from celery_warmpool.client.dead_letters import DeadLetter
+from celery_warmpool.wire.dead_letters import DeadLetter
 
 from celery_warmpool.ops.processes import WorkerProcess
 from celery_warmpool.wire.scoped import scoped
