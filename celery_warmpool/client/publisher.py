@@ -5,14 +5,18 @@ an ordinary task) but without ``apply_async``'s per-thread result machinery: the
 comes through the process's :class:`~.listener.ReplyListener`. Messages go out through
 a few producers of the publisher's own (:data:`PUBLISH_CONNECTIONS`, on connections of
 the app's pool), whatever the number of calling threads; coroutines publish through a
-small thread pool of their own, since Kombu has no asyncio producer.
+small thread pool of their own, since Kombu has no asyncio producer. A call to a pool with
+``max_queued`` is held to it as it is published (see :mod:`.admission`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +24,8 @@ from typing import Any
 from kombu.pools import ProducerPool
 
 from ..wire.message import CallMessage
+from ..wire.queues import pool_queue
+from .admission import AdmittingProducer, Bound, Refusals, armed
 
 __all__ = ["Message", "Publisher"]
 
@@ -38,6 +44,15 @@ class Message:
     name: str
     body: Any
     options: dict[str, Any]
+    #: The bound of the pool it goes to (see :mod:`.admission`).
+    bound: Bound | None = None
+
+    def again(self) -> Message:
+        """This message sent again after an outage: admitted once, not checked again."""
+        if self.bound is None:
+            return self
+        return dataclasses.replace(self, bound=self.bound._replace(checked=False),
+                                   options=dict(self.options))
 
 
 def own_connection(app: Any) -> Any:
@@ -72,14 +87,17 @@ class Publisher:
         self._pool: ProducerPool | None = None
         self._pool_pid = 0
         self._pid = os.getpid()
+        self.refusals = Refusals(app)
 
-    def message(self, name: str, task_id: str, call: CallMessage, queue: str) -> Message:
+    def message(self, name: str, task_id: str, call: CallMessage, queue: str,
+                max_queued: int | None = None) -> Message:
         """The message that runs task ``name`` (a call's or a cast's) with ``call`` on
-        ``queue``."""
+        ``queue``, held to ``max_queued`` (the pool's bound, if it has one)."""
         body = self.app.amqp.create_task_message(
             task_id, name, call.to_args(), {}, argsrepr=call.argsrepr(), kwargsrepr="{}",
             reply_to=self.app.oid, create_sent_event=self._sent_events)
-        return Message(task_id, name, body, self._route(name, queue))
+        return Message(task_id, name, body, self._route(name, queue, max_queued),
+                       Bound(call.pool, queue, max_queued))
 
     @functools.cached_property
     def _sent_events(self) -> bool:
@@ -87,14 +105,18 @@ class Publisher:
         return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
-        """Publish ``message`` on a connection of the app's producer pool (blocking)."""
+        """Publish ``message`` on a connection of the app's producer pool (blocking).
+
+        Raises:
+            PoolBusy: its pool is at its bound (see :mod:`.admission`); it was not sent.
+        """
         options = message.options
         queue = options.get("queue")
         if queue is not None and queue.name in self._declared:
             # Kombu would bind copies of the queue and exchange on every publish only to
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
-        with self._producers().acquire(block=True) as producer:
+        with self.producer(message.bound) as producer:
             # Kombu's own retry off: the caller's deadline decides how long to try (see
             # celery_warmpool.wire.outages).
             self.app.amqp.send_task_message(producer, message.name, message.body,
@@ -102,13 +124,28 @@ class Publisher:
         if queue is not None:
             self._declared.add(queue.name)
 
+    @contextlib.contextmanager
+    def producer(self, bound: Bound | None) -> Iterator[Any]:
+        """A producer of this process's pool, its publishes held to ``bound``.
+
+        Raises:
+            PoolBusy: a publish in the ``with`` block was refused at the bound.
+        """
+        with self._producers().acquire(block=True) as producer:
+            if bound is None:
+                yield producer
+            else:
+                with armed(producer, bound, self.refusals):
+                    yield producer
+
     def _producers(self) -> ProducerPool:
         """This process's producers for pool calls (made anew in a forked child)."""
         with self._lock:
             if self._pool is None or self._pool_pid != os.getpid():
                 self._pool_pid = os.getpid()
                 self._pool = ProducerPool(own_connections(self.app, PUBLISH_CONNECTIONS),
-                                          limit=PUBLISH_CONNECTIONS)
+                                          limit=PUBLISH_CONNECTIONS,
+                                          Producer=AdmittingProducer)
             return self._pool
 
     @property
@@ -121,12 +158,14 @@ class Publisher:
                     PUBLISH_THREADS, thread_name_prefix="warmpool-publish")
             return self._executor
 
-    def _route(self, name: str, queue: str) -> dict[str, Any]:
+    def _route(self, name: str, queue: str, max_queued: int | None) -> dict[str, Any]:
         # Routing is the same for every call of a pool: worked out once. A copy per
-        # message, since sending adds to it.
+        # message, since sending adds to it. The queue as the workers declare it (with
+        # the bound's arguments on RabbitMQ).
         route = self._routes.get((name, queue))
         if route is None:
             task = self.app.tasks.get(name)
-            route = self.app.amqp.router.route({"queue": queue}, name, None, None, task)
+            route = self.app.amqp.router.route(
+                {"queue": pool_queue(self.app, queue, max_queued)}, name, None, None, task)
             self._routes[(name, queue)] = route
         return dict(route)

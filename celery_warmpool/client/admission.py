@@ -1,0 +1,274 @@
+"""Admission: a call to a pool with ``max_queued`` is refused before it is queued.
+
+The calls *waiting* for a pool are those queued in the broker (every list of a priority
+queue) plus those a node took and has not started (reserved), all nodes together. A
+call or cast that finds ``max_queued`` of them is refused with :class:`PoolBusy`; it was
+never queued, so it never runs.
+
+- **Redis**: the check and the push are one step. kombu writes the call's message as
+  for any publish (its format, body encoding, delivery tag); instead of kombu's
+  ``LPUSH``, :data:`ADMIT` (a Lua script, one ``EVALSHA``, so no extra round trip) adds
+  the lengths of the queue's lists to the reserved calls the nodes report on the
+  backlog board (:mod:`celery_warmpool.wire.backlog`, in the same Redis database) and
+  pushes the message only under the bound. A node reports a call it takes as soon as
+  it takes it (:mod:`celery_warmpool.worker.backlog`), so for about a millisecond a
+  call that moved from the list to a node is counted by neither: the bound can be
+  passed by the calls admitted in that moment, never by more than the nodes' reserve
+  room (each node's capacity).
+- **RabbitMQ**: the broker checks. The pool's queue is declared with ``x-max-length``
+  and ``x-overflow: reject-publish`` (:mod:`celery_warmpool.wire.queues`); a publish
+  past the bound is nacked, and with publisher confirms (on by default, see
+  :func:`~.delivery.confirm_publishes`) py-amqp raises ``MessageNacked``, told here as
+  :class:`PoolBusy`. RabbitMQ counts only ready messages, so the nodes keep no reserve of
+  such a pool (their window is its capacity, see
+  :mod:`celery_warmpool.worker.consumers`): a call is reserved only between its
+  delivery to a free agent's node and its start.
+
+A copy of an admitted call sent again after a broker outage (:attr:`Bound.checked`
+false) is not checked again: it was admitted once.
+
+``retry_after`` is the calls found waiting divided by the nodes' drain rate (the calls
+they started per second, recently, while calls waited), from the same board: on Redis
+the script returns it, on RabbitMQ it is read on a refusal (at most every
+:data:`BOARD_KEPT` seconds per pool). Without a rate (no node reported one yet) it is
+:data:`UNKNOWN_RETRY_AFTER`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any, Final, NamedTuple
+
+from amqp.exceptions import MessageNacked, PreconditionFailed
+from kombu import Producer
+from kombu.utils.json import dumps
+
+from ..core.errors import ConfigurationError, PoolBusy
+from ..core.status import PoolLoad
+from ..wire.backlog import BacklogBoard, board_key, totals
+from ..wire.queues import inequivalent
+
+__all__ = ["ADMIT", "AdmittingProducer", "Bound", "Refusals", "armed", "busy", "retry_after"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to tell a refused caller when no drain rate is known.
+UNKNOWN_RETRY_AFTER: Final = 1.0
+#: The shortest and longest ``retry_after``.
+SHORTEST_RETRY: Final = 0.01
+LONGEST_RETRY: Final = 3600.0
+#: Seconds a board reading serves RabbitMQ refusals of one pool.
+BOARD_KEPT: Final = 0.5
+
+#: Counts the calls waiting and pushes the message only under the bound.
+#: KEYS: the list to push to, the pool's board hash, every list of the queue.
+#: ARGV: the message, the bound.
+#: Returns: admitted (1 or 0), the calls waiting (with this one if admitted), the
+#: nodes' capacity, their drain rate (as text: Lua numbers come back as integers).
+ADMIT: Final = """
+pcall(redis.replicate_commands)
+local waiting = 0
+for i = 3, #KEYS do
+    waiting = waiting + redis.call('LLEN', KEYS[i])
+end
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local capacity, rate = 0, 0
+local fields = redis.call('HGETALL', KEYS[2])
+for i = 2, #fields, 2 do
+    local reserved, running, agents, speed, expires =
+        string.match(fields[i], '^(%d+) (%d+) (%d+) ([%d.]+) (%d+)$')
+    if expires and tonumber(expires) > ms then
+        waiting = waiting + tonumber(reserved)
+        capacity = capacity + tonumber(agents)
+        rate = rate + tonumber(speed)
+    end
+end
+if waiting >= tonumber(ARGV[2]) then
+    return {0, waiting, capacity, tostring(rate)}
+end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return {1, waiting + 1, capacity, tostring(rate)}
+"""
+
+
+class Bound(NamedTuple):
+    """The bound a pool call's publish is held to."""
+
+    pool: str
+    queue: str
+    #: The pool's ``max_queued`` (``None``: no bound).
+    max_queued: int | None
+    #: Whether to check it (``False`` for a copy of an admitted call sent again).
+    checked: bool = True
+
+    @property
+    def enforced(self) -> bool:
+        """Whether this publish is checked against a bound."""
+        return self.max_queued is not None and self.checked
+
+
+def retry_after(waiting: int, rate: float) -> float:
+    """Seconds until the calls ``waiting`` have drained at ``rate`` calls a second."""
+    if rate <= 0:
+        return UNKNOWN_RETRY_AFTER
+    return min(max(waiting / rate, SHORTEST_RETRY), LONGEST_RETRY)
+
+
+def busy(bound: Bound, waiting: int, capacity: int, rate: float) -> PoolBusy:
+    """The error of a call refused at ``bound`` with ``waiting`` calls found."""
+    after = retry_after(waiting, rate)
+    served = (f"{capacity} agents serve it, about {rate:.1f} calls a second"
+              if capacity else "no live node serves it")
+    most = bound.max_queued or 0
+    return PoolBusy(f"pool {bound.pool!r} is busy: {waiting} calls wait for an agent "
+                    f"(max_queued={most}; {served}); try again in {after:.2f}s",
+                    bound.pool, waiting, most, after, capacity)
+
+
+class AdmittingProducer(Producer):
+    """A kombu producer that pushes a call held to a bound on Redis with :data:`ADMIT`.
+
+    Set :attr:`bound` for one publish (see :func:`armed`); every other publish (another
+    queue, an event, RabbitMQ) is kombu's own.
+    """
+
+    bound: Bound | None = None
+
+    def _publish(self, body: Any, priority: Any, content_type: Any, content_encoding: Any,
+                 headers: Any, properties: Any, routing_key: Any, mandatory: Any,
+                 immediate: Any, exchange: Any, declare: Any, timeout: Any = None,
+                 confirm_timeout: Any = None, retry: bool = False,
+                 retry_policy: Any = None) -> Any:
+        bound = self.bound
+        channel: Any = self.channel  # kombu's stubs know channels only abstractly
+        if (bound is None or not bound.enforced or exchange or routing_key != bound.queue
+                or getattr(channel.connection, "driver_type", None) != "redis"):
+            return super()._publish(body, priority, content_type, content_encoding,
+                                    headers, properties, routing_key, mandatory, immediate,
+                                    exchange, declare, timeout, confirm_timeout, retry,
+                                    retry_policy)
+        # As kombu's own publish, up to the push: the same message, byte for byte.
+        message = channel.prepare_message(body, priority, content_type, content_encoding,
+                                          headers, properties)
+        for entity in declare or ():
+            self.maybe_declare(entity, retry=retry, **(retry_policy or {}))
+        channel._inplace_augment_message(message, exchange, routing_key)
+        admit(channel, bound, message)
+        return None
+
+
+def admit(channel: Any, bound: Bound, message: dict[str, Any]) -> None:
+    """Push ``message`` (kombu's, for ``bound.queue``) on a Redis ``channel`` if the pool
+    is under its bound.
+
+    Raises:
+        PoolBusy: the pool's waiting calls are at the bound; nothing was pushed.
+    """
+    prefix = channel.global_keyprefix
+    priority = channel._get_message_priority(message, reverse=False)
+    lists = dict.fromkeys(prefix + channel._q_for_pri(bound.queue, step)
+                          for step in channel.priority_steps)
+    keys = [prefix + channel._q_for_pri(bound.queue, priority),
+            prefix + board_key(bound.queue), *lists]
+    admitted, waiting, capacity, rate = _script(channel)(
+        keys=keys, args=[dumps(message), bound.max_queued or 0])
+    if not int(admitted):
+        raise busy(bound, int(waiting), int(capacity), float(rate))
+
+
+#: The admission script per kombu channel, on a plain client of the channel's own
+#: connections (kombu's own client would add its key prefix to the first key only).
+_SCRIPTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _script(channel: Any) -> Any:
+    script = _SCRIPTS.get(channel)
+    if script is None:
+        from redis import Redis
+
+        script = _SCRIPTS[channel] = Redis(connection_pool=channel.pool).register_script(
+            ADMIT)
+    return script
+
+
+class Refusals:
+    """What a RabbitMQ refusal tells: the calls waiting and the nodes' drain rate, read
+    on refusal (the board at most every :data:`BOARD_KEPT` seconds per pool)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._board: BacklogBoard | None = None
+        self._board_pid = 0
+        self._read: dict[str, tuple[float, PoolLoad]] = {}
+        self._lock = threading.Lock()
+
+    def busy(self, bound: Bound, channel: Any) -> PoolBusy:
+        """The error of a call RabbitMQ refused at ``bound``; the queue's length is read
+        on the producer's ``channel`` (the queue exists: it refused the call)."""
+        load = self._load(bound.queue)
+        most = bound.max_queued or 0
+        try:
+            queued = int(channel.queue_declare(queue=bound.queue, passive=True).message_count)
+        except Exception as exc:  # only the count suffers: the broker said "at the bound"
+            logger.debug("could not read the length of %s: %r", bound.queue, exc)
+            queued = most
+        return busy(bound, max(queued, most) + load.reserved, load.capacity,
+                    load.drain_rate)
+
+    def _load(self, queue: str) -> PoolLoad:
+        now = time.monotonic()
+        with self._lock:
+            kept = self._read.get(queue)
+            if kept is not None and now - kept[0] < BOARD_KEPT:
+                return kept[1]
+        try:
+            board = self._board_of_this_process()
+            load = totals(board.read(queue)) if board is not None else PoolLoad()
+        except Exception as exc:  # the result store is away: no rate, the default wait
+            logger.debug("could not read the backlog board of %s: %r", queue, exc)
+            load = PoolLoad()
+        with self._lock:
+            self._read[queue] = (now, load)
+        return load
+
+    def _board_of_this_process(self) -> BacklogBoard | None:
+        if self._board_pid != os.getpid():
+            self._board, self._board_pid = BacklogBoard.of(self.app), os.getpid()
+        return self._board
+
+
+@contextlib.contextmanager
+def armed(producer: Any, bound: Bound, refusals: Refusals) -> Iterator[None]:
+    """Hold ``producer``'s publishes to ``bound`` for the ``with`` block.
+
+    Raises:
+        PoolBusy: the pool is at its bound (Redis: the script refused; RabbitMQ: the
+            broker nacked); the call was not queued.
+        ConfigurationError: RabbitMQ has the pool's queue with other arguments.
+    """
+    producer.bound = bound
+    try:
+        yield
+    except MessageNacked:
+        if bound.max_queued is None:
+            raise  # not a refusal at a bound: the broker's own trouble
+        if not bound.checked:
+            # A copy of an admitted call: its original is still queued (RabbitMQ keeps
+            # what it confirmed), and only one copy runs.
+            logger.debug("pool %r: a copy sent again was refused; the original stands",
+                         bound.pool)
+            return
+        raise refusals.busy(bound, producer.channel) from None
+    except PreconditionFailed as exc:
+        why = inequivalent(bound.queue, bound.max_queued)
+        raise ConfigurationError(f"pool {bound.pool!r}: {why} ({exc})", bound.pool,
+                                 "max_queued") from exc
+    finally:
+        producer.bound = None
