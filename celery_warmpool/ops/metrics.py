@@ -31,8 +31,8 @@ their current status at scrape time. Every metric has the labels ``pool`` and ``
   buckets of :data:`BUCKETS`; ``warmpool_batch_size`` (signals per batch, for pools with
   a :class:`BatchAction`), in :data:`BATCH_BUCKETS`.
 
-Two gauges describe a pool as a whole, whichever node is scraped, and have the label
-``pool`` only: ``warmpool_pool_backlog`` (the calls the pool has to serve: queued in the
+Two gauges describe a pool as a whole, whichever node is scraped (``node`` is the node
+that read them): ``warmpool_pool_backlog`` (the calls the pool has to serve: queued in the
 broker, every list of a priority queue counted, plus reserved and running on every
 live node) and ``warmpool_pool_capacity`` (the calls the live nodes run at once, once
 their agents are warm). The queued part is read from the broker by the main process at
@@ -278,10 +278,11 @@ class BacklogGauges:
 
         backlog = GaugeMetricFamily(
             "warmpool_pool_backlog", "Calls the pool has to serve: queued in the broker, "
-            "reserved and running on every live node.", labels=("pool",))
+            "reserved and running on every live node.", labels=LABELS)
         capacity = GaugeMetricFamily(
             "warmpool_pool_capacity", "Calls the pool's live nodes run at once, counting "
-            "only nodes whose agents are warm.", labels=("pool",))
+            "only nodes whose agents are warm.", labels=LABELS)
+        node = self.runtime.node or ""
         for name, spec in sorted(self.runtime.process_specs.items()):
             try:
                 queued, load = self._read(name, spec.queue)
@@ -290,8 +291,8 @@ class BacklogGauges:
                                exc)
                 self._forget_connection()
                 continue
-            backlog.add_metric((name,), queued + load.reserved + load.running)
-            capacity.add_metric((name,), load.capacity)
+            backlog.add_metric((name, node), queued + load.reserved + load.running)
+            capacity.add_metric((name, node), load.capacity)
         yield backlog
         yield capacity
 

@@ -122,7 +122,8 @@ class NodeBacklog:
         running += min(len(requests), self._running(queue.spec.name, requests))
         meter = self.meters.get(queue.spec.name)
         load = PoolLoad(reserved=max(0, len(requests) + batched - running), running=running,
-                        capacity=queue.capacity, drain_rate=meter.rate if meter else 0.0)
+                        capacity=0 if queue.draining else queue.capacity,
+                        drain_rate=meter.rate if meter else 0.0)
         if self.loads.get(queue.spec.name) != load:
             self.loads = {**self.loads, queue.spec.name: load}
             self.changed.set()
