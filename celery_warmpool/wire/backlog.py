@@ -42,7 +42,10 @@ pcall(redis.replicate_commands)
 local now = redis.call('TIME')
 local expires = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. expires)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+-- The hash outlives its longest-lived report, so that it goes once no node reports.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 return 1
 """
 #: The reports still valid, as a flat list of node, numbers (KEYS: the pool's hash).
