@@ -57,6 +57,15 @@ def work(seconds: float) -> dict[str, Any]:
 
 
 @pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Path]:
+    """The file that lets held calls go: created at the end of the test whatever happens,
+    before its workers stop (a warm shutdown would wait for them)."""
+    path = tmp_path / "go"
+    yield path
+    path.touch()
+
+
+@pytest.fixture
 def queues() -> Iterator[list[tuple[str, str]]]:
     """(broker, queue) pairs the test made, deleted after it (RabbitMQ keeps them)."""
     made: list[tuple[str, str]] = []
@@ -74,21 +83,26 @@ def parts(status: PoolStatus) -> dict[str, Any]:
             "capacity": status.capacity, "backlog": status.backlog}
 
 
-def frozen(warm: Any, gate: Path, running: int, waiting: int, within: float = 30) -> None:
+def frozen(warm: Any, running: int, waiting: int, within: float = 30) -> None:
     """Wait until ``running`` calls run and ``waiting`` more wait, as the nodes report on
     the board too (the admission script reads it there)."""
     queue = warm.spec("counter").queue
     board = BacklogBoard.of(warm.app)
     assert board is not None
 
+    seen: list[Any] = []
+
     def settled() -> bool:
         status = warm.status("counter", timeout=2.0)
         load = totals(board.read(queue))
+        seen[:] = [parts(status), load]
         return (status.running == running and (status.queued or 0) + status.reserved == waiting
                 and (load.running, load.reserved) == (status.running, status.reserved))
 
     try:
         wait_until(settled, within, f"{running} running and {waiting} waiting")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {seen}") from None
     finally:
         board.close()
 
@@ -98,7 +112,7 @@ CASES = [("redis", "threads", 20), ("redis", "prefork", None),
 
 
 @pytest.mark.parametrize("broker,execution,max_queued", CASES)
-def test_each_part_of_the_backlog_is_exact(start_worker, client, queues, tmp_path, broker,
+def test_each_part_of_the_backlog_is_exact(start_worker, client, queues, gate, broker,
                                            execution, max_queued):
     specs = bounded(2, max_queued)
     url = BROKERS[broker]
@@ -106,9 +120,8 @@ def test_each_part_of_the_backlog_is_exact(start_worker, client, queues, tmp_pat
     start_worker(specs, pool=execution, concurrency=8 if execution == "threads" else 2,
                  broker=url)
     _, warm = client(specs, broker=url)
-    gate = tmp_path / "go"
     casts = [warm.cast("counter", hold(gate)) for _ in range(10)]
-    frozen(warm, gate, running=2, waiting=8)
+    frozen(warm, running=2, waiting=8)
     status = warm.status("counter")
     # Two run, and the node reserves as many more, unless the pool is bounded on
     # RabbitMQ (which counts only what it has not delivered): then none.
@@ -126,15 +139,14 @@ def test_each_part_of_the_backlog_is_exact(start_worker, client, queues, tmp_pat
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_call_past_the_bound_is_refused_before_it_is_queued_and_never_runs(
-        start_worker, client, queues, tmp_path, broker):
+        start_worker, client, queues, gate, tmp_path, broker):
     specs = bounded(1, 3)
     url = BROKERS[broker]
     queues.append((url, specs[0]["queue"]))
     start_worker(specs, pool="threads", concurrency=4, broker=url)
     _, warm = client(specs, broker=url)
-    gate = tmp_path / "go"
     admitted = [warm.cast("counter", hold(gate)) for _ in range(4)]
-    frozen(warm, gate, running=1, waiting=3)
+    frozen(warm, running=1, waiting=3)
     refused = tmp_path / "refused"
 
     def refusal(call: Callable[[], Any]) -> PoolBusy:
@@ -235,13 +247,12 @@ def test_the_bound_holds_after_a_broker_restart_and_nothing_admitted_is_lost(
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_the_bound_holds_under_a_thousand_concurrent_callers(start_worker, client, queues,
-                                                             tmp_path, broker):
+                                                             gate, broker):
     specs = bounded(2, 50)
     url = BROKERS[broker]
     queues.append((url, specs[0]["queue"]))
     start_worker(specs, pool="threads", concurrency=8, broker=url)
     _, warm = client(specs, broker=url)
-    gate = tmp_path / "go"
     start = threading.Barrier(1000)
     outcomes: list[Any] = [None] * 1000
 
@@ -307,16 +318,15 @@ def strings(document: Any) -> Iterator[str]:
 
 
 def test_the_backlog_gauges_are_exact_and_the_scaling_manifests_read_them(
-        start_worker, client, queues, tmp_path):
+        start_worker, client, queues, gate):
     port = free_port()
     specs = bounded(2, None)
     start_worker(specs, pool="threads", concurrency=8,
                  env={"WARMPOOL_METRICS_ADDRESS": f"127.0.0.1:{port}"})
     _, warm = client(specs)
     url = f"http://127.0.0.1:{port}/metrics"
-    gate = tmp_path / "go"
     casts = [warm.cast("counter", hold(gate)) for _ in range(10)]
-    frozen(warm, gate, running=2, waiting=8)
+    frozen(warm, running=2, waiting=8)
     samples = scrape_until(url, lambda found: found.get("warmpool_pool_backlog") == 10)
     assert (samples["warmpool_pool_backlog"], samples["warmpool_pool_capacity"]) == (10, 2)
     # The manifests reference only metrics a node exports.
@@ -338,18 +348,17 @@ def test_the_backlog_gauges_are_exact_and_the_scaling_manifests_read_them(
 
 
 def test_a_refused_call_is_429_with_retry_after_and_503_with_no_agent_anywhere(
-        start_worker, client, queues, tmp_path):
+        start_worker, client, queues, gate):
     specs = bounded(1, 2)
     worker = start_worker(specs, pool="threads", concurrency=4)
     _, warm = client(specs)
-    gate = tmp_path / "go"
     increment = {"type": "counter.increment", "data": {"by": 1}}
     with GatewayProcess("tests.integration_app", worker.env) as gateway:
         gateway.checked()  # every response must be one the document describes
         with gateway.client() as http:
             assert [http.post("/pools/counter/cast", json=hold(gate)).status_code
                     for _ in range(3)] == [202] * 3
-            frozen(warm, gate, running=1, waiting=2)
+            frozen(warm, running=1, waiting=2)
             for route in ("call", "cast"):
                 refused = http.post(f"/pools/counter/{route}", json=increment)
                 body = refused.json()
