@@ -22,9 +22,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("overflow", "overflow"),
     ("waiting", "waiting"),
     ("held / window", "held"),
-    ("reserved", "reserved"),
-    ("running", "running"),
-    ("capacity", "capacity"),
     ("checkouts", "counters.checkouts"),
     ("timeouts", "counters.timeouts"),
     ("replacements", "counters.replacements"),
@@ -36,15 +33,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 PROCESS_FIELDS = {"pid", "process_index", "updated_at"}
 
 
-#: Columns a node reports as a whole, not each of its processes.
-NODE_COLUMNS = {"reserved", "running", "capacity"}
-
-
 def _value(status: PoolStatus, path: str) -> str:
     if path == "held":  # the pool's messages a node holds, of the most it may (per node)
         return f"{status.taken}/{status.window}" if status.reservations else ""
-    if path in NODE_COLUMNS and not status.loads:
-        return ""
     found: Any = status
     for name in path.split("."):
         found = getattr(found, name)
