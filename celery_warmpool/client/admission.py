@@ -54,7 +54,8 @@ from ..core.status import PoolLoad
 from ..wire.backlog import BacklogBoard, board_key, totals
 from ..wire.queues import inequivalent
 
-__all__ = ["ADMIT", "AdmittingProducer", "Bound", "Refusals", "armed", "busy", "retry_after"]
+__all__ = ["ADMIT", "Admission", "AdmittingProducer", "Bound", "Refusals", "armed", "busy",
+           "retry_after"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,31 +172,56 @@ def admit(channel: Any, bound: Bound, message: dict[str, Any]) -> None:
     Raises:
         PoolBusy: the pool's waiting calls are at the bound; nothing was pushed.
     """
-    prefix = channel.global_keyprefix
+    script = _Script.of(channel)
     priority = channel._get_message_priority(message, reverse=False)
-    lists = dict.fromkeys(prefix + channel._q_for_pri(bound.queue, step)
-                          for step in channel.priority_steps)
-    keys = [prefix + channel._q_for_pri(bound.queue, priority),
-            prefix + board_key(bound.queue), *lists]
-    admitted, waiting, capacity, rate = _script(channel)(
-        keys=keys, args=[dumps(message), bound.max_queued or 0])
+    admitted, waiting, capacity, rate = script.run(
+        script.keys(bound.queue, priority), dumps(message), bound.max_queued or 0)
     if not int(admitted):
         raise busy(bound, int(waiting), int(capacity), float(rate))
 
 
-#: The admission script per kombu channel, on a plain client of the channel's own
-#: connections (kombu's own client would add its key prefix to the first key only).
-_SCRIPTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+class _Script:
+    """:data:`ADMIT` on one kombu Redis channel's connections (through a plain client:
+    kombu's own would add its key prefix to the first key only), with the keys of each
+    queue and priority worked out once."""
 
+    _of: weakref.WeakKeyDictionary[Any, _Script] = weakref.WeakKeyDictionary()
 
-def _script(channel: Any) -> Any:
-    script = _SCRIPTS.get(channel)
-    if script is None:
+    def __init__(self, channel: Any) -> None:
         from redis import Redis
+        from redis.exceptions import NoScriptError
 
-        script = _SCRIPTS[channel] = Redis(connection_pool=channel.pool).register_script(
-            ADMIT)
-    return script
+        self.channel = channel
+        self.client = Redis(connection_pool=channel.pool)
+        self.sha = self.client.script_load(ADMIT)
+        self.missing = NoScriptError
+        self._keys: dict[tuple[str, int], list[str]] = {}
+
+    @classmethod
+    def of(cls, channel: Any) -> _Script:
+        script = cls._of.get(channel)
+        if script is None:
+            script = cls._of[channel] = cls(channel)
+        return script
+
+    def keys(self, queue: str, priority: int) -> list[str]:
+        """The script's keys for a message of ``priority`` to ``queue``."""
+        found = self._keys.get((queue, priority))
+        if found is None:
+            channel, prefix = self.channel, self.channel.global_keyprefix
+            lists = dict.fromkeys(prefix + channel._q_for_pri(queue, step)
+                                  for step in channel.priority_steps)
+            found = self._keys[(queue, priority)] = [
+                prefix + channel._q_for_pri(queue, priority), prefix + board_key(queue),
+                *lists]
+        return found
+
+    def run(self, keys: list[str], *args: Any) -> Any:
+        try:
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except self.missing:  # the server lost its scripts (a restart): load it again
+            self.sha = self.client.script_load(ADMIT)
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 class Refusals:
@@ -244,28 +270,43 @@ class Refusals:
         return self._board
 
 
+class Admission:
+    """What became of the publishes of one :func:`armed` block."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self) -> None:
+        #: The refusal, if the pool was at its bound (to be raised by the caller).
+        self.refused: PoolBusy | None = None
+
+
 @contextlib.contextmanager
-def armed(producer: Any, bound: Bound, refusals: Refusals) -> Iterator[None]:
+def armed(producer: Any, bound: Bound, refusals: Refusals) -> Iterator[Admission]:
     """Hold ``producer``'s publishes to ``bound`` for the ``with`` block.
 
+    A refusal is not raised here but kept in the :class:`Admission` (raise it once the
+    producer is back in its pool: kombu replaces the connection of a pooled producer
+    that an error leaves, which would cost every refused call a new connection).
+
     Raises:
-        PoolBusy: the pool is at its bound (Redis: the script refused; RabbitMQ: the
-            broker nacked); the call was not queued.
         ConfigurationError: RabbitMQ has the pool's queue with other arguments.
     """
+    admission = Admission()
     producer.bound = bound
     try:
-        yield
+        yield admission
+    except PoolBusy as exc:  # the admission script refused it (Redis)
+        admission.refused = exc
     except MessageNacked:
         if bound.max_queued is None:
             raise  # not a refusal at a bound: the broker's own trouble
-        if not bound.checked:
+        if bound.checked:
+            admission.refused = refusals.busy(bound, producer.channel)
+        else:
             # A copy of an admitted call: its original is still queued (RabbitMQ keeps
             # what it confirmed), and only one copy runs.
             logger.debug("pool %r: a copy sent again was refused; the original stands",
                          bound.pool)
-            return
-        raise refusals.busy(bound, producer.channel) from None
     except PreconditionFailed as exc:
         why = inequivalent(bound.queue, bound.max_queued)
         raise ConfigurationError(f"pool {bound.pool!r}: {why} ({exc})", bound.pool,

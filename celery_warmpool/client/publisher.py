@@ -131,12 +131,16 @@ class Publisher:
         Raises:
             PoolBusy: a publish in the ``with`` block was refused at the bound.
         """
-        with self._producers().acquire(block=True) as producer:
-            if bound is None:
+        if bound is None:
+            with self._producers().acquire(block=True) as producer:
                 yield producer
-            else:
-                with armed(producer, bound, self.refusals):
-                    yield producer
+            return
+        with (self._producers().acquire(block=True) as producer,
+              armed(producer, bound, self.refusals) as admission):
+            yield producer
+        # Raised once the producer is back in the pool, its connection kept.
+        if admission.refused is not None:
+            raise admission.refused
 
     def _producers(self) -> ProducerPool:
         """This process's producers for pool calls (made anew in a forked child)."""
