@@ -235,17 +235,12 @@ class Refusals:
         self._read: dict[str, tuple[float, PoolLoad]] = {}
         self._lock = threading.Lock()
 
-    def busy(self, bound: Bound, channel: Any) -> PoolBusy:
-        """The error of a call RabbitMQ refused at ``bound``; the queue's length is read
-        on the producer's ``channel`` (the queue exists: it refused the call)."""
+    def busy(self, bound: Bound) -> PoolBusy:
+        """The error of a call RabbitMQ refused at ``bound``: the queue held exactly
+        ``max_queued`` ready messages (``reject-publish`` refuses at its length), plus
+        what the nodes report reserved."""
         load = self._load(bound.queue)
-        most = bound.max_queued or 0
-        try:
-            queued = int(channel.queue_declare(queue=bound.queue, passive=True).message_count)
-        except Exception as exc:  # only the count suffers: the broker said "at the bound"
-            logger.debug("could not read the length of %s: %r", bound.queue, exc)
-            queued = most
-        return busy(bound, max(queued, most) + load.reserved, load.capacity,
+        return busy(bound, (bound.max_queued or 0) + load.reserved, load.capacity,
                     load.drain_rate)
 
     def _load(self, queue: str) -> PoolLoad:
@@ -301,7 +296,7 @@ def armed(producer: Any, bound: Bound, refusals: Refusals) -> Iterator[Admission
         if bound.max_queued is None:
             raise  # not a refusal at a bound: the broker's own trouble
         if bound.checked:
-            admission.refused = refusals.busy(bound, producer.channel)
+            admission.refused = refusals.busy(bound)
         else:
             # A copy of an admitted call: its original is still queued (RabbitMQ keeps
             # what it confirmed), and only one copy runs.
