@@ -229,7 +229,10 @@ class BacklogReporter:
             meter = self.backlog.meters.get(pool)
             load = load.model_copy(update={"drain_rate": meter.rate if meter else 0.0})
             written = self._written.get(pool)
-            if written is not None and written[0] == load and now - written[1] < REFRESH:
+            # The counts are written as they change; the drain rate, which moves with
+            # every sample, with the refresh.
+            if (written is not None and now - written[1] < REFRESH
+                    and written[0].model_copy(update={"drain_rate": load.drain_rate}) == load):
                 continue
             try:
                 self.board.report(queues[pool], node, load)
