@@ -37,6 +37,7 @@ the script returns it, on RabbitMQ it is read on a refusal (at most every
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -149,8 +150,13 @@ class AdmittingProducer(Producer):
                  retry_policy: Any = None) -> Any:
         bound = self.bound
         channel: Any = self.channel  # kombu's stubs know channels only abstractly
-        if (bound is None or not bound.enforced or exchange or routing_key != bound.queue
-                or getattr(channel.connection, "driver_type", None) != "redis"):
+        held = bound is not None and bound.enforced and not exchange and (
+            routing_key == bound.queue)
+        connection: Any = self.connection
+        driver = connection.transport.driver_type if held else None
+        if held and driver not in ("redis", "amqp"):
+            _unenforced(bound, driver)
+        if not held or driver != "redis":
             return super()._publish(body, priority, content_type, content_encoding,
                                     headers, properties, routing_key, mandatory, immediate,
                                     exchange, declare, timeout, confirm_timeout, retry,
@@ -161,8 +167,17 @@ class AdmittingProducer(Producer):
         for entity in declare or ():
             self.maybe_declare(entity, retry=retry, **(retry_policy or {}))
         channel._inplace_augment_message(message, exchange, routing_key)
+        assert bound is not None
         admit(channel, bound, message)
         return None
+
+
+@functools.cache
+def _unenforced(bound: Bound, driver: str | None) -> None:
+    """Say once per pool that its bound cannot be held on this broker."""
+    logger.warning("pool %r: max_queued=%s is held on Redis and RabbitMQ only; this "
+                   "broker (%s) queues its calls without a bound", bound.pool,
+                   bound.max_queued, driver)
 
 
 def admit(channel: Any, bound: Bound, message: dict[str, Any]) -> None:
