@@ -29,8 +29,8 @@ false) is not checked again: it was admitted once.
 
 ``retry_after`` is the calls found waiting divided by the nodes' drain rate (the calls
 they started per second, recently, while calls waited), from the same board: on Redis
-the script returns it, on RabbitMQ it is read on a refusal (at most every
-:data:`BOARD_KEPT` seconds per pool). Without a rate (no node reported one yet) it is
+the script returns it, on RabbitMQ it is read on a pool's first refusal and kept fresh
+from then (see :class:`Refusals`). Without a rate (no node reported one yet) it is
 :data:`UNKNOWN_RETRY_AFTER`.
 """
 
@@ -240,14 +240,19 @@ class _Script:
 
 
 class Refusals:
-    """What a RabbitMQ refusal tells: the calls waiting and the nodes' drain rate, read
-    on refusal (the board at most every :data:`BOARD_KEPT` seconds per pool)."""
+    """What a RabbitMQ refusal tells: the calls waiting and the nodes' drain rate.
+
+    The board is read on a pool's first refusal; after that a refusal is told from the
+    last reading, and one older than :data:`BOARD_KEPT` seconds is read again on a
+    thread of its own, so that no refusal but a pool's first waits for the result store.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self._board: BacklogBoard | None = None
         self._board_pid = 0
         self._read: dict[str, tuple[float, PoolLoad]] = {}
+        self._reading: set[str] = set()
         self._lock = threading.Lock()
 
     def busy(self, bound: Bound) -> PoolBusy:
@@ -259,11 +264,20 @@ class Refusals:
                     load.drain_rate)
 
     def _load(self, queue: str) -> PoolLoad:
-        now = time.monotonic()
         with self._lock:
             kept = self._read.get(queue)
-            if kept is not None and now - kept[0] < BOARD_KEPT:
-                return kept[1]
+            stale = kept is None or time.monotonic() - kept[0] >= BOARD_KEPT
+            again = kept is not None and stale and queue not in self._reading
+            if again:
+                self._reading.add(queue)
+        if kept is None:
+            return self._read_board(queue)
+        if again:
+            threading.Thread(target=self._read_board, args=(queue,), daemon=True,
+                             name="warmpool-refusals").start()
+        return kept[1]
+
+    def _read_board(self, queue: str) -> PoolLoad:
         try:
             board = self._board_of_this_process()
             load = totals(board.read(queue)) if board is not None else PoolLoad()
@@ -271,10 +285,13 @@ class Refusals:
             logger.debug("could not read the backlog board of %s: %r", queue, exc)
             load = PoolLoad()
         with self._lock:
-            self._read[queue] = (now, load)
+            self._read[queue] = (time.monotonic(), load)
+            self._reading.discard(queue)
         return load
 
     def _board_of_this_process(self) -> BacklogBoard | None:
+        # Made anew in a forked child. (Two threads may each make one at first: the
+        # result store's own client, nothing of its own to close.)
         if self._board_pid != os.getpid():
             self._board, self._board_pid = BacklogBoard.of(self.app), os.getpid()
         return self._board
