@@ -21,11 +21,14 @@ made twice, each with a fresh set of nodes:
 - **list length**: the metric is the queue's list length in Redis (what KEDA's Redis
   trigger, ``listLength``, reads): it does not see what the nodes took.
 
-Each run tells: the time until the backlog is back under its target (2 calls per warm
-agent) and stays there for the rest of the load (at least 5 s), the nodes it used, the
-casts refused (``PoolBusy``), lost (admitted, never run: must be 0), and the nodes stopped
-while they still had calls (must be 0). Target (issue 23): the backlog run gets under its
-target at least 1.5 times sooner than the list-length run.
+Each run tells: when the backlog first got back under its target (2 calls per warm agent,
+within the HPA's 10% tolerance, since KEDA's formula settles on the target itself), and
+when it got under it for good (it stayed there for the rest of the load, at least 5 s);
+the nodes it used; the backlog over its target in the last 20 s; the casts refused
+(``PoolBusy``), lost (admitted, never run: must be 0), and the nodes stopped while they
+still had calls (must be 0). Target (issue 23): the backlog run under its target for good
+at least 1.5 times sooner than the list-length run (one that never gets there counts as
+the whole load, so the ratio is then a lower bound).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ MOST_AT_ONCE = 4
 BOUND = 400
 WARM_UP = 1.0
 SOONER_TARGET = 1.5
+TOLERANCE = 1.1
 WORK = {"type": "bench.work", "data": {"seconds": CALL_SECONDS}}
 
 
@@ -97,6 +101,7 @@ class Run:
     busy_stopped: int = 0
     most_nodes: int = 0
     settled: float | None = None
+    first: float | None = None
 
 
 class Fleet:
@@ -243,6 +248,7 @@ def one_run(mode: str, seconds: float, env: dict[str, str], app: Any, warm: Any)
     finished.set()
     controller.join(10)
     run.settled = settled_at(run.samples, seconds)
+    run.first = first_under(run.samples)
     run.lost = lost(app, run.admitted)
     run.busy_stopped = fleet.busy_stopped
     fleet.stop_all()
@@ -250,11 +256,26 @@ def one_run(mode: str, seconds: float, env: dict[str, str], app: Any, warm: Any)
     return run
 
 
+def under_target(backlog: int, capacity: int) -> bool:
+    """Whether the backlog is at most its target (2 calls per warm agent), within the
+    HPA's own tolerance (10%: the formula's equilibrium sits on the target itself)."""
+    return capacity > 0 and backlog <= TOLERANCE * TARGET_PER_AGENT * capacity
+
+
+def first_under(samples: list[tuple[float, int, int, int]]) -> float | None:
+    """When the backlog first got back under its target after the step."""
+    peaked = False
+    for at, backlog, capacity, _ in samples:
+        peaked = peaked or not under_target(backlog, capacity)
+        if peaked and under_target(backlog, capacity):
+            return at
+    return None
+
+
 def settled_at(samples: list[tuple[float, int, int, int]], seconds: float) -> float | None:
-    """When the backlog got under its target and stayed there until the load ended (and
-    at least 5 s), or ``None``."""
-    under = [(at, backlog <= TARGET_PER_AGENT * capacity and capacity > 0)
-             for at, backlog, capacity, _ in samples]
+    """When the backlog got back under its target and stayed there until the load ended
+    (and at least 5 s), or ``None``."""
+    under = [(at, under_target(backlog, capacity)) for at, backlog, capacity, _ in samples]
     for index, (at, ok) in enumerate(under):
         if ok and all(later for _, later in under[index:]) and seconds - at >= 5:
             return at
@@ -281,32 +302,45 @@ def report(runs: dict[str, Run], seconds: float) -> list[Check]:
           f"each, {WARM_UP:g} s to warm); a step to {LOAD:.0f} casts/s for {seconds:g} s; "
           f"KEDA's formula, threshold {THRESHOLD}, nodes {MIN_NODES} to {MAX_NODES}; "
           f"max_queued={BOUND}\n")
-    print(f"{'scaled on':<13}{'under target at':>16}{'nodes':>7}{'admitted':>10}"
-          f"{'refused':>9}{'lost':>6}{'busy stopped':>14}{'backlog, last 10 s':>20}")
+    print(f"{'scaled on':<13}{'first under':>12}{'under for good':>15}{'nodes':>7}"
+          f"{'admitted':>10}{'refused':>9}{'lost':>6}{'busy stopped':>14}"
+          f"{'backlog / target, last 20 s':>29}")
     for run in runs.values():
-        tail = [backlog for at, backlog, _, _ in run.samples if at >= seconds - 10]
-        when = f"{run.settled:.1f} s" if run.settled is not None else "never"
-        print(f"{run.mode:<13}{when:>16}{run.most_nodes:>7}{len(run.admitted):>10}"
-              f"{run.refused:>9}{run.lost:>6}{run.busy_stopped:>14}"
-              f"{statistics.median(tail) if tail else 0:>20.0f}")
+        tail = [backlog / (TARGET_PER_AGENT * capacity)
+                for at, backlog, capacity, _ in run.samples if at >= seconds - 20 and capacity]
+        print(f"{run.mode:<13}{_when(run.first):>12}{_when(run.settled):>15}"
+              f"{run.most_nodes:>7}{len(run.admitted):>10}{run.refused:>9}{run.lost:>6}"
+              f"{run.busy_stopped:>14}{statistics.median(tail) if tail else 0:>29.2f}")
     print("\nthe backlog and nodes every 5 s (backlog / nodes):")
     for run in runs.values():
         points = [f"{backlog}/{nodes}" for at, backlog, _, nodes in run.samples
                   if int(at * 2) % 10 == 0]
         print(f"  {run.mode:<12} {' '.join(points)}")
     backlog, listed = runs["backlog"], runs["list length"]
-    reference = listed.settled if listed.settled is not None else seconds
-    ratio = (reference / backlog.settled if backlog.settled else 0.0)
+    if backlog.first and listed.first:
+        print(f"\nfirst under target, list length / backlog: "
+              f"{listed.first / backlog.first:.2f}")
+    # Under target for good: a run that never got there counts as never (infinitely
+    # later), shown as such rather than as a ratio to the load's length.
+    if backlog.settled is None:
+        ratio, shown = 0.0, "backlog: never"
+    elif listed.settled is None:
+        ratio, shown = math.inf, "list: never"
+    else:
+        ratio, shown = listed.settled / backlog.settled, ""
     print()
     return [
-        ("under target, list length / backlog", ratio,
-         f">= {SOONER_TARGET}" + ("" if listed.settled is not None else " (list: never)"),
-         backlog.settled is not None and ratio >= SOONER_TARGET),
+        ("under target for good, list / backlog", ratio,
+         f">= {SOONER_TARGET}" + (f" ({shown})" if shown else ""), ratio >= SOONER_TARGET),
         ("casts lost, both runs", backlog.lost + listed.lost, "0",
          backlog.lost + listed.lost == 0),
         ("busy nodes stopped, both runs", backlog.busy_stopped + listed.busy_stopped, "0",
          backlog.busy_stopped + listed.busy_stopped == 0),
     ]
+
+
+def _when(at: float | None) -> str:
+    return "never" if at is None else f"{at:.1f} s"
 
 
 def main() -> None:
