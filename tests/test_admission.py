@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from celery_warmpool.http.problems import problem_for
 from celery_warmpool.wire.backlog import BacklogBoard, board_key, decode, encode, totals
 from celery_warmpool.wire.message import CALL_TASK, CallMessage
 from celery_warmpool.worker.backlog import DrainMeter
-from tests.conftest import REDIS_BACKEND, REDIS_BROKER
+from tests.conftest import RABBITMQ_BROKER, REDIS_BACKEND, REDIS_BROKER
 from tests.integration_app import CounterAgent, make_app
 
 QUEUE = "warmpool.admission"
@@ -172,3 +173,24 @@ def test_pool_busy_over_http_is_429_or_503_with_no_agent(capacity, status, title
     assert (body["status"], body["title"], body["count"], body["bound"]) == (status, title, 9, 8)
     assert (body["retry_after"], body["capacity"]) == (2.2, capacity)
     assert headers == {"Retry-After": "3"}
+
+
+@pytest.mark.parametrize("broker,backend", [(REDIS_BROKER, "cache+memory://"),
+                                            (RABBITMQ_BROKER, "rpc://")])
+def test_calls_through_celerys_own_publish_are_held_to_the_bound_too(broker, backend):
+    # A result store without a reply listener: the call goes out through apply_async,
+    # on a producer of the package's, which holds it to the bound all the same.
+    queue = f"warmpool.admission.{uuid.uuid4().hex[:8]}"
+    specs = [{**SPECS[0], "queue": queue, "max_queued": 2}]
+    app, warm = make_app(broker, backend, specs)
+    try:
+        for _ in range(2):
+            warm.cast("counter", {"type": "counter.echo", "data": {}})
+        with pytest.raises(PoolBusy) as caught:
+            warm.call("counter", {"type": "counter.echo", "data": {}}, timeout=0.5)
+        assert (caught.value.count, caught.value.bound, caught.value.capacity) == (2, 2, 0)
+    finally:
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            channel.queue_delete(queue)
+            channel.close()

@@ -48,6 +48,7 @@ from typing import Any, Final, NamedTuple
 
 from amqp.exceptions import MessageNacked, PreconditionFailed
 from kombu import Producer
+from kombu.exceptions import OperationalError
 from kombu.utils.json import dumps
 
 from ..core.errors import ConfigurationError, PoolBusy
@@ -324,8 +325,10 @@ def armed(producer: Any, bound: Bound, refusals: Refusals) -> Iterator[Admission
         yield admission
     except PoolBusy as exc:  # the admission script refused it (Redis)
         admission.refused = exc
-    except MessageNacked:
-        if bound.max_queued is None:
+    except (MessageNacked, OperationalError) as exc:
+        # Celery's own apply_async re-raises the nack as kombu's OperationalError.
+        nacked = isinstance(exc, MessageNacked) or isinstance(exc.__cause__, MessageNacked)
+        if not nacked or bound.max_queued is None:
             raise  # not a refusal at a bound: the broker's own trouble
         if bound.checked:
             admission.refused = refusals.busy(bound)
