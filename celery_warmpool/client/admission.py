@@ -151,13 +151,12 @@ class AdmittingProducer(Producer):
                  retry_policy: Any = None) -> Any:
         bound = self.bound
         channel: Any = self.channel  # kombu's stubs know channels only abstractly
-        held = bound is not None and bound.enforced and not exchange and (
-            routing_key == bound.queue)
         connection: Any = self.connection
-        driver = connection.transport.driver_type if held else None
-        if held and driver not in ("redis", "amqp"):
-            _unenforced(bound, driver)
-        if not held or driver != "redis":
+        driver = connection.transport.driver_type
+        if (bound is None or not bound.enforced or exchange or routing_key != bound.queue
+                or driver != "redis"):
+            if bound is not None and bound.enforced and driver not in ("redis", "amqp"):
+                _unenforced(bound, driver)
             return super()._publish(body, priority, content_type, content_encoding,
                                     headers, properties, routing_key, mandatory, immediate,
                                     exchange, declare, timeout, confirm_timeout, retry,
@@ -168,7 +167,6 @@ class AdmittingProducer(Producer):
         for entity in declare or ():
             self.maybe_declare(entity, retry=retry, **(retry_policy or {}))
         channel._inplace_augment_message(message, exchange, routing_key)
-        assert bound is not None
         admit(channel, bound, message)
         return None
 
