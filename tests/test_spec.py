@@ -22,6 +22,7 @@ def test_defaults_are_the_documented_ones() -> None:
         "stream_idle_timeout": 30.0, "initial_state": None, "worker_opts": None,
         "queue": "warmpool.search",
         "dead_letter_queue": "warmpool.search.dead", "max_redeliveries": 3,
+        "max_queued": None,
     }
 
 

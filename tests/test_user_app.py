@@ -22,9 +22,9 @@ import pytest
 import redis
 from celery.result import AsyncResult
 from celery.signals import after_task_publish, before_task_publish
-from celery_warmpool.wire.dead_letters import DeadLetter
 
 from celery_warmpool.ops.processes import WorkerProcess
+from celery_warmpool.wire.dead_letters import DeadLetter
 from celery_warmpool.wire.scoped import scoped
 from tests.conftest import (
     RABBITMQ_BROKER,

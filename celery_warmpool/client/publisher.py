@@ -7,20 +7,28 @@ the package's own few producers (:class:`~celery_warmpool.wire.scoped.Producers`
 publisher confirms on RabbitMQ), whatever the number of calling threads, to the pool's
 queue as the package declares it (:mod:`celery_warmpool.wire.queues`); coroutines publish
 through a small thread pool of their own, since Kombu has no asyncio producer.
+A call to a pool with ``max_queued`` is held to it as it is published (see
+:mod:`.admission`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.pools import ProducerPool
+
 from ..wire.message import CallMessage
 from ..wire.queues import pool_queue, route
-from ..wire.scoped import scoped
+from ..wire.scoped import PUBLISH_CONNECTIONS, scoped
+from .admission import AdmittingProducer, Bound, Refusals, armed
 
 __all__ = ["Message", "Publisher"]
 
@@ -36,6 +44,15 @@ class Message:
     name: str
     body: Any
     options: dict[str, Any]
+    #: The bound of the pool it goes to (see :mod:`.admission`).
+    bound: Bound | None = None
+
+    def again(self) -> Message:
+        """This message sent again after an outage: admitted once, not checked again."""
+        if self.bound is None:
+            return self
+        return dataclasses.replace(self, bound=self.bound._replace(checked=False),
+                                   options=dict(self.options))
 
 
 class Publisher:
@@ -48,14 +65,19 @@ class Publisher:
         self._executor: ThreadPoolExecutor | None = None
         self._declared: set[str] = set()
         self._pid = os.getpid()
+        self._pool: ProducerPool | None = None
+        self._pool_pid = 0
+        self.refusals = Refusals(app)
 
-    def message(self, name: str, task_id: str, call: CallMessage, queue: str) -> Message:
+    def message(self, name: str, task_id: str, call: CallMessage, queue: str,
+                max_queued: int | None = None) -> Message:
         """The message that runs task ``name`` (a call's or a cast's) with ``call`` on
-        ``queue``."""
+        ``queue``, held to ``max_queued`` (the pool's bound, if it has one)."""
         body = self.app.amqp.create_task_message(
             task_id, name, call.to_args(), {}, argsrepr=call.argsrepr(), kwargsrepr="{}",
             reply_to=self.app.oid, create_sent_event=self._sent_events)
-        return Message(task_id, name, body, self._route(name, queue))
+        return Message(task_id, name, body, self._route(name, queue, max_queued),
+                       Bound(call.pool, queue, max_queued))
 
     @functools.cached_property
     def _sent_events(self) -> bool:
@@ -63,20 +85,52 @@ class Publisher:
         return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
-        """Publish ``message`` with one of the package's own producers (blocking)."""
+        """Publish ``message`` with one of the package's own producers (blocking).
+
+        Raises:
+            PoolBusy: its pool is at its bound (see :mod:`.admission`); it was not sent.
+        """
         options = message.options
         queue = options.get("queue")
         if queue is not None and queue.name in self._declared:
             # Kombu would bind copies of the queue and exchange on every publish only to
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
-        with scoped(self.app).producers.acquire() as producer:
+        with self.producer(message.bound) as producer:
             # Kombu's own retry off: the caller's deadline decides how long to try (see
             # celery_warmpool.wire.outages).
             self.app.amqp.send_task_message(producer, message.name, message.body,
                                             retry=False, **options)
         if queue is not None:
             self._declared.add(queue.name)
+
+    @contextlib.contextmanager
+    def producer(self, bound: Bound | None) -> Iterator[Any]:
+        """A producer of this process's pool, its publishes held to ``bound``.
+
+        Raises:
+            PoolBusy: a publish in the ``with`` block was refused at the bound.
+        """
+        if bound is None:
+            with self._producers().acquire(block=True) as producer:
+                yield producer
+            return
+        with (self._producers().acquire(block=True) as producer,
+              armed(producer, bound, self.refusals) as admission):
+            yield producer
+        # Raised once the producer is back in the pool, its connection kept.
+        if admission.refused is not None:
+            raise admission.refused
+
+    def _producers(self) -> ProducerPool:
+        """This process's producers for pool calls (made anew in a forked child)."""
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool_pid = os.getpid()
+                self._pool = ProducerPool(scoped(self.app).producers.connections(),
+                                          limit=PUBLISH_CONNECTIONS,
+                                          Producer=AdmittingProducer)
+            return self._pool
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -88,10 +142,12 @@ class Publisher:
                     PUBLISH_THREADS, thread_name_prefix="warmpool-publish")
             return self._executor
 
-    def _route(self, name: str, queue: str) -> dict[str, Any]:
+    def _route(self, name: str, queue: str, max_queued: int | None) -> dict[str, Any]:
         # Routing is the same for every call of a pool: worked out once. A copy per
-        # message, since sending adds to it.
+        # message, since sending adds to it. The queue as the workers declare it (with
+        # the bound's arguments on RabbitMQ).
         options = self._routes.get((name, queue))
         if options is None:
-            options = self._routes[(name, queue)] = route(pool_queue(self.app, queue))
+            options = self._routes[(name, queue)] = route(
+                pool_queue(self.app, queue, max_queued))
         return dict(options)

@@ -59,6 +59,9 @@ class Producers:
         self._lock = threading.Lock()
         self._pool: ProducerPool | None = None
         self._pid = 0
+        self._connections_lock = threading.Lock()
+        self._connection_pool: Any = None
+        self._connections_pid = 0
 
     @functools.cached_property
     def confirms(self) -> bool:
@@ -83,13 +86,20 @@ class Producers:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._pool = ProducerPool(self._connections(), limit=PUBLISH_CONNECTIONS,
+                self._pool = ProducerPool(self.connections(), limit=PUBLISH_CONNECTIONS,
                                           Producer=self.app.amqp.Producer)
             return self._pool
 
-    def _connections(self) -> Any:
-        options = {"confirm_publish": True} if self.confirms else {}
-        return own_connection(self.app, **options).Pool(limit=PUBLISH_CONNECTIONS)
+    def connections(self) -> Any:
+        """This process's pool of the package's own broker connections (with publisher
+        confirms where :attr:`confirms` says), which its producers publish on."""
+        with self._connections_lock:
+            if self._connection_pool is None or self._connections_pid != os.getpid():
+                self._connections_pid = os.getpid()
+                options = {"confirm_publish": True} if self.confirms else {}
+                self._connection_pool = own_connection(self.app, **options).Pool(
+                    limit=PUBLISH_CONNECTIONS)
+            return self._connection_pool
 
 
 def own_connection(app: Any, **transport_options: Any) -> Any:

@@ -28,6 +28,7 @@ from ..wire.dead_letters import DeadLetter, DeadLetters
 from ..wire.membership import NodeRecord
 from ..wire.outages import Outages
 from ..wire.scoped import scoped
+from .backlog import NodeBacklog
 from .errands import Errands
 from .execution import ExecutionModel, execution_model_of
 from .preload import preload
@@ -87,6 +88,8 @@ class WorkerRuntime:
         self.consumers: Any = None
         #: What answers calls that outwait their deadline in this node (a LateCalls).
         self.late_calls: Any = None
+        #: What the node holds of each pool's work (see .backlog).
+        self.backlog = NodeBacklog(self)
         self.pools: ProcessPools | None = None
         #: What each hosted pool's ``preload`` returned, by pool (shared across the fork).
         self.shared: dict[str, Any] = {}
@@ -296,10 +299,14 @@ class WorkerRuntime:
         combined = {name: PoolStatus.combine(name, parts, node=self.node)
                     for name, parts in by_pool.items()}
         if self.consumers is not None:
+            loads = self.backlog.loads
             for name, (taken, window) in self.consumers.reservations().items():
                 if name in combined:
-                    combined[name] = combined[name].model_copy(
-                        update={"reservations": {self.node or "": (taken, window)}})
+                    node = self.node or ""
+                    update: dict[str, Any] = {"reservations": {node: (taken, window)}}
+                    if name in loads:
+                        update["loads"] = {node: loads[name]}
+                    combined[name] = combined[name].model_copy(update=update)
         for name, count in self._node_dead_lettered.items():
             if name in combined:
                 status = combined[name]
@@ -309,6 +316,8 @@ class WorkerRuntime:
         return combined
 
     def node_report(self, pool: str | None = None) -> dict[str, Any]:
-        """:meth:`node_statuses` as JSON data, for the ``warmpool_status`` command."""
+        """:meth:`node_statuses` as JSON data, for the ``warmpool_status`` command (on the
+        event loop: the pools' loads are measured afresh)."""
+        self.backlog.measure()
         return {name: status.model_dump(mode="json")
                 for name, status in self.node_statuses(pool).items()}
