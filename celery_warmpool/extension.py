@@ -18,7 +18,6 @@ import click
 from celery import Celery, Task
 
 from .client.calls import PoolClient, SignalLike
-from .client.delivery import confirm_publishes, make_results_resilient
 from .client.fanout import afan_out, fan_out
 from .client.shells import AsyncStream
 from .client.status import StatusReader
@@ -85,10 +84,6 @@ class WarmPool:
             ["--warmpool-pools"], default=None,
             help="Comma-separated warm pools this worker hosts (default: all)."))
         prefork.connect(self.runtime)
-        if getattr(app, "configured", False):  # its configuration is already read
-            _make_resilient(app)
-        else:
-            app.on_after_configure.connect(_resilient_on_configure, weak=False)
 
     @property
     def specs(self) -> dict[str, PoolSpec]:
@@ -204,12 +199,3 @@ class WarmPool:
         """The pool ``pool`` in this process (built on first use outside a worker)."""
         return self.runtime.local_pool(pool)
 
-
-def _make_resilient(app: Any) -> None:
-    """Replies that survive a result store going away; publishes that fail, not vanish."""
-    make_results_resilient(app)
-    confirm_publishes(app)
-
-
-def _resilient_on_configure(sender: Any = None, **kwargs: Any) -> None:
-    _make_resilient(sender)

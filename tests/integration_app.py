@@ -144,6 +144,23 @@ class UntilCancelled(Action):
         return Result(None)
 
 
+class Hold(Action):
+    """Hold the agent until the file ``path`` exists (at most ``seconds``): a test
+    freezes a pool with it, and lets it go by creating the file."""
+
+    name = "hold"
+
+    class Params(BaseModel):
+        path: str
+        seconds: float = 60.0
+
+    def run(self, params: Any, context: ActionContext) -> Result:
+        deadline = time.monotonic() + params.seconds
+        while not os.path.exists(params.path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return Result(os.path.exists(params.path))
+
+
 def _append(path: str, text: str) -> None:
     with open(path, "a") as file:
         file.write(text)
@@ -165,6 +182,7 @@ class CounterAgent(Agent[WorkState]):
         "counter.touch": Touch,
         "counter.chunks": Chunks,
         "counter.until_cancelled": UntilCancelled,
+        "counter.hold": Hold,
     }
 
     def teardown(self) -> None:

@@ -127,6 +127,7 @@ def test_table_has_a_row_per_node_and_per_prefork_process_and_a_total():
                    reservations={"b@host": (7, 12)})
     assert render_status_table({"search": [prefork, threads]}) == (
         "pool search: ready, 1 of 7 agents available, 2 nodes\n"
+        "  backlog 0: ? queued, 0 reserved, 0 running; capacity 0, draining 0.0 calls/s\n"
         "  node / process         state  size  available  checked out  overflow  waiting"
         "  held / window  checkouts  timeouts  replacements  failures\n"
         "  a@host                 ready     2          1            1         0        0"
@@ -324,14 +325,17 @@ def test_status_works_on_the_embedded_broker(tmp_path):
 def test_watch_prints_a_fresh_table_each_time(start_worker):
     worker = start_worker(TWO_POOLS, pool="threads", concurrency=2)
     with watching("--watch", "0.2", "--pool", "ledger", "-d", worker.hostname) as watcher:
-        lines = [watcher.stdout.readline() for _ in range(10)]
+        lines = [watcher.stdout.readline() for _ in range(12)]
         rest, errors = interrupt(watcher)
     assert watcher.returncode == 0, errors
-    # Each refresh: a time stamp line, a blank line, the table (3 lines), a blank line.
+    # Each refresh: a time stamp line, a blank line, the pool's heading and backlog, the
+    # table (2 lines), a blank line.
     assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[0])
     assert lines[1:3] == ["\n", "pool ledger: ready, 2 of 2 agents available, 1 node\n"]
-    assert lines[4].split() == [worker.hostname, "ready", "2", "2", "0", "0", "0", "0/4", "0",
+    assert lines[3] == ("  backlog 0: 0 queued, 0 reserved, 0 running; capacity 2, draining "
+                        "0.0 calls/s\n")
+    assert lines[5].split() == [worker.hostname, "ready", "2", "2", "0", "0", "0", "0/4", "0",
                                 "0", "0", "0"]
-    assert lines[5] == "\n"
-    assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[6])
+    assert lines[6] == "\n"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  every 0.2s \(Ctrl-C to stop\)\n", lines[7])
     assert "counter" not in "".join(lines) + rest

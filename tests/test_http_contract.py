@@ -72,7 +72,12 @@ def test_the_document_is_valid_openapi_and_exact_about_every_route(token):
                 assert media == "application/problem+json", (path, status)
     assert found.get("security") == ([{"bearer": []}] if token else None)
     call = found["paths"]["/pools/counter/call"]["post"]["responses"]
-    assert sorted(call) == sorted(["200", "413", "422", "500", "502", "503", "504",
+    assert sorted(call) == sorted(["200", "413", "422", "429", "500", "502", "503", "504",
+                                   *(["401"] if token else [])])
+    assert call["429"]["headers"]["Retry-After"]["schema"] == {"type": "integer",
+                                                               "minimum": 1}
+    cast = found["paths"]["/pools/counter/cast"]["post"]["responses"]
+    assert sorted(cast) == sorted(["202", "413", "422", "429", "503",
                                    *(["401"] if token else [])])
     status = found["paths"]["/pools/counter/status"]["get"]["responses"]
     assert sorted(status) == sorted(["200", "404", "413", "422", "503",

@@ -13,9 +13,12 @@ import pytest
 from tests.flower_page import chromium
 from tests.http_gateway import GatewayProcess, browse
 from tests.integration_app import CounterAgent
+from tests.test_overload import frozen, gate, hold
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium")]
+
+assert gate  # a fixture of this module's too
 
 TOKEN = "page-t0ken"
 SPECS = [
@@ -68,3 +71,27 @@ def test_the_page_shows_each_pool_and_streams_a_reply_into_it(page):
     assert (reply["action"], reply["node"], reply["state"]["count"]) == ("spell", node, 4)
     assert 'data-outcome="reply"' in speller
 
+
+
+def test_the_page_charts_each_pools_backlog_capacity_and_calls(page, client, gate):
+    _, gateway = page
+    _, warm = client(SPECS)
+    casts = [warm.cast("counter", hold(gate)) for _ in range(10)]
+    frozen(warm, running=2, waiting=8)
+
+    dom = browse(f"{gateway.url}/?{urlencode({'token': TOKEN})}", budget_ms=3000)
+
+    counter = section(dom, "counter")
+    assert re.findall(r'<p class="backlog">(.*?)</p>', counter) == [
+        "backlog 10: 6 queued · 2 reserved · 2 running — capacity 2 — 0.0 calls/s"]
+    lines = {name: points for name, points in re.findall(
+        r'<polyline class="(\w+)" points="([^"]*)"', counter)}
+    assert set(lines) == {"backlog", "capacity", "rate"}
+    # Every point of the history so far: the backlog at the top of the chart (10 is its
+    # highest value), the capacity at a fifth of it, no calls handled.
+    heights = {name: {point.split(",")[1] for point in points.split()}
+               for name, points in lines.items()}
+    assert heights == {"backlog": {"4.0"}, "capacity": {"85.6"}, "rate": {"106.0"}}
+    gate.touch()
+    for result in casts:
+        result.get(timeout=30)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from celery_warmpool import BrokerUnavailable, WarmPool
+from celery_warmpool.wire.scoped import scoped
 from tests.conftest import ROOT, PrivateRedis, at_once
 from tests.flower_page import free_port
 from tests.test_worker import INCREMENT, counter, work
@@ -126,38 +127,51 @@ def test_broker_unavailable_masks_the_password():
 
 
 def configured(broker: str, **conf: Any) -> Any:
-    """The configuration of an app with warm pools on ``broker`` (nothing connects)."""
+    """An app with warm pools on ``broker`` (nothing connects)."""
     from celery import Celery
 
-    app = Celery("settings", broker=broker, backend="redis://127.0.0.1:6379/3")
+    app = Celery("settings", broker=broker, backend="redis://127.0.0.1:6379/3",
+                 set_as_current=False)
     app.conf.update(conf)
     WarmPool(app, pools=[])
-    return app.conf
+    return app
 
 
-def test_publishes_to_rabbitmq_wait_for_the_brokers_confirm_unless_told_otherwise():
+def test_the_packages_publishes_to_rabbitmq_wait_for_the_brokers_confirm_unless_told_otherwise():
     from tests.conftest import RABBITMQ_BROKER
 
-    assert configured(RABBITMQ_BROKER).broker_transport_options == {"confirm_publish": True}
-    assert configured("redis://127.0.0.1:6379/0").broker_transport_options == {}
-    assert configured(RABBITMQ_BROKER, warmpool_confirm_publish=False,
-                      ).broker_transport_options == {}
+    app = configured(RABBITMQ_BROKER)
+    assert scoped(app).producers.confirms
+    assert app.conf.broker_transport_options == {}  # the app's own publishes: as configured
+    assert not scoped(configured("redis://127.0.0.1:6379/0")).producers.confirms
+    assert not scoped(configured(RABBITMQ_BROKER, warmpool_confirm_publish=False),
+                      ).producers.confirms
+    # The app's own choice applies to every publish of the app, the package's included.
     mine = {"confirm_publish": False, "max_retries": 3}
-    assert configured(RABBITMQ_BROKER, broker_transport_options=mine,
-                      ).broker_transport_options == mine
+    app = configured(RABBITMQ_BROKER, broker_transport_options=mine)
+    assert not scoped(app).producers.confirms
+    assert app.conf.broker_transport_options == mine
 
 
-def test_replies_retry_their_result_store_briefly_and_until_it_is_back():
-    conf = configured("redis://127.0.0.1:6379/0")
-    assert conf.result_backend_always_retry is True
-    assert conf.result_backend_max_sleep_between_retries_ms == 1000
-    assert conf.result_backend_transport_options["retry_policy"]["max_retries"] == 2
+def test_the_packages_replies_retry_their_result_store_briefly_and_until_it_is_back():
+    app = configured("redis://127.0.0.1:6379/0")
+    own = scoped(app).results.backend
+    assert own.always_retry is True
+    assert own.max_sleep_between_retries_ms == 1000
+    assert own.retry_policy["max_retries"] == 2
+    # The app's own tasks store with the app's own settings (Celery's defaults here).
+    assert not app.conf.result_backend_always_retry
+    assert app.backend.always_retry is False
+    assert app.backend.max_sleep_between_retries_ms == 10_000
+    assert app.backend.retry_policy["max_retries"] == 20
     mine = configured("redis://127.0.0.1:6379/0", result_backend_max_sleep_between_retries_ms=50,
                       result_backend_transport_options={"retry_policy": {"max_retries": 9}})
-    assert mine.result_backend_max_sleep_between_retries_ms == 50
-    assert mine.result_backend_transport_options == {"retry_policy": {"max_retries": 9}}
+    assert scoped(mine).results.backend.max_sleep_between_retries_ms == 50
+    assert scoped(mine).results.backend.retry_policy["max_retries"] == 9
+    assert mine.conf.result_backend_transport_options == {"retry_policy": {"max_retries": 9}}
     off = configured("redis://127.0.0.1:6379/0", warmpool_resilient_results=False)
-    assert not off.result_backend_always_retry
+    assert scoped(off).results.backend is off.backend
+    assert off.backend.always_retry is False
 
 
 def test_status_command_says_in_one_line_that_the_broker_is_unreachable():

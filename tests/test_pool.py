@@ -99,6 +99,8 @@ def test_start_builds_size_warm_agents(make_pool: Callable[..., Pool],
         "counters": dict.fromkeys(pool.status().counters.model_dump(), 0),
         "last_error": None, "node": None, "pid": None, "process_index": None,
         "processes": [], "reservations": {}, "not_answering": [], "warmup_seconds": None,
+        "loads": {}, "queued": None, "reserved": 0, "running": 0, "backlog": 0,
+        "capacity": 0, "drain_rate": 0,
     }
 
 

@@ -23,6 +23,7 @@ def test_defaults_are_the_documented_ones() -> None:
         "devices": (), "initial_state": None, "worker_opts": None,
         "queue": "warmpool.search",
         "dead_letter_queue": "warmpool.search.dead", "max_redeliveries": 3,
+        "max_queued": None,
     }
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from celery_warmpool.worker.watchdog import TICK, Watchdog
+from celery_warmpool.worker.watchdog import Watchdog
+
+#: A moment, past which a watchdog would have acted on a deadline that had passed.
+MOMENT = 0.06
 
 
 def test_work_done_in_time_is_never_reported() -> None:
@@ -12,7 +15,7 @@ def test_work_done_in_time_is_never_reported() -> None:
     fired = threading.Event()
     token = watchdog.watch(5.0, fired.set)
     assert watchdog.done(token) is True
-    assert not fired.wait(3 * TICK)
+    assert not fired.wait(MOMENT)
 
 
 def test_overdue_work_is_reported_once_and_done_says_so() -> None:
@@ -27,7 +30,7 @@ def test_overdue_work_is_reported_once_and_done_says_so() -> None:
     token = watchdog.watch(0.0, on_expire)
     assert reported.wait(2.0)
     assert watchdog.done(token) is False
-    assert not threading.Event().wait(3 * TICK)
+    assert not threading.Event().wait(MOMENT)
     assert fired == [1]
 
 
@@ -71,3 +74,28 @@ def test_a_callback_that_waits_delays_no_other_decision() -> None:
     finally:
         release.set()
     assert second_reported.wait(2.0)
+
+
+def test_a_nearer_deadline_wakes_a_watchdog_sleeping_until_a_later_one() -> None:
+    watchdog = Watchdog()
+    watchdog.watch(60.0, lambda: None)  # the thread now sleeps for a minute
+    near = threading.Event()
+    watchdog.watch(0.05, near.set)
+    assert near.wait(1.0)
+
+
+def test_the_watchdog_does_not_tick_while_nothing_is_due() -> None:
+    # A clock that counts its readings: a sleeping watchdog reads it only when woken.
+    import time
+
+    readings = []
+
+    def clock() -> float:
+        readings.append(1)
+        return time.monotonic()
+
+    watchdog = Watchdog(clock=clock)
+    token = watchdog.watch(30.0, lambda: None)
+    threading.Event().wait(0.5)
+    assert len(readings) <= 3  # the watch, the thread's first look (no look per tick)
+    assert watchdog.done(token) is True

@@ -35,6 +35,8 @@ from ..core.signal import Signal
 from ..core.stream import Stream
 from ..wire.marks import mark_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
+from ..wire.queues import pool_queue, route
+from .admission import Bound
 from .delivery import Delivery
 from .listener import RECONNECTED, ReplyListener, Subscription
 from .protocol import Receive, Steps, Taken, ask_taken, publish_steps
@@ -45,6 +47,7 @@ from .streaming import stream_steps
 
 if TYPE_CHECKING:
     from ..configuration import PoolConfiguration
+    from ..core.spec import PoolSpec
 
 __all__ = ["PoolClient", "SignalLike"]
 
@@ -111,6 +114,8 @@ class PoolClient:
             CheckoutTimeout, CallTimeout, AgentLost, BrokerUnavailable, WorkerFailed,
             ModelLoadFailed: as their names say; never a reply hiding an error, never an
             exception that is not a :class:`WarmPoolError`.
+            PoolBusy: the pool has ``max_queued`` and that many calls wait; the call
+                was not queued and never runs (see :mod:`.admission`).
         """
         return self.transaction(pool, [signal], timeout, call_timeout, model=model)[0]
 
@@ -141,6 +146,8 @@ class PoolClient:
         Raises:
             InvalidArgument: an argument is out of range or of the wrong type.
             BrokerUnavailable: the broker could not be reached in that time.
+            PoolBusy: the pool has ``max_queued`` and that many calls wait; the cast was
+                not queued and never runs.
         """
         pool, (timeout, call_timeout) = pool_name(pool), cast_timeouts(timeout, call_timeout)
         return run_blocking(self.cast_steps(pool, signal, timeout, call_timeout, model))
@@ -252,7 +259,10 @@ class PoolClient:
                 if item is None and remaining <= 0:
                     raise self.silence(listener, pool, timeout, window)
                 if item is RECONNECTED or isinstance(item, Taken):
-                    yield from self.recover(listener, subscription, task_id, item, send,
+                    # A copy sent again was admitted once: not held to the pool's bound.
+                    yield from self.recover(listener, subscription, task_id, item,
+                                            functools.partial(self.publisher.send,
+                                                              message.again()),
                                             started + timeout)
                 elif isinstance(item, bytes):
                     replies = self.read_reply(item)
@@ -304,7 +314,7 @@ class PoolClient:
         call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
                            call_timeout, transaction=len(events) > 1, stream=stream,
                            model=pool_model(pool, spec.max_models, model))
-        return self.publisher.message(CALL_TASK, task_id, call, spec.queue)
+        return self.publisher.message(CALL_TASK, task_id, call, spec.queue, spec.max_queued)
 
     def send(self, message: Message) -> None:
         """Publish ``message`` (blocking; see :class:`~.publisher.Publisher`)."""
@@ -356,7 +366,7 @@ class PoolClient:
         task_id = new_id()
         cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout,
                            model=pool_model(pool, spec.max_models, model))
-        message = functools.partial(self._cast_message, task_id, cast, spec.queue)
+        message = functools.partial(self._cast_message, task_id, cast, spec)
         yield from self.publish(functools.partial(self.publisher.send, message(0)),
                                 time.monotonic() + bound, bound)
         listener = self.listener()  # this process's: its record of casts comes with it
@@ -365,11 +375,14 @@ class PoolClient:
             listener.submit(self._sent_casts.sweep)
         return AsyncResult(task_id, app=self.app)
 
-    def _cast_message(self, task_id: str, cast: CallMessage, queue: str,
+    def _cast_message(self, task_id: str, cast: CallMessage, spec: PoolSpec,
                       copy: int) -> Message:
-        """Copy ``copy`` of a cast's message (``0``: as first sent)."""
-        return self.publisher.message(CAST_TASK, task_id, dataclasses.replace(cast, copy=copy),
-                                      queue)
+        """Copy ``copy`` of a cast's message (``0``: as first sent, held to the pool's
+        bound; a copy sent again was admitted once, and is not)."""
+        message = self.publisher.message(CAST_TASK, task_id,
+                                         dataclasses.replace(cast, copy=copy), spec.queue,
+                                         spec.max_queued)
+        return message if copy == 0 else message.again()
 
     def _send_again(self, messages: list[Message]) -> None:
         """Publish casts again (see :mod:`.resends`), on a publishing thread."""
@@ -425,10 +438,19 @@ class PoolClient:
         call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
                            call_timeout, transaction=len(events) > 1,
                            model=pool_model(pool, spec.max_models, model))
-        result = self.delivery.publish(
-            lambda: self.handle_task.apply_async(  # type: ignore[call-arg]
-                call.to_args(), queue=spec.queue, argsrepr=call.argsrepr(), kwargsrepr="{}"),
-            started + timeout, timeout)
+        bound = Bound(pool, spec.queue, spec.max_queued)
+
+        def send() -> Any:
+            # Through a producer of the publisher's, so the pool's bound holds here too.
+            with self.publisher.producer(bound) as producer:
+                return self.handle_task.apply_async(  # type: ignore[call-arg]
+                    call.to_args(), producer=producer, argsrepr=call.argsrepr(),
+                    kwargsrepr="{}", retry=False,
+                    **route(pool_queue(self.app, spec.queue, spec.max_queued)))
+
+        sent = self.delivery.publish(send, started + timeout, timeout)
+        # Read through app.backend, which Celery subscribed in this thread as it sent.
+        result: AsyncResult = AsyncResult(sent.id, app=self.app)  # type: ignore[type-arg]
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
                                      spec.max_overflow)

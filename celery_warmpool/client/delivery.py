@@ -23,7 +23,7 @@ from ..wire.outages import BACKOFF, Outages
 from .protocol import publish_steps
 from .shells import run_blocking
 
-__all__ = ["BACKEND_RETRY_POLICY", "Delivery", "confirm_publishes", "make_results_resilient"]
+__all__ = ["Delivery"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,71 +113,3 @@ class Delivery:
                 logger.debug("result store %s unreachable (%r); still waiting",
                              self.backend_url, exc)
                 time.sleep(min(next(pauses), max(0.0, deadline - time.monotonic())))
-
-
-#: How long one result-store operation retries by itself before it fails: briefly, so
-#: that a caller's own deadline decides (Celery's default is 20 tries, about 20 s).
-BACKEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.2,
-                        "interval_max": 0.5}
-
-
-#: Celery's default longest sleep between two tries to store a result, and ours (ms).
-CELERY_MAX_SLEEP_MS = 10_000
-STORE_RETRY_MOST_MS = 1_000
-
-
-def make_results_resilient(app: Any) -> None:
-    """Make ``app``'s replies survive a result store that goes away for a while.
-
-    Unless ``app.conf.warmpool_resilient_results`` is false: a worker retries storing a
-    reply until the store is back (``result_backend_always_retry``), at most a second
-    apart (``result_backend_max_sleep_between_retries_ms``, Celery's default is 10 s),
-    and a single result-store operation gives up after a short retry (``retry_policy`` in
-    ``result_backend_transport_options``) so that callers keep their own deadlines; each
-    only if not set. Called when the app is configured, before its result backend exists.
-    """
-    conf = app.conf
-    if not conf.get("warmpool_resilient_results", True):
-        return
-    if not conf.result_backend_always_retry:
-        conf.result_backend_always_retry = True
-    if conf.result_backend_max_sleep_between_retries_ms == CELERY_MAX_SLEEP_MS:
-        conf.result_backend_max_sleep_between_retries_ms = STORE_RETRY_MOST_MS
-    options = dict(conf.result_backend_transport_options or {})
-    if "retry_policy" not in options:
-        options["retry_policy"] = dict(BACKEND_RETRY_POLICY)
-        conf.result_backend_transport_options = options
-
-
-def confirm_publishes(app: Any) -> None:
-    """Make every publish of ``app`` to RabbitMQ wait for the broker's confirm.
-
-    Without confirms a message published as the broker closes the connection (a restart,
-    ``rabbitmqctl close_all_connections``, a failover) is dropped without an error: the
-    broker discards what comes after its close, and the caller would wait for a reply that
-    never comes. With them the publish fails and is retried within the caller's deadline.
-    It costs one round trip to the broker per publish. Only for py-amqp brokers, unless
-    ``app.conf.warmpool_confirm_publish`` is false or ``confirm_publish`` is set already in
-    ``broker_transport_options``. Called when the app is configured, before it connects.
-    """
-    conf = app.conf
-    options = dict(conf.broker_transport_options or {})
-    if not conf.get("warmpool_confirm_publish", True) or "confirm_publish" in options:
-        return
-    if _driver(app) == "py-amqp":
-        options["confirm_publish"] = True
-        conf.broker_transport_options = options
-
-
-def _driver(app: Any) -> str | None:
-    """The name of the client library of ``app``'s broker transport (nothing connects)."""
-    try:
-        connection = app.connection_for_write()
-    except Exception:  # a broker URL kombu cannot use: Celery reports it when it connects
-        return None
-    try:
-        return str(connection.transport.driver_name)
-    except Exception:  # its client library is missing, say: the same
-        return None
-    finally:
-        connection.release()

@@ -3,16 +3,22 @@
 A call's message is made by Celery's own ``app.amqp`` (so workers, monitors and Flower see
 an ordinary task) but without ``apply_async``'s per-thread result machinery: the reply
 comes through the process's :class:`~.listener.ReplyListener`. Messages go out through
-a few producers of the publisher's own (:data:`PUBLISH_CONNECTIONS`, on connections of
-the app's pool), whatever the number of calling threads; coroutines publish through a
-small thread pool of their own, since Kombu has no asyncio producer.
+the package's own few producers (:class:`~celery_warmpool.wire.scoped.Producers`: with
+publisher confirms on RabbitMQ), whatever the number of calling threads, to the pool's
+queue as the package declares it (:mod:`celery_warmpool.wire.queues`); coroutines publish
+through a small thread pool of their own, since Kombu has no asyncio producer.
+A call to a pool with ``max_queued`` is held to it as it is published (see
+:mod:`.admission`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +26,14 @@ from typing import Any
 from kombu.pools import ProducerPool
 
 from ..wire.message import CallMessage
+from ..wire.queues import pool_queue, route
+from ..wire.scoped import PUBLISH_CONNECTIONS, scoped
+from .admission import AdmittingProducer, Bound, Refusals, armed
 
 __all__ = ["Message", "Publisher"]
 
 #: Threads that publish for coroutines.
 PUBLISH_THREADS = 2
-#: Producers (each on a broker connection of the app's pool) that publish pool calls,
-#: whatever the number of calling threads: more threads wait their turn, briefly.
-PUBLISH_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,26 +44,15 @@ class Message:
     name: str
     body: Any
     options: dict[str, Any]
+    #: The bound of the pool it goes to (see :mod:`.admission`).
+    bound: Bound | None = None
 
-
-def own_connection(app: Any) -> Any:
-    """A broker connection of the package's own, apart from the app's.
-
-    It connects once when asked (``max_retries`` 0): kombu would otherwise keep trying
-    for the app's ``broker_connection_timeout`` and more, past a caller's deadline; the
-    package waits out an outage itself, within each caller's deadline (see
-    :mod:`celery_warmpool.wire.outages`).
-    """
-    connection = app.connection_for_write()
-    options = {**(connection.transport_options or {}), "max_retries": 0}
-    own = connection.clone(transport_options=options)
-    connection.release()
-    return own
-
-
-def own_connections(app: Any, limit: int) -> Any:
-    """A pool of ``limit`` connections like :func:`own_connection`."""
-    return own_connection(app).Pool(limit=limit)
+    def again(self) -> Message:
+        """This message sent again after an outage: admitted once, not checked again."""
+        if self.bound is None:
+            return self
+        return dataclasses.replace(self, bound=self.bound._replace(checked=False),
+                                   options=dict(self.options))
 
 
 class Publisher:
@@ -69,17 +64,20 @@ class Publisher:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._declared: set[str] = set()
+        self._pid = os.getpid()
         self._pool: ProducerPool | None = None
         self._pool_pid = 0
-        self._pid = os.getpid()
+        self.refusals = Refusals(app)
 
-    def message(self, name: str, task_id: str, call: CallMessage, queue: str) -> Message:
+    def message(self, name: str, task_id: str, call: CallMessage, queue: str,
+                max_queued: int | None = None) -> Message:
         """The message that runs task ``name`` (a call's or a cast's) with ``call`` on
-        ``queue``."""
+        ``queue``, held to ``max_queued`` (the pool's bound, if it has one)."""
         body = self.app.amqp.create_task_message(
             task_id, name, call.to_args(), {}, argsrepr=call.argsrepr(), kwargsrepr="{}",
             reply_to=self.app.oid, create_sent_event=self._sent_events)
-        return Message(task_id, name, body, self._route(name, queue))
+        return Message(task_id, name, body, self._route(name, queue, max_queued),
+                       Bound(call.pool, queue, max_queued))
 
     @functools.cached_property
     def _sent_events(self) -> bool:
@@ -87,14 +85,18 @@ class Publisher:
         return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
-        """Publish ``message`` on a connection of the app's producer pool (blocking)."""
+        """Publish ``message`` with one of the package's own producers (blocking).
+
+        Raises:
+            PoolBusy: its pool is at its bound (see :mod:`.admission`); it was not sent.
+        """
         options = message.options
         queue = options.get("queue")
         if queue is not None and queue.name in self._declared:
             # Kombu would bind copies of the queue and exchange on every publish only to
             # find them declared: once per process is enough (queues are durable).
             options["declare"] = []
-        with self._producers().acquire(block=True) as producer:
+        with self.producer(message.bound) as producer:
             # Kombu's own retry off: the caller's deadline decides how long to try (see
             # celery_warmpool.wire.outages).
             self.app.amqp.send_task_message(producer, message.name, message.body,
@@ -102,13 +104,32 @@ class Publisher:
         if queue is not None:
             self._declared.add(queue.name)
 
+    @contextlib.contextmanager
+    def producer(self, bound: Bound | None) -> Iterator[Any]:
+        """A producer of this process's pool, its publishes held to ``bound``.
+
+        Raises:
+            PoolBusy: a publish in the ``with`` block was refused at the bound.
+        """
+        if bound is None:
+            with self._producers().acquire(block=True) as producer:
+                yield producer
+            return
+        with (self._producers().acquire(block=True) as producer,
+              armed(producer, bound, self.refusals) as admission):
+            yield producer
+        # Raised once the producer is back in the pool, its connection kept.
+        if admission.refused is not None:
+            raise admission.refused
+
     def _producers(self) -> ProducerPool:
         """This process's producers for pool calls (made anew in a forked child)."""
         with self._lock:
             if self._pool is None or self._pool_pid != os.getpid():
                 self._pool_pid = os.getpid()
-                self._pool = ProducerPool(own_connections(self.app, PUBLISH_CONNECTIONS),
-                                          limit=PUBLISH_CONNECTIONS)
+                self._pool = ProducerPool(scoped(self.app).producers.connections(),
+                                          limit=PUBLISH_CONNECTIONS,
+                                          Producer=AdmittingProducer)
             return self._pool
 
     @property
@@ -121,12 +142,12 @@ class Publisher:
                     PUBLISH_THREADS, thread_name_prefix="warmpool-publish")
             return self._executor
 
-    def _route(self, name: str, queue: str) -> dict[str, Any]:
+    def _route(self, name: str, queue: str, max_queued: int | None) -> dict[str, Any]:
         # Routing is the same for every call of a pool: worked out once. A copy per
-        # message, since sending adds to it.
-        route = self._routes.get((name, queue))
-        if route is None:
-            task = self.app.tasks.get(name)
-            route = self.app.amqp.router.route({"queue": queue}, name, None, None, task)
-            self._routes[(name, queue)] = route
-        return dict(route)
+        # message, since sending adds to it. The queue as the workers declare it (with
+        # the bound's arguments on RabbitMQ).
+        options = self._routes.get((name, queue))
+        if options is None:
+            options = self._routes[(name, queue)] = route(
+                pool_queue(self.app, queue, max_queued))
+        return dict(options)

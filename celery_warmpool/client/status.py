@@ -20,8 +20,9 @@ from ..core.arguments import pool_name, seconds
 from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
 from ..wire.membership import Membership, NodeRecord
+from ..wire.queues import queue_length
+from ..wire.scoped import own_connection
 from .delivery import Delivery
-from .publisher import own_connection
 
 __all__ = ["StatusReader", "StatusReport"]
 
@@ -37,6 +38,8 @@ class StatusReport:
     not_answering: list[NodeRecord] = field(default_factory=list)
     #: Whether the nodes to ask came from membership records (else: whoever answered).
     from_membership: bool = False
+    #: Per pool: the calls queued in the broker (see :meth:`StatusReader.queued`).
+    queued: dict[str, int | None] = field(default_factory=dict)
 
 
 class StatusReader:
@@ -60,14 +63,30 @@ class StatusReader:
         """
         timeout = seconds("timeout", timeout)
         self.configuration.spec(pool_name(pool))
-        report = self.report(pool, timeout=timeout)
+        report = self.report(pool, timeout=timeout, queued=True)
         parts = report.pools.get(pool, [])
         silent = [record.node for record in report.not_answering]
         if not parts:
             why = f" (recorded but silent: {', '.join(silent)})" if silent else ""
             raise UnknownPool(f"no worker hosting pool {pool!r} answered within "
                               f"{timeout}s{why}", pool)
-        return PoolStatus.combine(pool, parts).model_copy(update={"not_answering": silent})
+        return PoolStatus.combine(pool, parts).model_copy(
+            update={"not_answering": silent, "queued": report.queued.get(pool)})
+
+    def queued(self, pool: str) -> int | None:
+        """The calls of ``pool`` queued in the broker now (``None`` if it cannot be read).
+
+        Every list of a priority queue on Redis, the ready messages on RabbitMQ: those a
+        node took are in its ``reserved`` and ``running`` (see
+        :class:`~celery_warmpool.core.status.PoolLoad`).
+        """
+        spec = self.configuration.spec(pool)
+        try:
+            with own_connection(self.app) as connection:
+                return queue_length(connection, spec.queue)
+        except Exception as exc:  # the status stands without it
+            logger.warning("could not read the length of queue %s: %r", spec.queue, exc)
+            return None
 
     def nodes(self, pool: str | None = None, timeout: float = 1.0) -> list[NodeRecord]:
         """The live nodes hosting ``pool`` (every pool, if ``None``), by name.
@@ -98,8 +117,10 @@ class StatusReader:
         return self.report(pool, timeout, destination).pools
 
     def report(self, pool: str | None = None, timeout: float = 1.0,
-               destination: Sequence[str] | None = None) -> StatusReport:
-        """What the nodes say of ``pool`` (or of all pools), and who did not answer.
+               destination: Sequence[str] | None = None, *,
+               queued: bool = False) -> StatusReport:
+        """What the nodes say of ``pool`` (or of all pools), and who did not answer;
+        with ``queued``, the calls each pool has queued in the broker too.
 
         Only the nodes in ``destination`` are asked if it is given; else the live nodes
         from membership records, if there are any. Either way the wait ends as soon as
@@ -130,6 +151,9 @@ class StatusReader:
                     report.pools.setdefault(name, []).append(PoolStatus.model_validate(data))
         report.not_answering = [records.get(node) or _unrecorded(node)
                                 for node in nodes or () if node not in answered]
+        if queued:
+            report.queued = {name: self.queued(name) for name in report.pools
+                             if name in self.configuration.specs}
         return report
 
     def command(self, name: str, arguments: dict[str, Any], timeout: float,

@@ -166,7 +166,9 @@ def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Sign
             tag, data = item
             if data is RECONNECTED or isinstance(data, Taken):
                 # The result store was away: the message may be lost with the broker.
-                yield from client.recover(listener, subscriptions[0], task_id, data, send,
+                # A copy sent again was admitted once: not held to the pool's bound.
+                yield from client.recover(listener, subscriptions[0], task_id, data,
+                                          functools.partial(client.send, message.again()),
                                           started + timeout)
             elif tag == CHUNK:
                 for chunk in order.add(data):

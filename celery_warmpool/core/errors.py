@@ -71,6 +71,26 @@ class CheckoutTimeout(PoolError, TimeoutError):
         self.max_overflow = max_overflow
 
 
+class PoolBusy(PoolError):
+    """The pool's waiting calls are at its ``max_queued``: this call was refused before it
+    was queued, and will never run.
+
+    ``count`` is the calls found waiting (queued in the broker, or reserved on a node and
+    not yet running), ``bound`` the pool's ``max_queued``, ``retry_after`` the seconds
+    after which trying again should find room (the waiting calls divided by the pool's
+    recent drain rate), ``capacity`` the agents on live nodes (``0``: none anywhere, the
+    calls waiting are not being served at all).
+    """
+
+    def __init__(self, message: str, pool: str | None = None, count: int = 0,
+                 bound: int = 0, retry_after: float = 0.0, capacity: int = 0) -> None:
+        super().__init__(message, pool, count, bound, retry_after, capacity)
+        self.count = count
+        self.bound = bound
+        self.retry_after = retry_after
+        self.capacity = capacity
+
+
 class PoolClosed(PoolError):
     """The pool was closed: it hands out no more agents."""
 

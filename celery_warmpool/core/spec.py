@@ -132,7 +132,9 @@ class PoolSpec(PoolOptions):
     class or a ``"module:Class"`` string. ``initial_state`` and ``worker_opts`` are given to
     every agent as its own deep copy. ``queue`` defaults to ``warmpool.<name>``,
     ``dead_letter_queue`` (where casts that cannot succeed go) to ``warmpool.<name>.dead``;
-    a cast whose process dies is delivered again up to ``max_redeliveries`` times.
+    a cast whose process dies is delivered again up to ``max_redeliveries`` times. With
+    ``max_queued``, a call or cast finding that many calls of the pool waiting is refused
+    with :class:`PoolBusy` (see ``docs/overload.md``).
 
     Raises:
         ConfigurationError: an option is unknown or invalid; the message names the pool
@@ -147,6 +149,11 @@ class PoolSpec(PoolOptions):
     dead_letter_queue: str = ""
     max_redeliveries: int = Field(
         default=3, ge=0, description="times a cast whose process died is delivered again")
+    max_queued: int | None = Field(
+        default=None, ge=1,
+        description="calls waiting for an agent (queued in the broker, or reserved on a "
+                    "node and not yet running), across nodes, past which a call or cast is "
+                    "refused with PoolBusy before it is queued; None: no bound")
 
     def __init__(self, name: str | None = None, agent: Any = None, /, **options: Any) -> None:
         if name is not None:
@@ -258,7 +265,8 @@ def _overridable() -> type[BaseSettings]:
     Each field is the spec's own (type, bounds, description) made optional, so the
     environment is held to exactly the rules a spec is.
     """
-    names = ((set(PoolOptions.model_fields) | {"queue", "dead_letter_queue", "max_redeliveries"})
+    names = ((set(PoolOptions.model_fields)
+              | {"queue", "dead_letter_queue", "max_redeliveries", "max_queued"})
              - _NOT_FROM_ENVIRONMENT)
     fields: dict[str, Any] = {
         name: (Optional[info.annotation],  # noqa: UP045 - built at run time

@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-__all__ = ["PoolCounters", "PoolState", "PoolStatus", "local_status"]
+__all__ = ["PoolCounters", "PoolLoad", "PoolState", "PoolStatus", "local_status"]
 
 PoolState = Literal["ready", "overflow", "full"]
 
@@ -54,6 +54,24 @@ class PoolCounters(BaseModel):
         })
 
 
+class PoolLoad(BaseModel):
+    """What one node holds of a pool's work, and how fast it works it off.
+
+    ``reserved`` are messages of the pool's queue the node took from the broker and has
+    not started, ``running`` those running on an agent; ``capacity`` is the calls of the
+    pool the node runs at once once its agents are warm; ``drain_rate`` the calls it
+    started per second, recently, while it had more waiting (so its throughput, not
+    the load it was offered).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    reserved: int = 0
+    running: int = 0
+    capacity: int = 0
+    drain_rate: float = 0.0
+
+
 class PoolStatus(BaseModel):
     """A pool's numbers at one moment.
 
@@ -78,6 +96,11 @@ class PoolStatus(BaseModel):
     #: Per node: the messages of the pool's queue it holds (running or reserved), and the
     #: most it may hold (its window). Empty in one process's status.
     reservations: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    #: Calls of the pool queued in the broker (every list of a priority queue counted),
+    #: read when the aggregate was made; ``None`` in a node's own status.
+    queued: int | None = None
+    #: Per node: what it holds of the pool's work, its capacity and drain rate.
+    loads: dict[str, PoolLoad] = Field(default_factory=dict)
     #: Nodes recorded as hosting the pool that did not answer (in an aggregate).
     not_answering: list[str] = Field(default_factory=list)
     counters: PoolCounters = Field(default_factory=PoolCounters)
@@ -102,6 +125,36 @@ class PoolStatus(BaseModel):
         """The most messages of the pool's queue the nodes may hold."""
         return sum(window for _, window in self.reservations.values())
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def reserved(self) -> int:
+        """Calls taken from the broker by the nodes and not yet running."""
+        return sum(load.reserved for load in self.loads.values())
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def running(self) -> int:
+        """Calls running on an agent, on every node."""
+        return sum(load.running for load in self.loads.values())
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def capacity(self) -> int:
+        """Calls the live nodes run at once, counting only nodes whose agents are warm."""
+        return sum(load.capacity for load in self.loads.values())
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def drain_rate(self) -> float:
+        """Calls the nodes started per second, recently, while calls were waiting."""
+        return sum(load.drain_rate for load in self.loads.values())
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def backlog(self) -> int:
+        """The calls the pool has to serve: queued + reserved + running."""
+        return (self.queued or 0) + self.reserved + self.running
+
     @property
     def alive(self) -> int:
         """Agents alive now: idle plus checked out."""
@@ -115,13 +168,16 @@ class PoolStatus(BaseModel):
             by_node.setdefault(process.node or "", []).append(process)
         return {node: PoolStatus.combine(self.pool, parts, node=node or None).model_copy(
                     update={"reservations": {name: reserved for name, reserved
-                                             in self.reservations.items() if name == node}})
+                                             in self.reservations.items() if name == node},
+                            "loads": {name: load for name, load in self.loads.items()
+                                      if name == node}})
                 for node, parts in by_node.items()}
 
     @classmethod
     def combine(cls, pool: str, parts: Iterable[PoolStatus], *,
                 node: str | None = None) -> PoolStatus:
         """Sum per-process statuses of one pool into one, keeping them in ``processes``."""
+        parts = list(parts)
         leaves = [leaf for part in parts for leaf in (part.processes or [part])]
         counters = PoolCounters()
         for leaf in leaves:
@@ -131,12 +187,14 @@ class PoolStatus(BaseModel):
             "replacing")}
         reservations = {node_name: reserved for part in parts
                         for node_name, reserved in part.reservations.items()}
+        loads = {node_name: load for part in parts for node_name, load in part.loads.items()}
         errors = [leaf.last_error for leaf in leaves if leaf.last_error]
         warmups = [leaf.warmup_seconds for leaf in leaves if leaf.warmup_seconds is not None]
         return cls(
             pool=pool, state=_combined_state(leaves), counters=counters,
             last_error=errors[-1] if errors else None, node=node, processes=leaves,
-            reservations=reservations, warmup_seconds=max(warmups, default=None), **total)
+            reservations=reservations, loads=loads,
+            warmup_seconds=max(warmups, default=None), **total)
 
 
 def _combined_state(leaves: list[PoolStatus]) -> PoolState:

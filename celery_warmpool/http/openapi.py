@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 from ..core.action import Action
 from ..core.arguments import MAX_SECONDS, MIN_SECONDS
@@ -31,6 +32,7 @@ from ..core.errors import (
     ConfigurationError,
     InvalidArgument,
     InvalidSignal,
+    PoolBusy,
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
@@ -56,17 +58,23 @@ _CALL_ERRORS: dict[str, tuple[_Kinds, str]] = {
     "422": ((InvalidSignal, UnknownSignal, InvalidArgument),
             "The signal is invalid or of a type no route takes, or a query parameter is "
             "out of range"),
+    "429": ((PoolBusy,), "The pool is at its max_queued: refused, never queued "
+            "(Retry-After: seconds until the calls waiting have drained)"),
     "500": ((ActionFailed,), "The action failed (the agent's state is unchanged)"),
     "502": ((AgentLost, WorkerFailed), "The process running the call died, or failed"),
-    "503": ((CheckoutTimeout, BrokerUnavailable),
-            "No agent was free in time (with Retry-After), or the broker is away"),
+    "503": ((CheckoutTimeout, BrokerUnavailable, PoolBusy),
+            "No agent was free in time (with Retry-After), the broker is away, or the pool "
+            "is at its max_queued with no agent serving it anywhere"),
     "504": ((CallTimeout,), "The work outlasted call_timeout; its agent is replaced"),
 }
 _CAST_ERRORS: dict[str, tuple[_Kinds, str]] = {
     "413": _CALL_ERRORS["413"],
     "422": ((InvalidSignal, InvalidArgument),
             "The signal is invalid, or a query parameter is out of range"),
-    "503": ((BrokerUnavailable,), "The broker is away"),
+    "429": _CALL_ERRORS["429"],
+    "503": ((BrokerUnavailable, PoolBusy),
+            "The broker is away, or the pool is at its max_queued with no agent serving it "
+            "anywhere"),
 }
 _STREAM_ERRORS: dict[str, tuple[_Kinds, str]] = {
     **_CALL_ERRORS,
@@ -182,7 +190,8 @@ def extend(document: dict[str, Any], specs: list[PoolSpec], *, token: bool) -> d
     schemas = components.setdefault("schemas", {})
     schemas.update(problem_schemas(_SCHEMAS))
     for model in (AgentReply, PoolStatus):
-        found, definitions = _params_schema(model, "")
+        # Responses: as they are written (a status's backlog and its parts included).
+        found, definitions = _params_schema(model, "", mode="serialization")
         schemas[model.__name__] = found
         schemas.update(definitions)
     paths = document.setdefault("paths", {})
@@ -210,10 +219,11 @@ def extend(document: dict[str, Any], specs: list[PoolSpec], *, token: bool) -> d
     return document
 
 
-def _params_schema(model: type[BaseModel], prefix: str) -> tuple[dict[str, Any],
-                                                                   dict[str, Any]]:
+def _params_schema(model: type[BaseModel], prefix: str,
+                   mode: JsonSchemaMode = "validation") -> tuple[dict[str, Any],
+                                                                 dict[str, Any]]:
     """``model``'s JSON schema, its nested models moved to components named ``prefix...``."""
-    schema = model.model_json_schema(ref_template=f"{_SCHEMAS}{prefix}{{model}}")
+    schema = model.model_json_schema(ref_template=f"{_SCHEMAS}{prefix}{{model}}", mode=mode)
     definitions = schema.pop("$defs", {})
     return schema, {f"{prefix}{name}": value for name, value in definitions.items()}
 
@@ -271,10 +281,11 @@ def _problems(errors: dict[str, tuple[_Kinds, str]]) -> dict[str, Any]:
         refs = [{"$ref": f"{_SCHEMAS}Problem.{_name(kind)}"} for kind in kinds]
         response = _json(description, refs[0] if len(refs) == 1 else {"oneOf": refs},
                          media=MEDIA_TYPE)
-        if CheckoutTimeout in kinds:
+        if CheckoutTimeout in kinds or PoolBusy in kinds:
             response["headers"] = {"Retry-After": {
-                "description": "seconds to wait before trying again (a full pool only)",
-                "schema": {"type": "integer"}}}
+                "description": "seconds to wait before trying again (a pool with no agent "
+                               "free in time, or at its max_queued)",
+                "schema": {"type": "integer", "minimum": 1}}}
         responses[status] = response
     return responses
 
@@ -294,9 +305,12 @@ def _event_stream() -> dict[str, Any]:
                                "data": {"type": "string", "contentMediaType": "application/json",
                                         "contentSchema": data}}}
 
+    # What can end a stream once it has begun: not the request's own faults, nor what
+    # is told before its first chunk (a refusal at the bound, a store without streams).
+    before = (ConfigurationError, PoolBusy)
     errors = [{"$ref": f"{_SCHEMAS}Problem.{_name(kind)}"}
               for status, (kinds, _) in _STREAM_ERRORS.items() if status not in ("413", "422")
-              for kind in kinds if kind is not ConfigurationError]
+              for kind in kinds if kind not in before]
     return {
         "schema": {"type": "string", "description":
                    "Server-sent events: 'chunk' (the chunk, as JSON) for each chunk in order, "

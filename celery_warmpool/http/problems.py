@@ -26,6 +26,7 @@ from ..core.errors import (
     ConfigurationError,
     InvalidArgument,
     InvalidSignal,
+    PoolBusy,
     UnknownPool,
     UnknownSignal,
     WarmPoolError,
@@ -36,7 +37,8 @@ __all__ = ["MEDIA_TYPE", "PROBLEM_TYPES", "JSONBody", "Problem", "json_text", "p
            "problem_response", "problem_schemas"]
 
 MEDIA_TYPE = "application/problem+json"
-#: Seconds a caller refused for a full pool is told to wait before it tries again.
+#: Seconds a caller whose call found no agent free in time is told to wait before it
+#: tries again (a full pool's refusal computes its own: see PoolBusy.retry_after).
 RETRY_AFTER = 1
 #: ``scheme://user:password@`` in any text: the password is masked before it leaves.
 _CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
@@ -50,6 +52,14 @@ class Problem(NamedTuple):
     #: The exception's attributes that become the problem's own members, and the JSON
     #: schema of each (for the OpenAPI document).
     fields: dict[str, dict[str, Any]]
+    #: The status and title when no agent serves the pool at all (its ``capacity`` is
+    #: 0): the caller should not just wait and retry, as for a broker that is away.
+    unserved: tuple[int, str] | None = None
+
+    @property
+    def statuses(self) -> list[int]:
+        """Every status this problem is told with."""
+        return [self.status, *([self.unserved[0]] if self.unserved else [])]
 
 
 _TEXT: dict[str, Any] = {"type": ["string", "null"]}
@@ -73,6 +83,9 @@ PROBLEM_TYPES: dict[type[WarmPoolError], Problem] = {
         "pool": _TEXT, "node": _TEXT, "pid": {"type": ["integer", "null"]},
         "signal_type": _TEXT, "may_have_run": {"type": "boolean"}}),
     WorkerFailed: Problem(502, "Worker failed", {"pool": _TEXT, "cause": _TEXT}),
+    PoolBusy: Problem(429, "Pool busy", {
+        "pool": _TEXT, "count": _COUNT, "bound": _COUNT, "retry_after": _SECONDS,
+        "capacity": _COUNT}, unserved=(503, "No agent serves the pool")),
     CheckoutTimeout: Problem(503, "No agent free in time", {
         "pool": _TEXT, "waited": _SECONDS, "size": _COUNT, "max_overflow": _COUNT}),
     BrokerUnavailable: Problem(503, "Broker unavailable", {"url": _TEXT, "waited": _SECONDS}),
@@ -94,17 +107,29 @@ def problem_for(exc: BaseException) -> tuple[dict[str, Any], dict[str, str]]:
     may hold anything), only its type.
     """
     kind, problem = _lookup(exc)
+    status, title = problem.status, problem.title
+    if problem.unserved is not None and getattr(exc, "capacity", None) == 0:
+        status, title = problem.unserved
     body: dict[str, Any] = {
         "type": f"urn:celery-warmpool:error:{kind}",
-        "title": problem.title,
-        "status": problem.status,
+        "title": title,
+        "status": status,
         "detail": str(exc) if problem is not _UNEXPECTED else
         f"the gateway failed with {type(exc).__name__}; its log has the details",
     }
     for name in problem.fields:
         body[name] = getattr(exc, name, None)
-    headers = {"Retry-After": str(RETRY_AFTER)} if isinstance(exc, CheckoutTimeout) else {}
-    return masked(body), headers
+    return masked(body), _retry_after(exc)
+
+
+def _retry_after(exc: BaseException) -> dict[str, str]:
+    """The ``Retry-After`` header of ``exc``, if it has one: for a full pool, the whole
+    seconds its ``retry_after`` rounds up to (at least 1: HTTP counts whole seconds)."""
+    if isinstance(exc, PoolBusy):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, CheckoutTimeout):
+        return {"Retry-After": str(RETRY_AFTER)}
+    return {}
 
 
 def http_problem(status: int, title: str, detail: str,
@@ -166,19 +191,20 @@ def problem_schemas(prefix: str) -> dict[str, dict[str, Any]]:
     schemas = {"Problem": base}
     for kind, problem in PROBLEM_TYPES.items():
         schemas[f"Problem.{kind.__name__}"] = _problem_schema(
-            prefix, f"urn:celery-warmpool:error:{kind.__name__}", problem.status,
+            prefix, f"urn:celery-warmpool:error:{kind.__name__}", problem.statuses,
             problem.fields, f"{kind.__name__}: {(kind.__doc__ or '').strip().splitlines()[0]}")
     for name, (status, members) in REQUEST_PROBLEMS.items():
-        schemas[f"Problem.{name}"] = _problem_schema(prefix, "about:blank", status, members,
+        schemas[f"Problem.{name}"] = _problem_schema(prefix, "about:blank", [status], members,
                                                      f"{status}: a problem of the request")
     return schemas
 
 
-def _problem_schema(prefix: str, kind: str, status: int, fields: dict[str, dict[str, Any]],
-                    description: str) -> dict[str, Any]:
+def _problem_schema(prefix: str, kind: str, statuses: list[int],
+                    fields: dict[str, dict[str, Any]], description: str) -> dict[str, Any]:
+    status = {"const": statuses[0]} if len(statuses) == 1 else {"enum": statuses}
     return {"description": description, "allOf": [{"$ref": f"{prefix}Problem"}, {
         "type": "object",
-        "properties": {"type": {"const": kind}, "status": {"const": status}, **fields},
+        "properties": {"type": {"const": kind}, "status": status, **fields},
         "required": list(fields)}]}
 
 

@@ -93,7 +93,8 @@ def status_report(app: Celery, pool: str | None = None, timeout: float = 1.0,
         except UnknownPool as exc:
             raise click.BadParameter(str(exc), param_hint="'--pool'") from None
     try:
-        report: StatusReport = warm.status_reader.report(pool, timeout, destination)
+        report: StatusReport = warm.status_reader.report(pool, timeout, destination,
+                                                         queued=True)
     except BrokerUnavailable as exc:
         raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from None
     if not report.pools:
@@ -159,14 +160,14 @@ def status(ctx: click.Context, pool: str | None, as_json: bool, watch: float | N
 
 def _print_status(cli: CLIContext, report: StatusReport, as_json: bool) -> None:
     if as_json:
-        document = render_status_json(report.pools)
+        document = render_status_json(report.pools, report.queued)
         for record in report.not_answering:
             for name in record.pools:
                 if name in document:
                     document[name].setdefault("not_answering", []).append(record.node)
         cli.echo(json.dumps(document, sort_keys=True))
         return
-    cli.echo(render_status_table(report.pools), nl=False)
+    cli.echo(render_status_table(report.pools, report.queued), nl=False)
     if report.not_answering:
         cli.echo(render_not_answering(report.not_answering), nl=False)
 

@@ -31,6 +31,16 @@ their current status at scrape time. Every metric has the labels ``pool`` and ``
   buckets of :data:`BUCKETS`; ``warmpool_batch_size`` (signals per batch, for pools with
   a :class:`BatchAction`), in :data:`BATCH_BUCKETS`.
 
+Two gauges describe a pool as a whole, whichever node is scraped (``node`` is the node
+that read them): ``warmpool_pool_backlog`` (the calls the pool has to serve: queued in the
+broker, every list of a priority queue counted, plus reserved and running on every
+live node) and ``warmpool_pool_capacity`` (the calls the live nodes run at once, once
+their agents are warm). The queued part is read from the broker by the main process at
+scrape time, the nodes' parts from the backlog board (see
+:mod:`celery_warmpool.wire.backlog`; without one, this node's own). Every node says the
+same: aggregate them with ``max by (pool)``, never a sum. They are what an autoscaler
+reads (``deploy/keda/``).
+
 Counters follow each process's own pool counters (the numbers ``warmpool status`` shows):
 a prefork child brings them up to date each time it publishes its status (on every
 change, at most 50 times a second), the main process before it answers a scrape.
@@ -38,6 +48,7 @@ change, at most 50 times a second), the main process before it answers a scrape.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -49,7 +60,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import telemetry
 from ..core.errors import ConfigurationError
-from ..core.status import PoolCounters, PoolStatus
+from ..core.status import PoolCounters, PoolLoad, PoolStatus
+from ..wire.backlog import BacklogBoard, totals
+from ..wire.queues import queue_length
+from ..wire.scoped import own_connection
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -248,6 +262,66 @@ class PoolGauges:
             yield gauge
 
 
+class BacklogGauges:
+    """A Prometheus collector of each hosted pool's whole backlog and capacity (see the
+    module), read when scraped, from the main process only."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self._board: BacklogBoard | None = None
+        self._board_read = False
+        self._connection: Any = None
+
+    def collect(self) -> Iterator[Any]:
+        """``warmpool_pool_backlog`` and ``warmpool_pool_capacity`` of every hosted pool;
+        a pool whose broker or board cannot be read now is left out of this scrape."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        backlog = GaugeMetricFamily(
+            "warmpool_pool_backlog", "Calls the pool has to serve: queued in the broker, "
+            "reserved and running on every live node.", labels=LABELS)
+        capacity = GaugeMetricFamily(
+            "warmpool_pool_capacity", "Calls the pool's live nodes run at once, counting "
+            "only nodes whose agents are warm.", labels=LABELS)
+        node = self.runtime.node or ""
+        for name, spec in sorted(self.runtime.process_specs.items()):
+            try:
+                queued, load = self._read(name, spec.queue)
+            except Exception as exc:
+                logger.warning("warm pools: the backlog of %s cannot be read now: %r", name,
+                               exc)
+                self._forget_connection()
+                continue
+            backlog.add_metric((name, node), queued + load.reserved + load.running)
+            capacity.add_metric((name, node), load.capacity)
+        yield backlog
+        yield capacity
+
+    def _read(self, pool: str, queue: str) -> tuple[int, PoolLoad]:
+        if not self._board_read:
+            self._board, self._board_read = BacklogBoard.of(self.runtime.app), True
+        if self._board is not None:
+            load = totals(self._board.read(queue))
+        else:
+            load = self.runtime.backlog.loads.get(pool, PoolLoad())
+        if self._connection is None:
+            self._connection = own_connection(self.runtime.app)
+        return queue_length(self._connection, queue), load
+
+    def _forget_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.release()
+
+    def close(self) -> None:
+        """Release the connections it keeps."""
+        self._forget_connection()
+        board, self._board, self._board_read = self._board, None, False
+        if board is not None:
+            board.close()
+
+
 class ProcessFiles:
     """A Prometheus collector of the counters and histograms every process wrote.
 
@@ -289,6 +363,7 @@ class MetricsExporter:
         self.directory = directory
         self._owns_directory = owns_directory
         self.metrics = ProcessMetrics(runtime.node or "")
+        self.backlog = BacklogGauges(runtime)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -308,6 +383,7 @@ class MetricsExporter:
         registry = CollectorRegistry(auto_describe=False)
         # First: it brings this process's counters up to date before the files are read.
         registry.register(PoolGauges(self.runtime, self.metrics))
+        registry.register(self.backlog)
         registry.register(ProcessFiles(self.directory))
         host, port = self.address
         try:
@@ -325,6 +401,7 @@ class MetricsExporter:
             server.server_close()
             if self._thread is not None:
                 self._thread.join(5)
+        self.backlog.close()
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -75,20 +75,23 @@ def _table(rows: Sequence[tuple[str, PoolStatus]]) -> list[str]:
     return [line(headers), *(line(values) for values in cells)]
 
 
-def render_status_table(report: Mapping[str, Iterable[PoolStatus]]) -> str:
+def render_status_table(report: Mapping[str, Iterable[PoolStatus]],
+                        queued: Mapping[str, int | None] | None = None) -> str:
     """The status of each pool as text tables, one per pool, sorted by pool name.
 
     ``report`` maps a pool's name to its statuses as nodes report them (what
-    :meth:`StatusReader.collect` returns). Each table has a row per node, a row per
-    process under prefork, and a total row when more than one node hosts the pool.
+    :meth:`StatusReader.collect` returns), ``queued`` to the calls queued in the broker.
+    Each table has a row per node, a row per process under prefork, and a total row
+    when more than one node hosts the pool.
     """
     blocks: list[str] = []
     for name in sorted(report):
-        status = PoolStatus.combine(name, report[name])
+        status = _combined(name, report[name], queued)
         nodes = len(status.nodes)
         heading = (f"pool {name}: {status.state}, {status.available} of {status.alive} "
                    f"agents available, {nodes} {'node' if nodes == 1 else 'nodes'}")
-        lines = [heading, *(f"  {line}" for line in _table(_rows(status)))]
+        lines = [heading, f"  {_backlog(status)}",
+                 *(f"  {line}" for line in _table(_rows(status)))]
         failing = [leaf for leaf in status.processes or [status] if leaf.last_error]
         if failing:
             # The most recent report last, with where it came from, so it can be acted on.
@@ -100,11 +103,13 @@ def render_status_table(report: Mapping[str, Iterable[PoolStatus]]) -> str:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
-def render_status_json(report: Mapping[str, Iterable[PoolStatus]]) -> dict[str, Any]:
-    """The status of each pool as JSON data: totals, then each node with its processes."""
+def render_status_json(report: Mapping[str, Iterable[PoolStatus]],
+                       queued: Mapping[str, int | None] | None = None) -> dict[str, Any]:
+    """The status of each pool as JSON data: totals (the backlog with the calls
+    ``queued`` in the broker), then each node with its processes."""
     document: dict[str, Any] = {}
     for name in sorted(report):
-        status = PoolStatus.combine(name, report[name])
+        status = _combined(name, report[name], queued)
         nodes = status.nodes
         document[name] = {
             **status.model_dump(mode="json", exclude={"processes", "node", *PROCESS_FIELDS}),
@@ -114,6 +119,18 @@ def render_status_json(report: Mapping[str, Iterable[PoolStatus]]) -> dict[str, 
     return document
 
 
+def _combined(name: str, statuses: Iterable[PoolStatus],
+              queued: Mapping[str, int | None] | None) -> PoolStatus:
+    status = PoolStatus.combine(name, statuses)
+    return status.model_copy(update={"queued": (queued or {}).get(name)})
+
+
+def _backlog(status: PoolStatus) -> str:
+    """The pool's backlog line: its parts, the capacity, how fast it drains."""
+    queued = "?" if status.queued is None else str(status.queued)
+    return (f"backlog {status.backlog}: {queued} queued, {status.reserved} reserved, "
+            f"{status.running} running; capacity {status.capacity}, draining "
+            f"{status.drain_rate:.1f} calls/s")
 
 
 def render_not_answering(records: Sequence[NodeRecord], now: float | None = None) -> str:

@@ -22,6 +22,7 @@ from kombu import Connection, Exchange, Queue
 from pydantic import BaseModel, ConfigDict
 
 from ..core.spec import PoolSpec
+from .scoped import scoped
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DeadLetter", "DeadLetters"]
 
@@ -74,7 +75,8 @@ class DeadLetters:
                      routing_key=spec.dead_letter_queue, durable=True)
 
     def send(self, spec: PoolSpec, letter: DeadLetter) -> None:
-        """Publish ``letter`` to the pool's dead-letter queue, once.
+        """Publish ``letter`` to the pool's dead-letter queue, once, with one of the
+        package's own producers (publisher confirms on RabbitMQ).
 
         Kombu's own retry is off: whoever sends it decides how long to wait out a broker
         that is away (a worker: as an errand, see :mod:`celery_warmpool.worker.errands`).
@@ -83,7 +85,7 @@ class DeadLetters:
             The broker's connection errors, if it cannot be reached.
         """
         queue = self.queue(spec)
-        with self.app.producer_or_acquire() as producer:
+        with scoped(self.app).producers.acquire() as producer:
             producer.publish(letter.model_dump(mode="json"), exchange=DEAD_LETTER_EXCHANGE,
                              routing_key=queue.routing_key, declare=[queue],
                              serializer="json", delivery_mode=2, retry=False)

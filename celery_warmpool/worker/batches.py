@@ -52,6 +52,7 @@ from ..core.errors import (
 from ..core.signal import Signal
 from ..wire.message import CallMessage, kind_of
 from ..wire.outages import Outages
+from ..wire.scoped import scoped
 from .claims import CallClaims
 from .errands import Errands
 from .watchdog import Watchdog
@@ -328,7 +329,7 @@ class PoolBatches:
 
 def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:
     """Store one batched caller's reply (or error) under its own task id."""
-    backend = runtime.app.backend
+    backend = scoped(runtime.app).results.backend
     request = Context(id=item["id"], reply_to=item["reply_to"],
                       correlation_id=item["correlation_id"], retries=item["retries"])
     if isinstance(outcome, BaseException):
@@ -351,7 +352,7 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
     stored as every caller's error.
     """
     runtime = RUNTIMES[app]
-    claims, backend = CallClaims(runtime), runtime.app.backend
+    claims, backend = CallClaims(runtime), scoped(runtime.app).results.backend
     # Copies of work another copy of which was taken are dropped (see .claims).
     taken = claims.claim_all(backend, [
         (item["id"], item["deadline"], item.get("copy")) for item in items])

@@ -10,7 +10,8 @@ the consumer takes any message:
 - in ``start``: under threads, gevent and eventlet builds the pools in this process;
   under prefork waits until every child reports its agents warm (children build them at
   ``worker_process_init``, see :mod:`.prefork`). Each pool's queue is then consumed with
-  its own bound (see :mod:`.consumers`);
+  its own bound (see :mod:`.consumers`), and the node's membership record and backlog
+  reports are kept fresh (see :mod:`.heartbeat`, :mod:`.backlog`);
 - in ``info``: adds the pools to the worker's stats (``celery inspect stats``, Flower;
   see :mod:`.stats`).
 """
@@ -25,6 +26,7 @@ from celery import bootsteps, signals
 
 from ..wire.membership import Membership
 from . import scaling
+from .backlog import BacklogReporter
 from .heartbeat import Heartbeat
 from .late_calls import LateCalls
 from .stats import worker_stats
@@ -80,6 +82,7 @@ class WarmPoolStep(bootsteps.StartStopStep):
         # the operations layer plugs in: see WorkerRuntime.services).
         self.services = runtime.make_services()
         self.heartbeat: Heartbeat | None = None
+        self.reporter: BacklogReporter | None = None
         signals.worker_shutdown.connect(_close_after_drain(runtime), weak=False)
         signals.worker_shutting_down.connect(_hand_back_on_shutdown(runtime), weak=False)
         super().__init__(worker, **kwargs)
@@ -93,12 +96,16 @@ class WarmPoolStep(bootsteps.StartStopStep):
         else:
             runtime.start_process(index=0)
         if runtime.process_specs and getattr(worker, "timer", None) is not None:
-            LateCalls(worker.app).start(worker.timer)
+            runtime.late_calls = LateCalls(worker.app)
+            runtime.late_calls.start(worker.timer)
         for service in self.services:
             service.start()
         if runtime.process_specs:
             self.heartbeat = Heartbeat(Membership(worker.app), runtime.node_record)
             self.heartbeat.start()
+            # Only now, warm: the node's capacity counts from here (see .backlog).
+            self.reporter = BacklogReporter(runtime, runtime.backlog)
+            self.reporter.start()
         logger.info("warm pools ready on %s in %.2fs: %s", runtime.node,
                     time.monotonic() - started,
                     ", ".join(sorted(runtime.process_specs)) or "none")
@@ -119,6 +126,9 @@ class WarmPoolStep(bootsteps.StartStopStep):
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
+        if self.reporter is not None:
+            self.reporter.stop()
+            self.reporter = None
         for service in self.services:
             service.stop()
 

@@ -5,7 +5,9 @@ consumer step keeps the pool queues away from Celery's task consumer and consume
 one on a channel of its own whose prefetch window is twice the pool's capacity on this
 node, so that for every pool: at most ``capacity`` calls run, and at most ``capacity``
 more wait reserved here while other nodes may be idle. (A pool whose agents take
-batches reserves ``max_batch_size`` times as much.) Messages go to Celery's own task
+batches reserves ``max_batch_size`` times as much; a pool held to ``max_queued`` on
+RabbitMQ reserves nothing beyond what it runs, as RabbitMQ's bound counts only what it
+has not delivered: see :mod:`celery_warmpool.client.admission`.) Messages go to Celery's own task
 handler, so they get its acks, time limits, revokes, events and ``inspect`` entries.
 
 The window is kept right (every half second, and at once when capacity changes):
@@ -29,11 +31,13 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from amqp.exceptions import PreconditionFailed
 from celery import bootsteps
 from celery.worker import state as worker_state
 from kombu import Consumer
 from kombu.common import ignore_errors
 
+from ..wire.queues import inequivalent, pool_queue
 from .batches import PoolBatches
 from .broker_workarounds import (
     keep_partial_result_reads,
@@ -48,6 +52,7 @@ from .prefork import replace_dead_children
 
 if TYPE_CHECKING:
     from ..core.spec import PoolSpec
+    from .backlog import NodeBacklog
     from .runtime import WorkerRuntime
 
 __all__ = ["PoolConsumers", "PoolQueue"]
@@ -77,11 +82,16 @@ class PoolQueue:
         #: Taking no new messages (a drain): running and reserved work still ends.
         self.draining = False
         self.batches: PoolBatches | None = None
+        #: Whether the node reserves as much again as it runs. Not for a pool held to
+        #: max_queued on RabbitMQ, which counts only the messages it has not delivered
+        #: (see celery_warmpool.client.admission).
+        self.reserves = True
 
     @property
     def window(self) -> int:
         """The most messages of this pool the node may hold: running and reserved."""
-        return 0 if self.draining else 2 * self.capacity * self.batch_size
+        room = 2 if self.reserves else 1
+        return 0 if self.draining else room * self.capacity * self.batch_size
 
 
 class PoolConsumers(bootsteps.StartStopStep):
@@ -126,7 +136,7 @@ class PoolConsumers(bootsteps.StartStopStep):
             # once the event loop runs, so removing ours here loses nothing.
             if name in getattr(c.task_consumer, "_queues", {}):
                 c.task_consumer.cancel_by_queue(name)
-        self._handler = c.create_task_handler()
+        self._handler = self._watched(c.create_task_handler())
         self.apply_global = not c.connection.qos_semantics_matches_spec
         forced = c.app.conf.get("warmpool_qos_global")
         if forced is not None:
@@ -136,7 +146,9 @@ class PoolConsumers(bootsteps.StartStopStep):
         self.per_consumer = (c.connection.transport.driver_type == "amqp"
                              and not self.apply_global)
         self.loop_ready = False
+        driver = c.connection.transport.driver_type
         for queue in self.queues.values():
+            queue.reserves = queue.spec.max_queued is None or driver != "amqp"
             self._open(c, queue)
         pin_redis_connection_params([c.connection.default_channel,
                                      *(queue.channel for queue in self.queues.values())])
@@ -210,6 +222,7 @@ class PoolConsumers(bootsteps.StartStopStep):
                 self._reconcile(queue)
             except Exception:
                 logger.exception("pool queue %s: could not update its window", queue.name)
+        self.runtime.backlog.measure()
 
     def queue_of(self, pool: str) -> PoolQueue | None:
         """The queue of ``pool`` on this node, if it hosts it."""
@@ -230,13 +243,19 @@ class PoolConsumers(bootsteps.StartStopStep):
     def held(self, queue: PoolQueue) -> list[tuple[Any, Any]]:
         """``(channel, consumer tag)`` of every message of ``queue`` this node holds."""
         held = queue.batches.held() if queue.batches is not None else []
+        for request in self.requests_of(queue):
+            message = request.message
+            held.append((message.channel, message.delivery_info.get("consumer_tag")))
+        return held
+
+    @staticmethod
+    def requests_of(queue: PoolQueue) -> list[Any]:
+        """Celery's requests of ``queue``'s messages on this node (reserved, running,
+        scheduled), batches aside."""
         requests = (set(worker_state.active_requests) | set(worker_state.reserved_requests)
                     | set(getattr(worker_state, "scheduled_requests", ())))
-        for request in requests:
-            message = request.message
-            if (message.delivery_info or {}).get("routing_key") == queue.name:
-                held.append((message.channel, message.delivery_info.get("consumer_tag")))
-        return held
+        return [request for request in requests
+                if (request.message.delivery_info or {}).get("routing_key") == queue.name]
 
     def _foreign(self, queue: PoolQueue, tags: set[Any] | None) -> int:
         """Held messages the current consumers' prefetch does not count."""
@@ -301,6 +320,10 @@ class PoolConsumers(bootsteps.StartStopStep):
     def _add_slot(self, queue: PoolQueue, prefetch: int) -> None:
         on_message = (queue.batches.on_message if queue.batches is not None
                       else self._handler)
+        if on_message is not None and queue.spec.max_queued is not None and queue.reserves:
+            # Redis: the admission script reads the reserved calls off the board, so
+            # a message taken is told at once (see .backlog).
+            on_message = functools.partial(_taken, on_message, queue, self.runtime.backlog)
         slot = Consumer(queue.channel, queues=[queue.bound], auto_declare=False,
                         accept=self.consumer.app.conf.accept_content, on_message=on_message,
                         on_decode_error=self.consumer.on_decode_error,
@@ -317,11 +340,37 @@ class PoolConsumers(bootsteps.StartStopStep):
 
     def _open(self, c: Any, queue: PoolQueue) -> None:
         queue.channel = c.connection.channel()
-        queue.bound = c.app.amqp.queues[queue.name](queue.channel)
-        queue.bound.declare()
+        # Declared by the package, whatever the app's queue settings (and not added to
+        # them): see celery_warmpool.wire.queues.
+        declared = pool_queue(c.app, queue.name, queue.spec.max_queued)
+        queue.bound = declared(queue.channel)
+        try:
+            queue.bound.declare()
+        except PreconditionFailed as exc:
+            # The queue exists with other arguments (a bound set or changed since): serve
+            # it as it is, and say how to make it the pool's.
+            logger.error("warm pools: pool %r: %s (%s); serving the queue as it is",
+                         queue.spec.name, inequivalent(queue.name, queue.spec.max_queued),
+                         exc)
+            queue.channel = c.connection.channel()
+            queue.bound = declared(queue.channel)
+            queue.bound.queue_declare(passive=True)
         queue.slots, queue.prefetch, queue.paused = [], None, False
         if queue.batches is not None:
             queue.batches.start(c, queue.channel, self._handler)
+
+    def _watched(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``handler``, and then the node looks for calls that outwait their deadline
+        while any waits (see :mod:`.late_calls`)."""
+        late_calls = self.runtime.late_calls
+        if late_calls is None:
+            return handler
+
+        def on_message(message: Any) -> None:
+            handler(message)
+            late_calls.watch()
+
+        return on_message
 
     def _discards_unaccepted(self, c: Any) -> bool:
         # A prefork pool drops work not yet given to a child when the connection is lost.
@@ -364,6 +413,12 @@ class PoolConsumers(bootsteps.StartStopStep):
             return original(queue, *args, **kwargs)
 
         c.add_task_queue = add_task_queue
+
+
+def _taken(handler: Callable[[Any], None], queue: PoolQueue, backlog: NodeBacklog,
+           message: Any) -> None:
+    handler(message)
+    backlog.taken(queue)
 
 
 def _tag(slot: Consumer, queue: PoolQueue) -> Any:

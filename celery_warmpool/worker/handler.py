@@ -54,6 +54,7 @@ from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..wire.marks import is_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
+from ..wire.scoped import StoresOwnResults
 from .claims import CallClaims
 from .requests import REQUEST
 from .runtime import WorkerRuntime
@@ -272,8 +273,11 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
 
+    # Their replies go through the package's own result store (its retry settings),
+    # never changing how the app's other tasks store theirs (see celery_warmpool.wire.scoped).
+    base = type("WarmPoolTask", (StoresOwnResults, app.Task), {})
     options: dict[str, Any] = {"bind": True, "acks_late": True, "throws": (WarmPoolError,),
-                               "shared": False, "Request": REQUEST}
+                               "shared": False, "Request": REQUEST, "base": base}
     call_task: Task = app.task(  # type: ignore[type-arg]
         **{**options, "name": CALL_TASK, "warmpool_kind": "call"})(handle)
     cast_task: Task = app.task(  # type: ignore[type-arg]

@@ -3,17 +3,26 @@
 A worker reserves a few messages ahead (its prefetch). Under prefork, a reserved call
 waits in the main process until a child is free; the child drops it if its deadline has
 passed, but only once it takes it, so the caller would hear of it late. The worker's main
-process therefore looks over its reserved, not yet started calls a few times a second,
-and answers each one whose deadline passed with :class:`CheckoutTimeout` at once. The
-call itself is still dropped unrun when a child takes it. A call whose caller published it
-again is left alone once another copy of it was taken (see :mod:`.claims`): that copy
-answers, and a ``CheckoutTimeout`` stored now would overwrite its reply.
+process therefore looks over its reserved, not yet started calls a few times a second
+while any call is reserved, and answers each one whose deadline passed with
+:class:`CheckoutTimeout` at once. The call itself is still dropped unrun when a child
+takes it. A call whose caller published it again is left alone once another copy of it
+was taken (see :mod:`.claims`): that copy answers, and a ``CheckoutTimeout`` stored now
+would overwrite its reply.
+
+The looks start when a call arrives (:meth:`LateCalls.watch`) and stop once no call
+waits: a node with no pool calls in flight keeps its event loop as quiet as Celery's own
+(ten wake-ups a second there let the loop take a message a moment sooner than it would
+have, which Celery's own tests of ``task_received`` noticed). A look is in memory only;
+the result store is read and written as an errand (see :mod:`.errands`), so that a store
+that is away holds up nothing on the event loop.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from typing import Any
 
@@ -22,6 +31,7 @@ from celery.worker import state as worker_state
 from ..core.errors import CheckoutTimeout
 from ..wire.message import CALL_TASK, CallMessage
 from ..wire.outages import Outages
+from ..wire.scoped import scoped
 from .claims import is_taken
 from .errands import Errands
 
@@ -31,29 +41,63 @@ logger = logging.getLogger(__name__)
 
 #: How often the worker's main process looks for calls past their deadline, in seconds.
 INTERVAL = 0.1
-#: Seconds a caller waits beyond ``timeout + call_timeout`` for its reply (the caller's
-#: ``REPLY_GRACE``): answering later is of no use.
-REPLY_GRACE = 2.0
 #: Seconds past a deadline before a waiting call is answered: a child that took the call
 #: just in time has told the main process so well within this.
 GRACE = 0.25
+#: Seconds without a look after which the looks are taken as stopped (the worker's timer
+#: dropped its entries, as a broker reconnection can), and the next call starts them again.
+LOST_AFTER = 1.0
+#: Seconds a caller waits beyond ``timeout + call_timeout`` for its reply (the caller's
+#: ``REPLY_GRACE``): answering later is of no use.
+REPLY_GRACE = 2.0
 
 
 class LateCalls:
-    """Answers callers whose reserved call outwaited its deadline (see the module).
-
-    The worker's timer only looks (in memory, :meth:`due`); the result store is read and
-    written as an errand (see :mod:`.errands`), so that a store that is away holds up
-    nothing else.
-    """
+    """Answers callers whose reserved call outwaited its deadline (see the module)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self._answered: set[str] = set()
+        self._timer: Any = None
+        self._lock = threading.Lock()
+        self._looking = False
+        self._arrived = False
+        self._last_look = 0.0
 
     def start(self, timer: Any) -> None:
-        """Look every ``INTERVAL`` seconds, on the worker's own timer."""
-        timer.call_repeatedly(INTERVAL, self.check)
+        """Look on the worker's own timer, every ``INTERVAL`` seconds while calls wait."""
+        self._timer = timer
+
+    def watch(self) -> None:
+        """A call has arrived: look every ``INTERVAL`` seconds until no call waits."""
+        with self._lock:
+            self._arrived = True
+            now = time.monotonic()
+            if self._timer is None or (self._looking and now - self._last_look < LOST_AFTER):
+                return
+            self._looking, self._last_look = True, now
+        self._timer.call_after(INTERVAL, self._look)
+
+    def _look(self) -> None:
+        with self._lock:
+            self._arrived = False
+            self._last_look = time.monotonic()
+        try:
+            self.check()
+        except Exception:
+            logger.exception("could not look for late calls")
+        with self._lock:
+            # A call that arrived while this look ran keeps the looks going.
+            keep_looking = self._arrived or self._calls_waiting()
+            self._looking = keep_looking
+        if keep_looking:
+            self._timer.call_after(INTERVAL, self._look)
+
+    def _calls_waiting(self) -> bool:
+        """Whether a reserved call has not started yet and was not answered."""
+        waiting = set(worker_state.reserved_requests) - set(worker_state.active_requests)
+        return any(request.name == CALL_TASK and request.id not in self._answered
+                   for request in waiting)
 
     def check(self) -> None:
         """Hand every waiting call past its deadline to the errand thread, to answer."""
@@ -95,11 +139,12 @@ class LateCalls:
         Raises:
             The result store's connection errors (the errand tries again).
         """
-        if is_taken(self.app.backend, task_id):
+        backend = scoped(self.app).results.backend
+        if is_taken(backend, task_id):
             return False
         late = time.time() - (call.deadline or 0.0)
         error = CheckoutTimeout(
             f"pool {call.pool!r}: no agent came free within the call's timeout; the call "
             "waited in a busy worker and will not run", call.pool, late)
-        self.app.backend.mark_as_failure(task_id, error)
+        backend.mark_as_failure(task_id, error)
         return True

@@ -12,6 +12,7 @@ from celery.exceptions import Reject
 
 from ..core.errors import ConfigurationError, HandedBack
 from ..core.spec import PoolSpec
+from ..wire.queues import pool_queue
 from .requests import REQUEST
 from .runtime import WorkerRuntime
 
@@ -66,7 +67,8 @@ class _PoolQueue(Task):  # type: ignore[type-arg]
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: str | None = None, **options: Any) -> Any:
         if "queue" not in options and not self._routed(args, kwargs, options):
-            options["queue"] = self.warmpool_queue
+            # The queue as the package declares it: the app's may not know it.
+            options["queue"] = pool_queue(self.app, self.warmpool_queue)
         return super().apply_async(args, kwargs, task_id, producer, link, link_error,
                                    shadow, **options)
 

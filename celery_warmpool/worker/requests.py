@@ -26,6 +26,8 @@ from celery.worker.request import Request
 
 from ..core.errors import AgentLost
 from ..wire.message import CallMessage, WorkKind
+from ..wire.queues import pool_queue, route
+from ..wire.scoped import scoped
 
 __all__ = ["REQUEST", "PoolRequest"]
 
@@ -106,9 +108,14 @@ class PoolRequest(Request):
         limit = _extension(self).configuration.spec(self.pool).max_redeliveries
         if attempts > limit:
             return False
+        queue = pool_queue(self.task.app, _extension(self).configuration.spec(self.pool).queue)
         try:
-            self.task.signature_from_request(
-                _context(self), retries=attempts, countdown=0).apply_async()
+            # On the package's own producer and to its own queue, as every publish of
+            # the package (see celery_warmpool.wire.scoped and celery_warmpool.wire.queues).
+            with scoped(self.task.app).producers.acquire() as producer:
+                self.task.signature_from_request(
+                    _context(self), retries=attempts, countdown=0, **route(queue),
+                ).apply_async(producer=producer)
         except Exception:
             logger.exception("pool %r: could not deliver cast %s again after its process "
                              "died", self.pool, self.id)

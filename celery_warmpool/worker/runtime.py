@@ -27,6 +27,8 @@ from ..core.status import PoolCounters, PoolStatus
 from ..wire.dead_letters import DeadLetter, DeadLetters
 from ..wire.membership import NodeRecord
 from ..wire.outages import Outages
+from ..wire.scoped import scoped
+from .backlog import NodeBacklog
 from .errands import Errands
 from .execution import ExecutionModel, execution_model_of
 from .preload import preload
@@ -84,6 +86,10 @@ class WorkerRuntime:
         self.service_factories: list[ServiceFactory] = []
         #: The per-pool consumers of this node's main process (see .consumers).
         self.consumers: Any = None
+        #: What answers calls that outwait their deadline in this node (a LateCalls).
+        self.late_calls: Any = None
+        #: What the node holds of each pool's work (see .backlog).
+        self.backlog = NodeBacklog(self)
         self.pools: ProcessPools | None = None
         #: What each hosted pool's ``preload`` returned, by pool (shared across the fork).
         self.shared: dict[str, Any] = {}
@@ -224,7 +230,7 @@ class WorkerRuntime:
         # The first reply a process stores would otherwise open the result backend's
         # connection: do it now, so the first call after "ready" is as fast as the rest.
         try:
-            client = getattr(self.app.backend, "client", None)
+            client = getattr(scoped(self.app).results.backend, "client", None)
             ping = getattr(client, "ping", None)
             if callable(ping):
                 ping()
@@ -293,10 +299,14 @@ class WorkerRuntime:
         combined = {name: PoolStatus.combine(name, parts, node=self.node)
                     for name, parts in by_pool.items()}
         if self.consumers is not None:
+            loads = self.backlog.loads
             for name, (taken, window) in self.consumers.reservations().items():
                 if name in combined:
-                    combined[name] = combined[name].model_copy(
-                        update={"reservations": {self.node or "": (taken, window)}})
+                    node = self.node or ""
+                    update: dict[str, Any] = {"reservations": {node: (taken, window)}}
+                    if name in loads:
+                        update["loads"] = {node: loads[name]}
+                    combined[name] = combined[name].model_copy(update=update)
         for name, count in self._node_dead_lettered.items():
             if name in combined:
                 status = combined[name]
@@ -306,6 +316,8 @@ class WorkerRuntime:
         return combined
 
     def node_report(self, pool: str | None = None) -> dict[str, Any]:
-        """:meth:`node_statuses` as JSON data, for the ``warmpool_status`` command."""
+        """:meth:`node_statuses` as JSON data, for the ``warmpool_status`` command (on the
+        event loop: the pools' loads are measured afresh)."""
+        self.backlog.measure()
         return {name: status.model_dump(mode="json")
                 for name, status in self.node_statuses(pool).items()}

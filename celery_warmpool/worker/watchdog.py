@@ -4,16 +4,18 @@ Used where the work runs inline on the caller's thread (a Celery task) and the p
 waiting for it is elsewhere (the task's caller): the watchdog can tell that party at the
 deadline, while the work itself finishes in its own time.
 
-Watching must cost next to nothing, since every call is watched: ``watch`` and ``done``
-are one dictionary operation each (atomic in CPython, so no lock), and a single thread
-looks over the watched work every ``TICK`` seconds. Whoever removes a token first wins:
-``done`` (the work ended in time) or the watchdog (it did not). The watchdog thread only
-decides; the callbacks of overdue work run on a thread of their own, so that one that
-waits (storing an error while the result store restarts) delays no other decision.
+Watching must cost next to nothing, since every call with a ``call_timeout`` is watched:
+``watch`` pushes the deadline on a heap and ``done`` is one dictionary operation. One
+thread sleeps until the earliest deadline, woken early only when a nearer one is pushed;
+it never ticks. Whoever removes a token first wins: ``done`` (the work ended in time) or
+the watchdog (it did not). The watchdog thread only decides; the callbacks of overdue
+work run on a thread of their own, so that one that waits (storing an error while the
+result store restarts) delays no other decision.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
@@ -22,15 +24,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["TICK", "Watchdog"]
+__all__ = ["IDLE_EXIT", "Watchdog"]
 
 logger = logging.getLogger(__name__)
 
-#: How often the watchdog looks for overdue work, in seconds: a deadline is noticed at
-#: most this late.
-TICK = 0.02
-#: Looks with nothing watched before the watchdog thread ends (the next watch restarts it).
-IDLE_TICKS = 250
+#: Seconds with nothing watched before the watchdog thread ends (the next watch starts it).
+IDLE_EXIT = 5.0
 
 
 class Watchdog:
@@ -51,22 +50,33 @@ class Watchdog:
                     found = cls._this_process = (pid, cls())
         return found[1]
 
-    def __init__(self, name: str = "warmpool-watchdog") -> None:
+    def __init__(self, name: str = "warmpool-watchdog",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
-        self._pending: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._clock = clock
+        #: Work still watched, by token: its callback.
+        self._pending: dict[int, Callable[[], None]] = {}
+        #: (deadline, token) of every watch; a token no longer pending is skipped.
+        self._heap: list[tuple[float, int]] = []
         self._counter = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._running = False
         self._callbacks: ThreadPoolExecutor | None = None  # made by the watchdog thread
 
     def watch(self, seconds: float, on_expire: Callable[[], None]) -> int:
         """Start watching work that must end within ``seconds``; return its token."""
-        token = next(self._counter)
-        self._pending[token] = (time.monotonic() + seconds, on_expire)
-        # Read after the insert: a thread ending now either sees this token or has
-        # already cleared _thread, so one is started here.
-        if self._thread is None:
-            self._start()
+        deadline = self._clock() + seconds
+        with self._lock:
+            token = next(self._counter)
+            self._pending[token] = on_expire
+            nearest = not self._heap or deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline, token))
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name=self.name, daemon=True).start()
+            elif nearest:
+                self._wake.notify()  # sleeping until a later deadline: look again
         return token
 
     def expired(self, token: int) -> bool:
@@ -77,38 +87,36 @@ class Watchdog:
         """Stop watching; ``False`` if the deadline already passed (``on_expire`` ran)."""
         return self._pending.pop(token, None) is not None
 
-    def _retire(self) -> bool:
-        """End this thread if nothing is watched; keep going if a watch just came in."""
-        with self._start_lock:
-            current, self._thread = self._thread, None
-            if self._pending:
-                self._thread = current
-                return False
-            return True
-
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-                self._thread.start()
-
     def _loop(self) -> None:
-        idle = 0
-        while True:
-            time.sleep(TICK)
-            if not self._pending:
-                idle += 1
-                if idle >= IDLE_TICKS and self._retire():
-                    return
-                continue
-            idle = 0
-            now = time.monotonic()
-            for token, (deadline, on_expire) in list(self._pending.items()):
-                if deadline > now or self._pending.pop(token, None) is None:
+        with self._lock:
+            while True:
+                self._drop_finished()
+                if not self._heap:
+                    # Nothing watched: wait a while for new work, then end.
+                    if not self._wake.wait(IDLE_EXIT) and not self._heap:
+                        self._running = False
+                        return
                     continue
-                if self._callbacks is None:
-                    self._callbacks = ThreadPoolExecutor(1, f"{self.name}-callbacks")
-                self._callbacks.submit(_expire, on_expire)
+                deadline, token = self._heap[0]
+                left = deadline - self._clock()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                on_expire = self._pending.pop(token, None)
+                if on_expire is not None:
+                    self._run_later(on_expire)
+
+    def _drop_finished(self) -> None:
+        """Pop the watches whose work ended in time off the heap's top."""
+        heap, pending = self._heap, self._pending
+        while heap and heap[0][1] not in pending:
+            heapq.heappop(heap)
+
+    def _run_later(self, on_expire: Callable[[], None]) -> None:
+        if self._callbacks is None:
+            self._callbacks = ThreadPoolExecutor(1, f"{self.name}-callbacks")
+        self._callbacks.submit(_expire, on_expire)
 
 
 def _expire(on_expire: Callable[[], None]) -> None:

@@ -1,11 +1,16 @@
-// The live page: every pool's status each second, and a form per pool that sends a
-// signal and shows its reply, or its chunks as they arrive. Addresses are relative, so
-// the page works wherever the gateway is mounted; a ?token= is sent on every request.
+// The live page: every pool's status each second, with a chart of its backlog, capacity
+// and calls a second over the last minutes, and a form per pool that sends a signal and
+// shows its reply, or its chunks as they arrive. Addresses are relative, so the page
+// works wherever the gateway is mounted; a ?token= is sent on every request.
 "use strict";
 
 const query = new URLSearchParams(location.search);
 const token = query.get("token");
 const views = new Map();
+// Milliseconds of history the chart shows.
+const CHART_SPAN = 5 * 60 * 1000;
+const CHART_WIDTH = 600;
+const CHART_HEIGHT = 110;
 
 function headers(extra) {
   const all = Object.assign({}, extra || {});
@@ -37,8 +42,45 @@ function setState(element, state) {
   element.className = "state " + state;
 }
 
+// One point of a pool's history: its backlog and capacity, and the calls a second its
+// agents handled since the point before (from the calls counter).
+function record(view, status, now) {
+  const last = view.history[view.history.length - 1];
+  const calls = status.counters.calls;
+  let rate = 0;
+  if (last && now > last.t) rate = Math.max(0, calls - last.calls) * 1000 / (now - last.t);
+  view.history.push({t: now, backlog: status.backlog, capacity: status.capacity,
+                     calls: calls, rate: rate});
+  while (view.history.length && view.history[0].t < now - CHART_SPAN) view.history.shift();
+  return rate;
+}
+
+function drawChart(view, now) {
+  const top = Math.max(1, ...view.history.map((point) => Math.max(
+    point.backlog, point.capacity, point.rate)));
+  const x = (t) => ((t - (now - CHART_SPAN)) / CHART_SPAN * CHART_WIDTH).toFixed(1);
+  const y = (value) => (CHART_HEIGHT - 4 - value / top * (CHART_HEIGHT - 8)).toFixed(1);
+  for (const name of ["backlog", "capacity", "rate"]) {
+    view.chart.querySelector("polyline." + name).setAttribute("points", view.history
+      .map((point) => x(point.t) + "," + y(point[name])).join(" "));
+  }
+  view.scale.textContent = "top " + Math.round(top) + " · last " +
+    Math.round(CHART_SPAN / 60000) + " min";
+}
+
+function renderLoad(view, status) {
+  const now = Date.now();
+  const rate = record(view, status, now);
+  const queued = status.queued === null ? "?" : status.queued;
+  view.backlog.textContent = "backlog " + status.backlog + ": " + queued + " queued · " +
+    status.reserved + " reserved · " + status.running + " running — capacity " +
+    status.capacity + " — " + rate.toFixed(1) + " calls/s";
+  drawChart(view, now);
+}
+
 function renderStatus(view, status) {
   setState(view.state, status.state);
+  renderLoad(view, status);
   const byNode = new Map();
   for (const process of (status.processes.length ? status.processes : [status])) {
     const node = process.node || "?";
@@ -183,6 +225,8 @@ function build(pool) {
     name: pool.name, section: section, form: form,
     state: section.querySelector(".state"), body: section.querySelector("tbody"),
     chunks: section.querySelector(".chunks"), reply: section.querySelector(".reply"),
+    backlog: section.querySelector("p.backlog"), chart: section.querySelector(".chart"),
+    scale: section.querySelector(".scale"), history: [],
   };
   form.addEventListener("submit", (event) => {
     event.preventDefault();
