@@ -236,10 +236,10 @@ class PoolClient:
         assert listener is not None
         started = time.monotonic()
         task_id = new_id()
-        message = self.call_message(task_id, pool, events, timeout, call_timeout)
-        key = self.result_key(task_id)
+        message = self.call_message(task_id, pool, events, timeout, call_timeout,
+                                    reply=listener.channel.decode())
         window = timeout + (call_timeout or 0.0) + self.reply_grace
-        subscription = listener.subscribe(key, key)
+        subscription = listener.expect(task_id, self.result_key(task_id))
         send = functools.partial(self.publisher.send, message)
         try:
             yield from self.publish(send, started + timeout, timeout)
@@ -264,7 +264,7 @@ class PoolClient:
                                                       seconds=window))
             raise
         finally:
-            listener.unsubscribe(subscription)
+            listener.forget(subscription)
         return [AgentReply.model_validate(reply) for reply in replies]
 
     def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
@@ -291,15 +291,18 @@ class PoolClient:
                                  self.delivery.broker_url)
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
-                     call_timeout: float | None, *, stream: bool = False) -> Message:
-        """The message of a call (or transaction, or stream) of ``events`` on ``pool``.
+                     call_timeout: float | None, *, stream: bool = False,
+                     reply: str | None = None) -> Message:
+        """The message of a call (or transaction, or stream) of ``events`` on ``pool``,
+        its reply published on the channel ``reply`` (see :mod:`..wire.replies`).
 
         Raises:
             UnknownPool: no such pool is configured.
         """
         spec = self.configuration.spec(pool)
         call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
-                           call_timeout, transaction=len(events) > 1, stream=stream)
+                           call_timeout, transaction=len(events) > 1, stream=stream,
+                           reply=reply)
         return self.publisher.message(CALL_TASK, task_id, call, spec.queue, spec.max_queued)
 
     def send(self, message: Message) -> None:

@@ -45,6 +45,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis import exceptions as redis_errors
 
 from ..wire.outages import BACKOFF, MOST, REDIS_OUTAGES
+from ..wire.replies import new_reply_channel, opened
 from .mailbox import Mailbox
 
 __all__ = ["RECONNECTED", "ReplyListener", "Subscription"]
@@ -85,11 +86,14 @@ class Subscription:
     subscriptions sharing one mailbox can be told apart.
     """
 
-    __slots__ = ("catch_up", "channel", "key", "mailbox", "tag")
+    __slots__ = ("catch_up", "channel", "key", "mailbox", "tag", "task_id")
 
     def __init__(self, channel: bytes, key: bytes | None, catch_up: Command | None,
-                 mailbox: Mailbox | None, tag: str | None) -> None:
+                 mailbox: Mailbox | None, tag: str | None,
+                 task_id: bytes | None = None) -> None:
         self.channel = channel
+        #: The call it waits for on the process's reply channel (see ReplyListener.expect).
+        self.task_id = task_id
         self.key = key
         self.catch_up = catch_up
         self.mailbox = mailbox or Mailbox()
@@ -143,6 +147,13 @@ class ReplyListener:
         self._requests: deque[tuple[str, Any]] = deque()
         self._woken = False
         self._wake: socket.socket | None = None
+        #: This process's reply channel (see celery_warmpool.wire.replies): named in its
+        #: calls' messages, subscribed once, whatever the number of calls.
+        self.channel = new_reply_channel().encode()
+        #: The calls waiting for a reply on that channel, by task id. Changed by callers
+        #: (one dictionary operation each), read by the listener's thread.
+        self._expected: dict[bytes, Subscription] = {}
+        self._started = False
         # The listener thread's own, from here on.
         self._subscriptions: dict[bytes, Subscription] = {}
         self._catching_up: list[Subscription] = []
@@ -178,6 +189,27 @@ class ReplyListener:
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop listening for ``subscription`` (returns at once)."""
         self._request("unsubscribe", subscription)
+
+    def expect(self, task_id: str, key: bytes, *, mailbox: Mailbox | None = None,
+               tag: str | None = None) -> Subscription:
+        """Wait for the reply of call ``task_id`` on this process's reply channel
+        (:attr:`channel`, which the call's message must name); ``key`` is where the reply
+        is stored, read after every (re)subscription of the channel.
+
+        No command goes to Redis and the listener's thread is not woken: the channel is
+        subscribed once for every call. Returns at once.
+        """
+        subscription = Subscription(self.channel, key, None, mailbox, tag, task_id.encode())
+        self._expected[subscription.task_id] = subscription  # type: ignore[index]
+        if not self._started:
+            self._request("start", None)
+        return subscription
+
+    def forget(self, subscription: Subscription) -> None:
+        """Stop waiting for the reply ``subscription`` expected (returns at once)."""
+        task_id = subscription.task_id
+        if task_id is not None and self._expected.get(task_id) is subscription:
+            del self._expected[task_id]
 
     def submit(self, command: Command, *, retry_for: float = 0.0) -> None:
         """Run ``command(client)`` on the listener's thread, without waiting for it.
@@ -256,12 +288,13 @@ class ReplyListener:
 
     @property
     def subscriptions(self) -> int:
-        """Channels the listener holds (callers still waiting)."""
-        return len(self._subscriptions)
+        """Channels and calls the listener holds for callers still waiting."""
+        return len(self._subscriptions) + len(self._expected)
 
     # -- requests from any thread --------------------------------------------------------
 
     def _request(self, kind: str, item: Any) -> None:
+        self._started = True
         with self._lock:
             self._requests.append((kind, item))
             if self._woken:
@@ -320,6 +353,8 @@ class ReplyListener:
                     del self._subscriptions[channel]
                 if added.pop(channel, None) is None:
                     removed.append(channel)  # sent before: unsubscribe in Redis too
+            elif kind == "start":
+                pass  # the thread runs now: its connection subscribed the reply channel
             elif kind == "after_outage":
                 self._after_outage.append(item)
             elif kind == "outage over":  # the broker's, seen by its watch
@@ -368,6 +403,16 @@ class ReplyListener:
 
     def _dispatch(self, message: list[Any]) -> None:
         kind, channel = message[0], message[1]
+        if channel == self.channel:
+            if kind == b"message":
+                task_id, value = opened(message[2])
+                expected = self._expected.get(task_id)
+                if expected is not None:  # else a caller that is gone
+                    expected.put(value)
+            elif kind == b"subscribe":
+                # Replies stored before the channel was (re)subscribed: read them.
+                self._catching_up.extend(self._expected.values())
+            return
         subscription = self._subscriptions.get(channel)
         if subscription is None:
             return  # a caller that is gone; its unsubscribe is on its way
@@ -386,7 +431,7 @@ class ReplyListener:
     def _read_stored(self) -> None:
         # One MGET for every subscription confirmed in this round: under load, many.
         batch = [subscription for subscription in self._catching_up
-                 if subscription.channel in self._subscriptions]
+                 if self._still_waiting(subscription)]
         if not batch:
             self._catching_up = []
             return
@@ -403,6 +448,11 @@ class ReplyListener:
         for subscription, value in zip(batch, values, strict=True):
             if value is not None:
                 subscription.put(value)
+
+    def _still_waiting(self, subscription: Subscription) -> bool:
+        if subscription.task_id is not None:
+            return self._expected.get(subscription.task_id) is subscription
+        return self._subscriptions.get(subscription.channel) is subscription
 
     def _reconnect(self, error: BaseException | None) -> None:
         """(Re)connect the pub/sub socket and subscribe to every channel held.
@@ -436,7 +486,7 @@ class ReplyListener:
 
     def _outage_over(self) -> None:
         """Tell every call waiting that an outage is over, and run the commands for it."""
-        for subscription in self._subscriptions.values():
+        for subscription in [*self._subscriptions.values(), *self._expected.values()]:
             if subscription.key is not None:
                 subscription.put(RECONNECTED)
         until = time.monotonic() + AFTER_OUTAGE_RETRY
@@ -461,7 +511,7 @@ class ReplyListener:
         pubsub.connect()
         self._watched = pubsub.fileno()
         self._selector.register(self._watched, selectors.EVENT_READ, "pubsub")
-        channels = list(self._subscriptions)
+        channels = [self.channel, *self._subscriptions]
         for start in range(0, len(channels), SUBSCRIBE_BATCH):
             pubsub.send_command("SUBSCRIBE", *channels[start:start + SUBSCRIBE_BATCH])
 

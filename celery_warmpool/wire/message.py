@@ -56,6 +56,8 @@ class CallMessage:
         stream: the one signal's chunks go to the caller as they come.
         copy: which copy of a cast this is: ``0`` as first sent, ``n`` for the
             ``n``-th copy its caller sent again (see :mod:`.marks`).
+        reply: the caller's reply channel, where the worker publishes the reply (see
+            :mod:`.replies`); ``None``: Celery's own way.
     """
 
     pool: str
@@ -65,6 +67,7 @@ class CallMessage:
     transaction: bool = False
     stream: bool = False
     copy: int = 0
+    reply: str | None = None
 
     def to_args(self) -> tuple[dict[str, Any]]:
         """The task's positional arguments: this message as JSON data."""
@@ -79,6 +82,8 @@ class CallMessage:
             data["stream"] = True
         if self.copy:
             data["copy"] = self.copy
+        if self.reply is not None:
+            data["reply"] = self.reply
         return (data,)
 
     @classmethod
@@ -106,15 +111,17 @@ class CallMessage:
             copy = int(data.get("copy") or 0)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"not a pool call's message ({exc!r}): {args!r}") from exc
-        if not isinstance(pool, str) or not all(isinstance(s, Mapping) for s in signals):
-            raise ValueError(f"not a pool call's message (pool, signals): {args!r}")
+        reply = data.get("reply")
+        if (not isinstance(pool, str) or not all(isinstance(s, Mapping) for s in signals)
+                or not (reply is None or isinstance(reply, str))):
+            raise ValueError(f"not a pool call's message (pool, signals, reply): {args!r}")
         # The same check as the caller's: a message no caller sends is refused here, not
         # by whatever would fail on it later (an agent checked out and never back).
         call_timeout = seconds("call_timeout", data.get("call_timeout"),
                                none="no bound on the work")
         return cls(pool=pool, signals=signals, deadline=deadline, call_timeout=call_timeout,
                    transaction=bool(data.get("transaction", False)),
-                   stream=bool(data.get("stream", False)), copy=copy)
+                   stream=bool(data.get("stream", False)), copy=copy, reply=reply)
 
     @property
     def label(self) -> str:

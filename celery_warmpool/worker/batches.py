@@ -228,6 +228,8 @@ class PoolBatches:
             "signal": dict(call.signals[0]),
             "deadline": call.deadline, "call_timeout": call.call_timeout,
             "copy": call.copy if kind == "cast" else None,
+            # The message as sent (its reply channel says where the caller waits).
+            "args": list(call.to_args()),
             "reply_to": properties.get("reply_to"),
             "correlation_id": properties.get("correlation_id") or message.headers["id"],
             "retries": message.headers.get("retries") or 0}
@@ -327,7 +329,7 @@ class PoolBatches:
 def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:
     """Store one batched caller's reply (or error) under its own task id."""
     backend = scoped(runtime.app).results.backend
-    request = Context(id=item["id"], reply_to=item["reply_to"],
+    request = Context(id=item["id"], reply_to=item["reply_to"], args=item.get("args"),
                       correlation_id=item["correlation_id"], retries=item["retries"])
     if isinstance(outcome, BaseException):
         # A batch that failed as a whole may have failed with anything: its callers get
