@@ -177,11 +177,10 @@ class ResultStore:
     def _new(self) -> Any:
         # Made as Celery makes app.backend (its class and URL from the app's settings),
         # then given the package's settings where the app left Celery's defaults.
-        from celery.app import backends
-
-        found: Any = backends.by_url(
-            self.app.backend_cls or self.app.conf.result_backend, self.app.loader)
-        backend_class, url = found
+        # The class and URL of app.backend, which the process has already: looking them
+        # up again would read every installed package's entry points (as Celery does).
+        backend_class: Any = type(self.app.backend)
+        url = self.app.backend.url
         if _replies_on_channels(backend_class):
             backend_class = _replying(backend_class)
         backend = backend_class(app=self.app, url=url)
