@@ -33,7 +33,7 @@ from ..core.ids import new_id
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
-from ..wire.marks import mark_cancelled
+from ..wire.marks import loses_popped_messages, mark_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
 from ..wire.queues import pool_queue, route
 from .admission import Bound
@@ -276,8 +276,8 @@ class PoolClient:
         broker that went away; the copy has the same id and deadline, and only one copy
         can run (see :mod:`celery_warmpool.wire.marks`)."""
         left = deadline - time.monotonic()
-        if left <= 0:
-            return
+        if left <= 0 or not loses_popped_messages(self.app):
+            return  # too late to start; or a broker that loses nothing (no marks kept)
         if notice is RECONNECTED:
             listener.submit(functools.partial(ask_taken, task_id, subscription),
                             retry_for=left)
@@ -300,9 +300,10 @@ class PoolClient:
             UnknownPool: no such pool is configured.
         """
         spec = self.configuration.spec(pool)
-        call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
+        now = time.time()
+        call = CallMessage(pool, [event.to_wire() for event in events], now + timeout,
                            call_timeout, transaction=len(events) > 1, stream=stream,
-                           reply=reply)
+                           reply=reply, sent=now)
         return self.publisher.message(CALL_TASK, task_id, call, spec.queue, spec.max_queued)
 
     def send(self, message: Message) -> None:
@@ -352,7 +353,7 @@ class PoolClient:
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
         task_id = new_id()
-        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout)
+        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout, sent=time.time())
         message = functools.partial(self._cast_message, task_id, cast, spec)
         yield from self.publish(functools.partial(self.publisher.send, message(0)),
                                 time.monotonic() + bound, bound)
@@ -395,22 +396,12 @@ class PoolClient:
         if self._listener_pid != pid:  # looked up once per process: it is on every call
             listener = ReplyListener.for_backend(self.app.backend, self.app.conf.broker_url)
             self._sent_casts = None
-            if listener is not None and self._broker_loses_popped_messages:
+            if listener is not None and loses_popped_messages(self.app):
                 # It watches for outages: casts lost in one go again.
                 self._sent_casts = SentCasts(self._send_again)
                 listener.after_outage(self._sent_casts.check)
             self._listener, self._listener_pid = listener, pid
         return self._listener
-
-    @functools.cached_property
-    def _broker_loses_popped_messages(self) -> bool:
-        # A Redis broker can lose a message a worker popped as it shut down (see
-        # celery_warmpool.wire.marks); RabbitMQ keeps it until it is acknowledged.
-        connection = self.app.connection_for_write()
-        try:
-            return bool(connection.transport.driver_type == "redis")
-        finally:
-            connection.release()
 
     def result_key(self, task_id: str) -> bytes:
         """The key (and channel) of the stored result of ``task_id``."""

@@ -58,6 +58,7 @@ class CallMessage:
             ``n``-th copy its caller sent again (see :mod:`.marks`).
         reply: the caller's reply channel, where the worker publishes the reply (see
             :mod:`.replies`); ``None``: Celery's own way.
+        sent: Unix time the caller sent it (``None``: unknown).
     """
 
     pool: str
@@ -68,6 +69,7 @@ class CallMessage:
     stream: bool = False
     copy: int = 0
     reply: str | None = None
+    sent: float | None = None
 
     def to_args(self) -> tuple[dict[str, Any]]:
         """The task's positional arguments: this message as JSON data."""
@@ -84,6 +86,8 @@ class CallMessage:
             data["copy"] = self.copy
         if self.reply is not None:
             data["reply"] = self.reply
+        if self.sent is not None:
+            data["sent"] = self.sent
         return (data,)
 
     @classmethod
@@ -108,6 +112,7 @@ class CallMessage:
         try:
             pool, signals = data["pool"], list(data["signals"])
             deadline = _optional_float(data.get("deadline"))
+            sent = _optional_float(data.get("sent"))
             copy = int(data.get("copy") or 0)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"not a pool call's message ({exc!r}): {args!r}") from exc
@@ -121,7 +126,8 @@ class CallMessage:
                                none="no bound on the work")
         return cls(pool=pool, signals=signals, deadline=deadline, call_timeout=call_timeout,
                    transaction=bool(data.get("transaction", False)),
-                   stream=bool(data.get("stream", False)), copy=copy, reply=reply)
+                   stream=bool(data.get("stream", False)), copy=copy, reply=reply,
+                   sent=sent)
 
     @property
     def label(self) -> str:

@@ -54,7 +54,7 @@ from ..core.signal import Signal
 from ..wire.marks import is_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
 from ..wire.scoped import StoresOwnResults
-from .claims import CallClaims
+from .claims import WAITED, CallClaims
 from .requests import REQUEST
 from .runtime import WorkerRuntime
 from .streams import StreamSink
@@ -64,9 +64,6 @@ __all__ = ["CallHandler", "register_tasks"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds of waiting for an agent after which a call's cancel mark is read before it
-#: starts (a call that got one at once was taken a moment ago: its caller is there).
-WAITED = 0.01
 #: Seconds a stream's chunks are kept when its call has no ``call_timeout``, beyond
 #: ``stream_idle_timeout``.
 STREAM_KEEP = 3600.0
@@ -77,6 +74,7 @@ class CallHandler:
 
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
+        self.claims = CallClaims(runtime)
 
     def handle(self, task: Task, message: CallMessage) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run ``message``'s signals on one agent of its pool; return the replies as JSON
@@ -95,10 +93,15 @@ class CallHandler:
         except HandedBack:
             # The node is draining or stopping: back to the broker, for another node.
             raise Reject(requeue=True) from None
-        if time.monotonic() - asked > WAITED and _cancelled(task):
-            # Its caller left while it waited for an agent (one that left before the
-            # call was taken marked it taken, so it never got here): nobody waits for
-            # it, so nothing is stored.
+        try:
+            admitted = self.claims.admit(task, message,
+                                         waited=time.monotonic() - asked > WAITED)
+        except BaseException:
+            agent_pool.checkin(agent)
+            raise
+        if not admitted:
+            # Another copy took it (that copy answers), or its caller left: nobody waits
+            # for this one, so nothing is stored.
             agent_pool.checkin(agent)
             raise Ignore()
 
@@ -244,7 +247,6 @@ def _pool_of(args: tuple[Any, ...]) -> Any:
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]
     """Register, on ``app``, the tasks that run calls and casts on a pool's agents."""
     handler = CallHandler(runtime)
-    claims = CallClaims(runtime)
 
     def handle(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run a call's signals on one agent of its pool; return the replies as JSON data.
@@ -252,9 +254,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
         Only the first copy of a call to be taken runs (see :mod:`.claims`).
         """
         with _only_warmpool_errors(_pool_of(args)):
-            call = CallMessage.from_args(args, "call")
-            return claims.run_once(task, call.pool, call.deadline,
-                                   lambda: handler.handle(task, call))
+            return handler.handle(task, CallMessage.from_args(args, "call"))
 
     def cast(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run a cast's signal on one agent of its pool; dead-letter it if it fails.
@@ -264,9 +264,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
         """
         try:
             with _only_warmpool_errors(_pool_of(args)):
-                cast = CallMessage.from_args(args, "cast")
-                return claims.run_once(task, cast.pool, cast.deadline,
-                                       lambda: handler.handle(task, cast), cast.copy)
+                return handler.handle(task, CallMessage.from_args(args, "cast"))
         except WarmPoolError as exc:
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
