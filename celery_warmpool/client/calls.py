@@ -15,7 +15,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import Task, states
@@ -240,9 +240,8 @@ class PoolClient:
                                     reply=listener.channel.decode())
         window = timeout + (call_timeout or 0.0) + self.reply_grace
         subscription = listener.expect(task_id, self.result_key(task_id))
-        send = functools.partial(self.publisher.send, message)
         try:
-            yield from self.publish(send, started + timeout, timeout)
+            yield from self.publishing(message, started + timeout, timeout)
             while True:
                 remaining = started + window - time.monotonic()
                 item = yield Receive(subscription.mailbox, max(0.0, remaining))
@@ -284,11 +283,17 @@ class PoolClient:
         elif not notice.taken:
             yield from self.publish(send, deadline, left)
 
-    def publish(self, send: Callable[[], None], deadline: float,
-                timeout: float) -> Steps[None]:
-        """The steps of publishing with ``send``, retried until ``deadline`` (monotonic)."""
+    def publish(self, send: Callable[[], None], deadline: float, timeout: float,
+                asend: Callable[[], Awaitable[None]] | None = None) -> Steps[None]:
+        """The steps of publishing with ``send`` (or, on an event loop, ``asend``), retried
+        until ``deadline`` (monotonic)."""
         yield from publish_steps(send, deadline, timeout, self.delivery.outages,
-                                 self.delivery.broker_url)
+                                 self.delivery.broker_url, asend)
+
+    def publishing(self, message: Message, deadline: float, timeout: float) -> Steps[None]:
+        """The steps of publishing ``message`` (see :meth:`publish`)."""
+        yield from self.publish(functools.partial(self.publisher.send, message), deadline,
+                                timeout, functools.partial(self.publisher.asend, message))
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
                      call_timeout: float | None, *, stream: bool = False,
@@ -355,8 +360,7 @@ class PoolClient:
         task_id = new_id()
         cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout, sent=time.time())
         message = functools.partial(self._cast_message, task_id, cast, spec)
-        yield from self.publish(functools.partial(self.publisher.send, message(0)),
-                                time.monotonic() + bound, bound)
+        yield from self.publishing(message(0), time.monotonic() + bound, bound)
         listener = self.listener()  # this process's: its record of casts comes with it
         if self._sent_casts is not None and self._sent_casts.add(task_id, message):
             assert listener is not None

@@ -50,9 +50,8 @@ class Caller(Protocol):
     def result_key(self, task_id: str) -> bytes:
         """The key (and channel) of the stored result of ``task_id``."""
 
-    def publish(self, send: Callable[[], None], deadline: float,
-                timeout: float) -> Steps[None]:
-        """The steps of publishing with ``send``, retried until ``deadline``."""
+    def publishing(self, message: Message, deadline: float, timeout: float) -> Steps[None]:
+        """The steps of publishing ``message``, retried until ``deadline``."""
 
     def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
                 notice: Any, send: Callable[[], None], deadline: float) -> Steps[None]:
@@ -142,9 +141,8 @@ def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Sign
                                 catch_up=functools.partial(_read_back, chunks_key, mailbox))
     order, position = _InOrder(), _Position(spec.stream_buffer)
     finished = False
-    send = functools.partial(client.send, message)
     try:
-        yield from client.publish(send, started + timeout, timeout)
+        yield from client.publishing(message, started + timeout, timeout)
         outcome: Callable[[], AgentReply] | None = None
         quiet = min(REPORT_INTERVAL, spec.stream_idle_timeout / 4)
         while True:

@@ -50,9 +50,10 @@ in a key beside it (see :mod:`celery_warmpool.worker.streams`).
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from typing import Any
+
+from .queues import is_redis
 
 __all__ = ["CAST_KEPT", "CAST_MARGIN", "CLAIM", "TAKEN_KEY", "TAKEN_MARGIN", "TakenMark",
            "cancel_key", "is_cancelled", "loses_popped_messages", "mark_cancelled",
@@ -115,17 +116,7 @@ def loses_popped_messages(app: Any) -> bool:
     only then are calls and casts marked taken, and sent again after an outage. RabbitMQ
     keeps a message until it is acknowledged, and delivers it again if its consumer goes
     away first; a lost copy cannot happen there, so neither marks nor copies are needed."""
-    found = _losing.get(app)
-    if found is None:
-        connection = app.connection_for_write()
-        try:
-            found = _losing[app] = connection.transport.driver_type == "redis"
-        finally:
-            connection.release()
-    return found
-
-
-_losing: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+    return is_redis(app)
 
 
 def taken_key(task_id: str) -> str:
