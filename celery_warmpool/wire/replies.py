@@ -75,17 +75,40 @@ class RepliesOnChannel(_RedisBackend):  # type: ignore[misc]
         if channel is None:
             return super()._store_result(task_id, result, state, traceback,
                                          request=request, **kwargs)
+        pipe = self.client.pipeline(transaction=False)
+        self._stored(pipe, task_id, result, state, traceback, request, channel)
+        pipe.execute()
+        return result
+
+    def store_many(self, outcomes: list[tuple[str, Any, str, Any]]) -> None:
+        """Store (and publish) many replies in one round trip: each ``(task_id, result,
+        state, request)``, as :meth:`mark_as_done` and :meth:`mark_as_failure` would one
+        by one. Celery's own retries are not applied: the caller waits an outage out.
+
+        Raises:
+            The result store's connection errors.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for task_id, result, state, request in outcomes:
+            self._stored(pipe, task_id, self.encode_result(result, state), state, None,
+                         request, reply_channel_of(request))
+        pipe.execute()
+
+    def _stored(self, pipe: Any, task_id: str, result: Any, state: str, traceback: Any,
+                request: Any, channel: str | None) -> None:
+        """Add one reply's store (and publish) to ``pipe``; published on the task's own key
+        as Celery does when its message named no reply channel."""
         meta = self._get_result_meta(result=result, state=state, traceback=traceback,
                                      request=request)
         meta["task_id"] = str(task_id)
         value = self.encode(meta)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        pipe = self.client.pipeline(transaction=False)
         key = self.get_key_for_task(task_id)
         if expires:
             pipe.setex(key, expires, value)
         else:
             pipe.set(key, value)
-        pipe.publish(channel, envelope(str(task_id), value))
-        pipe.execute()
-        return result
+        if channel is None:
+            pipe.publish(key, value)
+        else:
+            pipe.publish(channel, envelope(str(task_id), value))

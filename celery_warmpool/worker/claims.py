@@ -147,7 +147,7 @@ class CallClaims:
         reached lets every item run, unmarked.
         """
         client = _redis_client(backend)
-        if client is None or not work:
+        if client is None or not work or not loses_popped_messages(backend.app):
             return [True] * len(work)
         now = time.time()
         marks = [self._mark(now, deadline, copy) for _, deadline, copy in work]
