@@ -62,6 +62,10 @@ from .watchdog import Watchdog
 
 __all__ = ["CallHandler", "register_tasks"]
 
+#: Characters of a call's replies the worker's log shows (Celery's default is 1,024; the
+#: repr is made for every task, at a cost that grows with its length).
+RESULT_REPR_MOST = 200
+
 logger = logging.getLogger(__name__)
 
 #: Seconds a stream's chunks are kept when its call has no ``call_timeout``, beyond
@@ -273,7 +277,10 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
     # never changing how the app's other tasks store theirs (see celery_warmpool.wire.scoped).
     base = type("WarmPoolTask", (StoresOwnResults, app.Task), {})
     options: dict[str, Any] = {"bind": True, "acks_late": True, "throws": (WarmPoolError,),
-                               "shared": False, "Request": REQUEST, "base": base}
+                               "shared": False, "Request": REQUEST, "base": base,
+                               # What the worker's log and events show of the replies:
+                               # Celery writes its repr for every task, whatever the level.
+                               "resultrepr_maxsize": RESULT_REPR_MOST}
     call_task: Task = app.task(  # type: ignore[type-arg]
         **{**options, "name": CALL_TASK, "warmpool_kind": "call"})(handle)
     cast_task: Task = app.task(  # type: ignore[type-arg]
