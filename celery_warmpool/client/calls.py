@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task, states
 from celery.result import AsyncResult
@@ -59,6 +59,17 @@ REPLY_GRACE = 2.0
 PUBLISH_TIMEOUT = 10.0
 
 SignalLike = Signal | Mapping[str, Any] | str
+R = TypeVar("R")
+
+
+def _as_data(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply left as the JSON data the worker stored."""
+    return reply
+
+
+def as_reply(reply: dict[str, Any]) -> AgentReply:
+    """A reply as an :class:`AgentReply`, from the JSON data the worker stored."""
+    return AgentReply.model_validate(reply)
 
 
 class PoolClient:
@@ -127,7 +138,7 @@ class PoolClient:
             return []
         if self.listener() is None:
             return self._call_through_celery(pool, events, timeout, call_timeout)
-        return run_blocking(self.call_steps(pool, events, timeout, call_timeout))
+        return run_blocking(self.call_steps(pool, events, timeout, call_timeout, as_reply))
 
     def cast(self, pool: str, signal: SignalLike, timeout: float | None = None,
              call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
@@ -171,8 +182,23 @@ class PoolClient:
         if self.listener() is None:
             return await asyncio.to_thread(self._call_through_celery, pool, events, timeout,
                                            call_timeout)
-        return await run_async(self.call_steps(pool, events, timeout, call_timeout),
+        return await run_async(self.call_steps(pool, events, timeout, call_timeout, as_reply),
                                self.publisher.executor)
+
+    async def acall_data(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+                         call_timeout: float | None = 5.0) -> dict[str, Any]:
+        """:meth:`acall`, its reply as the JSON data the worker stored (an
+        :class:`AgentReply`'s fields), for code that sends it on as JSON (the HTTP
+        gateway): no model is built and dumped again."""
+        pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
+        events = [Signal.parse(signal)]
+        if self.listener() is None:
+            reply = await asyncio.to_thread(self._call_through_celery, pool, events, timeout,
+                                            call_timeout)
+            return reply[0].model_dump(mode="json")
+        [data] = await run_async(self.call_steps(pool, events, timeout, call_timeout,
+                                                 parse=_as_data), self.publisher.executor)
+        return data
 
     async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
                     call_timeout: float | None = None) -> AsyncResult:  # type: ignore[type-arg]
@@ -226,8 +252,10 @@ class PoolClient:
     # -- what a call is ----------------------------------------------------------------
 
     def call_steps(self, pool: str, events: list[Signal], timeout: float,
-                   call_timeout: float | None) -> Steps[list[AgentReply]]:
-        """The steps of a call (one event) or a transaction (several) on ``pool``.
+                   call_timeout: float | None, parse: Callable[[dict[str, Any]], R],
+                   ) -> Steps[list[R]]:
+        """The steps of a call (one event) or a transaction (several) on ``pool``; each
+        reply made with ``parse`` (:func:`as_reply`: an :class:`AgentReply`).
 
         The message carries the caller's deadline, so a worker that takes it late drops
         it unrun. The reply is awaited for ``timeout + call_timeout + REPLY_GRACE``.
@@ -264,7 +292,7 @@ class PoolClient:
             raise
         finally:
             listener.forget(subscription)
-        return [AgentReply.model_validate(reply) for reply in replies]
+        return [parse(reply) for reply in replies]
 
     def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
                 notice: Any, send: Callable[[], None], deadline: float) -> Steps[None]:

@@ -6,12 +6,13 @@ deadline, while the work itself finishes in its own time.
 
 Watching must cost next to nothing, since every call with a ``call_timeout`` is watched:
 ``watch`` pushes the deadline on a heap and ``done`` is one dictionary operation (the
-heap is rid of finished work now and then, at once, rather than one entry at a time). One
-thread sleeps until the earliest deadline, woken early only when a nearer one than it
-sleeps for is pushed; it never ticks, and work that ends in time never wakes it. Whoever removes a token first wins: ``done`` (the work ended in time) or
-the watchdog (it did not). The watchdog thread only decides; the callbacks of overdue
-work run on a thread of their own, so that one that waits (storing an error while the
-result store restarts) delays no other decision.
+heap is rid of finished work now and then, at once, rather than one entry at a time).
+One thread sleeps until the earliest deadline, woken early only when a nearer one than
+it sleeps for is pushed; it never ticks, and work that ends in time never wakes it.
+Whoever removes a token first wins: ``done`` (the work ended in time) or the watchdog
+(it did not). The watchdog thread only decides; the callbacks of overdue work run on a
+thread of their own, so that one that waits (storing an error while the result store
+restarts) delays no other decision.
 """
 
 from __future__ import annotations
