@@ -29,6 +29,7 @@ retry and event layers), the connections driven directly a fraction of that.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import selectors
@@ -165,7 +166,6 @@ class ReplyListener:
         self._pubsub: Any = None
         self._reads: Any = None
         self._client: redis.Redis | None = None
-        self._urgent_client: redis.Redis | None = None
         self._selector = selectors.DefaultSelector()
         self._watched: int | None = None  # the pub/sub socket's descriptor, once connected
         #: When the result store stopped answering, and why; ``None`` while it answers.
@@ -233,33 +233,24 @@ class ReplyListener:
         """Run a caller's last write (its cancel mark) as it goes away for ``why``.
 
         An interrupted program (``KeyboardInterrupt``, ``SystemExit``) may exit before
-        this thread would run it: it is written now. A cancelled coroutine or a closed
-        stream leaves it to this thread, so that no event loop waits for it.
+        this thread would run it: it is written now, in the calling thread, on a client
+        of its own (a failure is logged). A cancelled coroutine or a closed stream leaves
+        it to this thread, so that no event loop waits for it.
         """
-        if isinstance(why, KeyboardInterrupt | SystemExit):
-            self.run_now(command)
-        else:
+        if not isinstance(why, KeyboardInterrupt | SystemExit):
             self.submit(command)
-
-    def run_now(self, command: Command) -> None:
-        """Run ``command(client)`` in the calling thread, on a client of its own.
-
-        For the last write of a caller that is going away (an interrupted program exits
-        before the listener's thread would run it); a failure is logged.
-        """
+            return
         try:
-            command(self._urgent())
+            command(self._urgent)
         except Exception:
             logger.warning("reply listener: could not write to the result store %s",
                            self.url, exc_info=True)
 
+    @functools.cached_property
     def _urgent(self) -> redis.Redis:
-        with self._lock:
-            if self._urgent_client is None:
-                self._urgent_client = redis.Redis(connection_pool=redis.ConnectionPool(
-                    **{**self._params, "socket_timeout": SOCKET_TIMEOUT / 5,
-                       "socket_connect_timeout": SOCKET_TIMEOUT / 5}))
-            return self._urgent_client
+        return redis.Redis(connection_pool=redis.ConnectionPool(
+            **{**self._params, "socket_timeout": SOCKET_TIMEOUT / 5,
+               "socket_connect_timeout": SOCKET_TIMEOUT / 5}))
 
     def watch_broker(self, broker_url: str | None) -> None:
         """Take an outage of the Redis broker at ``broker_url`` as one of the result store.
