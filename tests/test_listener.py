@@ -233,9 +233,12 @@ def test_a_reply_published_while_the_listener_reconnects_is_read_from_the_store(
     waiting = listener.expect("during", b"reply-during")
     # The listener's connection dropped; the reply is stored and published before it is
     # back: nobody hears the message, the read after the reconnection finds the value.
-    store.client_kill_filter(_type="pubsub")
-    store.set(b"reply-during", b"stored while away")
-    store.publish(listener.channel, envelope("during", b"stored while away"))
+    # In one transaction, so that the listener cannot be back before the publish.
+    together = store.pipeline(transaction=True)
+    together.client_kill_filter(_type="pubsub")
+    together.set(b"reply-during", b"stored while away")
+    together.publish(listener.channel, envelope("during", b"stored while away"))
+    assert together.execute()[2] == 0  # nobody heard it
     assert next_payload(waiting.mailbox, 10.0) == b"stored while away"
     assert next_payload(waiting.mailbox, 0.3) is None, "the reply was delivered twice"
     listener.forget(waiting)
