@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore
 
 from celery_warmpool.core.errors import CheckoutTimeout
 from celery_warmpool.core.signal import Signal
 from celery_warmpool.wire.marks import (
+    CLAIM,
     TAKEN_MARGIN,
     TakenMark,
+    cancel_key,
+    mark_cancelled,
     taken_key,
     taken_ttl,
     taken_value,
@@ -46,9 +50,18 @@ def test_a_mark_lives_until_the_deadline_and_the_margin():
     assert taken_ttl(None, now=100.0) == TAKEN_MARGIN
 
 
-def sent_task(backend: Any, task_id: str) -> Any:
-    """What the claims read of a task: its request's id and its result store."""
-    return SimpleNamespace(request=SimpleNamespace(id=task_id), backend=backend)
+def sent_task(backend: Any, task_id: str, name: str = CALL_TASK) -> Any:
+    """What the claims read of a task: its request's id, its name and its result store."""
+    return SimpleNamespace(request=SimpleNamespace(id=task_id), backend=backend, name=name)
+
+
+def run_if_claimed(claims: CallClaims, task: Any, pool: str, deadline: float | None,
+                   run: Callable[[], Any], copy: int | None = None) -> Any:
+    """``run()`` if ``claims`` marks the work of ``task`` taken, as a worker does; else
+    drop it (:class:`Ignore`)."""
+    if not claims.claim(task.backend, pool, str(task.request.id), deadline, copy):
+        raise Ignore()
+    return run()
 
 
 @pytest.fixture
@@ -71,10 +84,10 @@ def test_the_first_copy_runs_and_marks_the_call_a_second_copy_is_dropped(redis_b
     claims, task_id = claims_of("node-a"), str(uuid.uuid4())
     task = sent_task(redis_backend, task_id)
     deadline = time.time() + 10
-    assert claims.run_once(task, "pool", deadline, lambda: "ran") == "ran"
+    assert run_if_claimed(claims, task, "pool", deadline, lambda: "ran") == "ran"
     ran_again = []
     with pytest.raises(Ignore):
-        claims.run_once(task, "pool", deadline, lambda: ran_again.append(1))
+        run_if_claimed(claims, task, "pool", deadline, lambda: ran_again.append(1))
     assert ran_again == []
     store = store_of(redis_backend)
     mark = TakenMark.parse(store.get(taken_key(task_id)))
@@ -84,34 +97,79 @@ def test_the_first_copy_runs_and_marks_the_call_a_second_copy_is_dropped(redis_b
 
 
 @pytest.mark.integration
-def test_a_call_handed_back_to_the_broker_loses_its_mark(redis_backend):
+def test_a_released_mark_lets_another_node_take_the_call(redis_backend):
+    # What a batch handed back to the broker does with the marks it set (a single call
+    # is marked only once it holds an agent, after any hand-back).
     claims, task_id = claims_of("node-a"), str(uuid.uuid4())
     task = sent_task(redis_backend, task_id)
-
-    def hand_back() -> None:
-        raise Reject(requeue=True)
-
-    with pytest.raises(Reject):
-        claims.run_once(task, "pool", time.time() + 10, hand_back)
+    assert claims.claim(redis_backend, "pool", task_id, time.time() + 10) is True
+    claims.release(redis_backend, task_id)
     assert store_of(redis_backend).exists(taken_key(task_id)) == 0
-    assert claims_of("node-b").run_once(task, "pool", time.time() + 10, lambda: "b") == "b"
+    assert run_if_claimed(claims_of("node-b"), task, "pool", time.time() + 10,
+                          lambda: "b") == "b"
+
+
+@pytest.mark.integration
+def test_a_call_its_caller_left_is_dropped_at_its_claim_in_the_same_round_trip(
+        redis_backend):
+    store = store_of(redis_backend)
+    left_before, left_while_waiting = str(uuid.uuid4()), str(uuid.uuid4())
+    # Left before any worker took it: the caller marked it taken (and cancelled).
+    mark_cancelled(store, task_id=left_before, seconds=10)
+    # Left while it waited in a worker: only its cancel mark.
+    store.set(cancel_key(left_while_waiting), b"1", px=10_000)
+    claims = claims_of("node-a")
+    assert claims.claim(redis_backend, "pool", left_before, time.time() + 10) is False
+    assert claims.claim(redis_backend, "pool", left_while_waiting, time.time() + 10) is False
+    assert store.get(taken_key(left_while_waiting)) is None  # not marked by this copy
+
+
+def message(sent: float | None = None) -> CallMessage:
+    return CallMessage("pool", [], time.time() + 10, 5.0, sent=sent)
+
+
+@pytest.mark.integration
+@pytest.mark.rabbitmq
+def test_a_broker_that_keeps_its_messages_needs_no_mark_only_a_cancel_check(private_redis):
+    from tests.conftest import RABBITMQ_BROKER
+
+    backend = Celery("claims", broker=RABBITMQ_BROKER, backend=f"{private_redis.url}/1",
+                     set_as_current=False).backend
+    store, claims = store_of(backend), claims_of("node-a")
+    fresh, left = str(uuid.uuid4()), str(uuid.uuid4())
+    store.set(cancel_key(left), b"1", px=10_000)
+    # Taken at once, sent a moment ago: its caller is there; nothing read or written.
+    assert claims.admit(sent_task(backend, fresh), message(time.time()), waited=False)
+    assert store.exists(taken_key(fresh)) == 0
+    # Its caller left while it waited (for an agent, or in the queue): dropped.
+    assert not claims.admit(sent_task(backend, left), message(time.time()), waited=True)
+    assert not claims.admit(sent_task(backend, left), message(time.time() - 5), waited=False)
+    assert store.exists(taken_key(left)) == 0
 
 
 @pytest.mark.integration
 def test_a_mark_whose_answer_was_lost_is_still_ours(redis_backend, monkeypatch):
-    # redis-py sends a command again after a reconnection: the first SET may have
-    # reached the server, and the second then finds the key set (by us).
+    # The claim's script ran on the server, and its answer was lost to a dropped
+    # connection: tried again, it finds the key set, by this very process.
     client = redis_backend.client
-    real_set = client.set
+    real_evalsha = client.evalsha
+    lost: list[int] = []
 
-    def set_then_lose_the_answer(*args: Any, **kwargs: Any) -> None:
-        real_set(*args, **kwargs)
+    def run_then_lose_the_answer(*args: Any, **kwargs: Any) -> Any:
+        answer = real_evalsha(*args, **kwargs)
+        if not lost:
+            lost.append(1)
+            raise redis.ConnectionError("the answer was lost")
+        return answer
 
-    monkeypatch.setattr(client, "set", set_then_lose_the_answer)
+    monkeypatch.setattr(client, "evalsha", run_then_lose_the_answer)
     task = sent_task(redis_backend, str(uuid.uuid4()))
-    assert claims_of("node-a").run_once(task, "pool", time.time() + 10, lambda: "ran") == "ran"
+    redis_backend.client.script_load(CLAIM)
+    assert run_if_claimed(claims_of("node-a"), task, "pool", time.time() + 10,
+                          lambda: "ran") == "ran"
+    assert lost == [1]
     with pytest.raises(Ignore):
-        claims_of("node-b").run_once(task, "pool", time.time() + 10, lambda: "ran")
+        run_if_claimed(claims_of("node-b"), task, "pool", time.time() + 10, lambda: "ran")
 
 
 def test_a_result_store_away_past_the_deadline_is_checkout_timeout():
@@ -121,7 +179,7 @@ def test_a_result_store_away_past_the_deadline_is_checkout_timeout():
     task = sent_task(backend, str(uuid.uuid4()))
     started = time.monotonic()
     with pytest.raises(CheckoutTimeout) as caught:
-        claims_of("node-a").run_once(task, "pool", time.time() + 0.5, lambda: "ran")
+        run_if_claimed(claims_of("node-a"), task, "pool", time.time() + 0.5, lambda: "ran")
     assert time.monotonic() - started < 3.0
     assert caught.value.pool == "pool" and "not run" in str(caught.value)
 
@@ -130,7 +188,7 @@ def test_a_result_store_that_holds_no_marks_runs_every_copy():
     backend = Celery("claims", backend="cache+memory://", set_as_current=False).backend
     task = sent_task(backend, str(uuid.uuid4()))
     claims = claims_of("node-a")
-    assert [claims.run_once(task, "pool", time.time() + 10, lambda: "ran")
+    assert [run_if_claimed(claims, task, "pool", time.time() + 10, lambda: "ran")
             for _ in range(2)] == ["ran", "ran"]
 
 
@@ -150,7 +208,7 @@ def test_a_call_published_twice_runs_once_on_a_worker(private_redis, start_worke
     publisher.send(message)
     publisher.send(message)  # the same call again, as a caller that saw no mark would
 
-    wait_until(lambda: "was taken already; this copy is dropped" in worker.log(), 20,
+    wait_until(lambda: "this copy is dropped" in worker.log(), 20,
                "the worker dropped the second copy")
     # The copies run side by side: the second may be dropped before the first has stored.
     wait_until(lambda: store.exists(f"celery-task-meta-{task_id}"), 10, "the reply stored")
@@ -182,7 +240,7 @@ def test_a_late_call_is_answered_unless_a_copy_of_it_was_taken(private_redis, mo
     calls = [ReservedCall(waiting, time.time() - 5), ReservedCall(taken, time.time() - 5)]
     monkeypatch.setattr(worker_state, "reserved_requests", set(calls))
     monkeypatch.setattr(worker_state, "active_requests", set())
-    assert claims_of("node-b").run_once(sent_task(app.backend, taken), "pool",
+    assert run_if_claimed(claims_of("node-b"), sent_task(app.backend, taken), "pool",
                                         time.time() + 10, lambda: "ran elsewhere") == (
         "ran elsewhere")
 

@@ -136,34 +136,124 @@ def test_a_reply_published_before_the_subscription_is_read(private_redis, start_
     assert next_payload(subscription.mailbox, 0.3) is None, "the reply was delivered twice"
 
 
-def test_a_cancelled_call_frees_its_subscription_at_once(private_redis, start_worker, client):
+def reply_channels(server: PrivateRedis) -> set[bytes]:
+    return set(redis.Redis(port=server.port).pubsub_channels("warmpool:reply:*"))
+
+
+def test_a_cancelled_call_leaves_the_listener_at_once(private_redis, start_worker, client):
     backend = store_of(private_redis)
     start_worker(counter(1), pool="threads", concurrency=2, backend=backend)
     _, warm = client(counter(1), backend=backend)
     listener = listener_of(warm)
 
     async def main() -> None:
-        busy = asyncio.ensure_future(warm.acall("counter", work(1.5), timeout=5))
-        await asyncio.to_thread(wait_until, lambda: len(result_channels(private_redis)) == 1,
-                                5, "the busy call subscribed")
-        before = result_channels(private_redis)
+        busy = asyncio.ensure_future(warm.acall("counter", work(2.0), timeout=5))
+        await asyncio.to_thread(wait_until,
+                                lambda: warm.status("counter").checked_out == 1, 5,
+                                "the busy call running")
         waiting = asyncio.ensure_future(warm.acall("counter", echo("never"), timeout=10))
-        await asyncio.to_thread(wait_until, lambda: len(result_channels(private_redis)) == 2,
-                                5, "the waiting call subscribed")
-        (channel,) = result_channels(private_redis) - before
-        assert listener.subscriptions == 2
+        await asyncio.to_thread(wait_until, lambda: listener.subscriptions == 2, 5,
+                                "both calls waiting")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        await asyncio.to_thread(wait_until, lambda: listener.subscriptions == 1, AT_ONCE,
-                                "the cancelled call's subscription dropped")
-        await asyncio.to_thread(wait_until, lambda: numsub(private_redis, channel) == 0, AT_ONCE,
-                                "its channel unsubscribed in Redis")
+        assert listener.subscriptions == 1  # left at once, with no command to Redis
         await busy
 
     asyncio.run(main())
-    wait_until(lambda: listener.subscriptions == 0, AT_ONCE, "every subscription dropped")
+    assert listener.subscriptions == 0
+    # One channel for every call of the process: no channel per call, subscribed or left.
+    assert reply_channels(private_redis) == {listener.channel}
     assert result_channels(private_redis) == set()
+
+
+def test_replies_reach_their_own_callers_among_a_thousand_in_flight(private_redis,
+                                                                    start_worker, client):
+    backend = store_of(private_redis)
+    start_worker(counter(8), pool="threads", concurrency=16, backend=backend)
+    _, warm = client(counter(8), backend=backend)
+    listener = listener_of(warm)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(warm.acall("counter", echo(index), timeout=60)
+                                      for index in range(1000)))
+
+    replies = asyncio.run(main())
+    assert [reply.result for reply in replies] == list(range(1000))
+    assert listener.subscriptions == 0
+    assert numsub(private_redis, listener.channel) == 1
+    assert reply_channels(private_redis) == {listener.channel}
+
+
+OTHER_CALLER = """
+import sys
+from tests.integration_app import make_app
+from tests.test_worker import counter
+app, warm = make_app(sys.argv[1], sys.argv[2], counter(2))
+wrong = sum(warm.call("counter", {"type": "counter.echo", "data": {"value": f"theirs {i}"}},
+                      timeout=30).result != f"theirs {i}" for i in range(300))
+print(wrong, warm.client.listener().channel.decode())
+"""
+
+
+def test_two_caller_processes_never_see_each_others_replies(private_redis, start_worker,
+                                                            client):
+    from tests.conftest import REDIS_BROKER
+
+    backend = store_of(private_redis)
+    start_worker(counter(2), pool="threads", concurrency=4, backend=backend)
+    _, warm = client(counter(2), backend=backend)
+    other = subprocess.Popen([sys.executable, "-c", OTHER_CALLER, REDIS_BROKER, backend],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        wrong = sum(warm.call("counter", echo(f"mine {index}"), timeout=30).result
+                    != f"mine {index}" for index in range(300))
+        out, _ = other.communicate(timeout=120)
+    finally:
+        other.kill()
+    their_wrong, their_channel = out.split()
+    assert (wrong, int(their_wrong)) == (0, 0)
+    assert their_channel.encode() != listener_of(warm).channel
+
+
+def test_a_reply_published_while_the_listener_reconnects_is_read_from_the_store(
+        private_redis):
+    from celery_warmpool.wire.replies import envelope
+
+    listener = ReplyListener({"host": "127.0.0.1", "port": private_redis.port, "db": 1},
+                             "test")
+    store = redis.Redis(port=private_redis.port, db=1)
+    first = listener.expect("before", b"reply-before")
+    wait_until(lambda: numsub(private_redis, listener.channel) == 1, 5, "the channel subscribed")
+    store.set(b"reply-before", b"stored")
+    store.publish(listener.channel, envelope("before", b"stored"))
+    assert next_payload(first.mailbox, 5.0) == b"stored"
+    listener.forget(first)
+
+    waiting = listener.expect("during", b"reply-during")
+    # The listener's connection dropped; the reply is stored and published before it is
+    # back: nobody hears the message, the read after the reconnection finds the value.
+    # In one transaction, so that the listener cannot be back before the publish.
+    together = store.pipeline(transaction=True)
+    together.client_kill_filter(_type="pubsub")
+    together.set(b"reply-during", b"stored while away")
+    together.publish(listener.channel, envelope("during", b"stored while away"))
+    assert together.execute()[2] == 0  # nobody heard it
+    assert next_payload(waiting.mailbox, 10.0) == b"stored while away"
+    assert next_payload(waiting.mailbox, 0.3) is None, "the reply was delivered twice"
+    listener.forget(waiting)
+
+
+def test_a_pool_task_sent_by_celery_still_answers_apply_async_get(start_worker, client):
+    from celery_warmpool.wire.message import CallMessage
+
+    start_worker(counter(1), pool="threads", concurrency=2)
+    _, warm = client(counter(1))
+    call = CallMessage("counter", [Signal.parse(echo("through celery")).to_wire()],
+                       time.time() + 10, 5.0)
+    sent = warm.handle_task.apply_async(call.to_args(), queue=warm.spec("counter").queue)
+    [reply] = sent.get(timeout=10)
+    assert reply["result"] == "through celery"
 
 
 def test_calls_that_time_out_free_their_subscriptions(private_redis, start_worker, client):

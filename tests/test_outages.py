@@ -170,7 +170,12 @@ def test_the_packages_replies_retry_their_result_store_briefly_and_until_it_is_b
     assert scoped(mine).results.backend.retry_policy["max_retries"] == 9
     assert mine.conf.result_backend_transport_options == {"retry_policy": {"max_retries": 9}}
     off = configured("redis://127.0.0.1:6379/0", warmpool_resilient_results=False)
-    assert scoped(off).results.backend is off.backend
+    # Still the package's own (it publishes replies on their callers' channels), with
+    # Celery's own retries.
+    own = scoped(off).results.backend
+    assert own is not off.backend
+    assert (own.always_retry, own.max_sleep_between_retries_ms,
+            own.retry_policy["max_retries"]) == (False, 10_000, 20)
     assert off.backend.always_retry is False
 
 

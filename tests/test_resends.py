@@ -28,6 +28,7 @@ from celery_warmpool.worker import claims as claims_module
 from celery_warmpool.worker.claims import CallClaims
 from tests.conftest import PrivateRedis, wait_until
 from tests.flower_page import free_port
+from tests.test_claims import run_if_claimed
 from tests.test_streams import chunks
 from tests.test_worker import INCREMENT, counter
 
@@ -55,12 +56,12 @@ def test_a_cast_runs_again_as_the_same_copy_but_never_beside_another(backend):
     task, runs = sent_task(backend, task_id), []
     node_a, node_b = claims_of("node-a"), claims_of("node-b")
 
-    node_a.run_once(task, "pool", None, lambda: runs.append("first"), copy=0)
+    run_if_claimed(node_a, task, "pool", None, lambda: runs.append("first"), copy=0)
     # The same message delivered again (its process died): at least once, it runs.
-    node_b.run_once(task, "pool", None, lambda: runs.append("again"), copy=0)
+    run_if_claimed(node_b, task, "pool", None, lambda: runs.append("again"), copy=0)
     # A copy its caller sent again, as no mark was seen yet: dropped.
     with pytest.raises(Ignore):
-        node_b.run_once(task, "pool", None, lambda: runs.append("copy 1"), copy=1)
+        run_if_claimed(node_b, task, "pool", None, lambda: runs.append("copy 1"), copy=1)
 
     assert runs == ["first", "again"]
     store = redis.Redis.from_url(backend.url)
@@ -71,9 +72,9 @@ def test_a_cast_runs_again_as_the_same_copy_but_never_beside_another(backend):
 def test_a_copy_sent_again_runs_where_the_first_was_lost(backend):
     task_id = str(uuid.uuid4())
     task, runs = sent_task(backend, task_id), []
-    claims_of("node-a").run_once(task, "pool", None, lambda: runs.append("copy 1"), copy=1)
+    run_if_claimed(claims_of("node-a"), task, "pool", None, lambda: runs.append("copy 1"), copy=1)
     with pytest.raises(Ignore):  # the first copy, found after all: dropped
-        claims_of("node-b").run_once(task, "pool", None, lambda: runs.append("copy 0"),
+        run_if_claimed(claims_of("node-b"), task, "pool", None, lambda: runs.append("copy 0"),
                                      copy=0)
     assert runs == ["copy 1"]
 
@@ -108,7 +109,7 @@ def test_a_cast_without_a_deadline_runs_unmarked_rather_than_never(monkeypatch):
                   set_as_current=False).backend
     task = sent_task(away, str(uuid.uuid4()))
     started = time.monotonic()
-    assert claims_of("node-a").run_once(task, "pool", None, lambda: "ran", copy=0) == "ran"
+    assert run_if_claimed(claims_of("node-a"), task, "pool", None, lambda: "ran", copy=0) == "ran"
     assert time.monotonic() - started < 5
 
 

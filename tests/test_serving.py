@@ -122,8 +122,10 @@ def test_preload_runs_once_per_node_and_children_share_it(start_worker, client, 
     assert len({item["shared_id"] for item in where}) == 1  # the same object, inherited
     assert {item["process_index"] for item in where} == {0, 1}
     for child in worker.children():
-        # A 64 MB matrix, read by each child: its pages stay shared.
-        assert private_kilobytes(child) < MATRIX_MB * 1024 / 4, child
+        # A 64 MB matrix, read by each child: its pages stay shared. A copy would make
+        # the child's private memory at least the matrix; its own (the interpreter, its
+        # connections, its agents) is about 16 MB.
+        assert private_kilobytes(child) < MATRIX_MB * 1024 / 2, child
 
     before = set(worker.children())
     os.kill(min(before), signal.SIGKILL)

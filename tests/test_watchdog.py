@@ -99,3 +99,24 @@ def test_the_watchdog_does_not_tick_while_nothing_is_due() -> None:
     threading.Event().wait(0.5)
     assert len(readings) <= 3  # the watch, the thread's first look (no look per tick)
     assert watchdog.done(token) is True
+
+
+def test_work_that_ends_in_time_never_wakes_the_watchdog() -> None:
+    import time
+
+    readings = []
+
+    def clock() -> float:
+        readings.append(1)
+        return time.monotonic()
+
+    watchdog = Watchdog(clock=clock)
+    watchdog.watch(5.0, lambda: None)  # the thread is up, asleep until then
+    threading.Event().wait(0.2)
+    before = len(readings)
+    for _ in range(1000):
+        assert watchdog.done(watchdog.watch(5.0, lambda: None)) is True
+    threading.Event().wait(0.2)
+    # One reading per watch (its deadline); none by the thread, which slept through.
+    assert len(readings) - before == 1000
+    assert len(watchdog._heap) <= 2 * 64  # finished work cleared out of the heap

@@ -15,8 +15,8 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task, states
 from celery.result import AsyncResult
@@ -24,20 +24,17 @@ from celery.result import AsyncResult
 from ..core.arguments import call_timeouts, cast_timeouts, pool_model, pool_name, signal_list
 from ..core.errors import (
     BrokerUnavailable,
-    CheckoutTimeout,
     ConfigurationError,
-    WarmPoolError,
     WorkerFailed,
 )
 from ..core.ids import new_id
 from ..core.reply import AgentReply
 from ..core.signal import Signal
 from ..core.stream import Stream
-from ..wire.marks import mark_cancelled
+from ..wire.marks import loses_popped_messages, mark_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
-from ..wire.queues import pool_queue, route
-from .admission import Bound
 from .delivery import Delivery
+from .fallback import CeleryCalls, no_reply
 from .listener import RECONNECTED, ReplyListener, Subscription
 from .protocol import Receive, Steps, Taken, ask_taken, publish_steps
 from .publisher import Message, Publisher
@@ -59,6 +56,17 @@ REPLY_GRACE = 2.0
 PUBLISH_TIMEOUT = 10.0
 
 SignalLike = Signal | Mapping[str, Any] | str
+R = TypeVar("R")
+
+
+def _as_data(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply left as the JSON data the worker stored."""
+    return reply
+
+
+def as_reply(reply: dict[str, Any]) -> AgentReply:
+    """A reply as an :class:`AgentReply`, from the JSON data the worker stored."""
+    return AgentReply.model_validate(reply)
 
 
 class PoolClient:
@@ -76,6 +84,7 @@ class PoolClient:
         self.app = handle_task.app
         self.delivery = Delivery(self.app)
         self.publisher = Publisher(self.app)
+        self._celery = CeleryCalls(configuration, handle_task, self.publisher, self.delivery)
         #: Seconds a caller waits beyond ``timeout + call_timeout`` for the reply.
         self.reply_grace = REPLY_GRACE
         self._listener: ReplyListener | None = None
@@ -128,8 +137,9 @@ class PoolClient:
         if not events:
             return []
         if self.listener() is None:
-            return self._call_through_celery(pool, events, timeout, call_timeout, model)
-        return run_blocking(self.call_steps(pool, events, timeout, call_timeout, model))
+            return self._celery.call(pool, events, timeout, call_timeout, self.reply_grace, model)
+        return run_blocking(self.call_steps(pool, events, timeout, call_timeout, as_reply,
+                                            model))
 
     def cast(self, pool: str, signal: SignalLike, timeout: float | None = None,
              call_timeout: float | None = None, *,
@@ -174,10 +184,26 @@ class PoolClient:
         if not events:
             return []
         if self.listener() is None:
-            return await asyncio.to_thread(self._call_through_celery, pool, events, timeout,
-                                           call_timeout, model)
-        return await run_async(self.call_steps(pool, events, timeout, call_timeout, model),
+            return await asyncio.to_thread(self._celery.call, pool, events, timeout,
+                                           call_timeout, self.reply_grace, model)
+        return await run_async(self.call_steps(pool, events, timeout, call_timeout, as_reply,
+                                               model),
                                self.publisher.executor)
+
+    async def acall_data(self, pool: str, signal: SignalLike, timeout: float = 5.0,
+                         call_timeout: float | None = 5.0) -> dict[str, Any]:
+        """:meth:`acall`, its reply as the JSON data the worker stored (an
+        :class:`AgentReply`'s fields), for code that sends it on as JSON (the HTTP
+        gateway): no model is built and dumped again."""
+        pool, (timeout, call_timeout) = pool_name(pool), call_timeouts(timeout, call_timeout)
+        events = [Signal.parse(signal)]
+        if self.listener() is None:
+            reply = await asyncio.to_thread(self._celery.call, pool, events, timeout,
+                                            call_timeout, self.reply_grace)
+            return reply[0].model_dump(mode="json")
+        [data] = await run_async(self.call_steps(pool, events, timeout, call_timeout,
+                                                 parse=_as_data), self.publisher.executor)
+        return data
 
     async def acast(self, pool: str, signal: SignalLike, timeout: float | None = None,
                     call_timeout: float | None = None, *,
@@ -235,9 +261,11 @@ class PoolClient:
     # -- what a call is ----------------------------------------------------------------
 
     def call_steps(self, pool: str, events: list[Signal], timeout: float,
-                   call_timeout: float | None,
-                   model: str | None = None) -> Steps[list[AgentReply]]:
-        """The steps of a call (one event) or a transaction (several) on ``pool``.
+                   call_timeout: float | None, parse: Callable[[dict[str, Any]], R],
+                   model: str | None = None) -> Steps[list[R]]:
+        """The steps of a call (one event) or a transaction (several) on ``pool`` (for
+        ``model``, in a pool with ``max_models``); each reply made with ``parse``
+        (:func:`as_reply`: an :class:`AgentReply`).
 
         The message carries the caller's deadline, so a worker that takes it late drops
         it unrun. The reply is awaited for ``timeout + call_timeout + REPLY_GRACE``.
@@ -246,13 +274,12 @@ class PoolClient:
         assert listener is not None
         started = time.monotonic()
         task_id = new_id()
-        message = self.call_message(task_id, pool, events, timeout, call_timeout, model=model)
-        key = self.result_key(task_id)
+        message = self.call_message(task_id, pool, events, timeout, call_timeout,
+                                    reply=listener.channel.decode(), model=model)
         window = timeout + (call_timeout or 0.0) + self.reply_grace
-        subscription = listener.subscribe(key, key)
-        send = functools.partial(self.publisher.send, message)
+        subscription = listener.expect(task_id, self.result_key(task_id))
         try:
-            yield from self.publish(send, started + timeout, timeout)
+            yield from self.publishing(message, started + timeout, timeout)
             while True:
                 remaining = started + window - time.monotonic()
                 item = yield Receive(subscription.mailbox, max(0.0, remaining))
@@ -274,8 +301,8 @@ class PoolClient:
                                                       seconds=window))
             raise
         finally:
-            listener.unsubscribe(subscription)
-        return [AgentReply.model_validate(reply) for reply in replies]
+            listener.forget(subscription)
+        return [parse(reply) for reply in replies]
 
     def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
                 notice: Any, send: Callable[[], None], deadline: float) -> Steps[None]:
@@ -286,33 +313,42 @@ class PoolClient:
         broker that went away; the copy has the same id and deadline, and only one copy
         can run (see :mod:`celery_warmpool.wire.marks`)."""
         left = deadline - time.monotonic()
-        if left <= 0:
-            return
+        if left <= 0 or not loses_popped_messages(self.app):
+            return  # too late to start; or a broker that loses nothing (no marks kept)
         if notice is RECONNECTED:
             listener.submit(functools.partial(ask_taken, task_id, subscription),
                             retry_for=left)
         elif not notice.taken:
             yield from self.publish(send, deadline, left)
 
-    def publish(self, send: Callable[[], None], deadline: float,
-                timeout: float) -> Steps[None]:
-        """The steps of publishing with ``send``, retried until ``deadline`` (monotonic)."""
+    def publish(self, send: Callable[[], None], deadline: float, timeout: float,
+                asend: Callable[[], Awaitable[None]] | None = None) -> Steps[None]:
+        """The steps of publishing with ``send`` (or, on an event loop, ``asend``), retried
+        until ``deadline`` (monotonic)."""
         yield from publish_steps(send, deadline, timeout, self.delivery.outages,
-                                 self.delivery.broker_url)
+                                 self.delivery.broker_url, asend)
+
+    def publishing(self, message: Message, deadline: float, timeout: float) -> Steps[None]:
+        """The steps of publishing ``message`` (see :meth:`publish`)."""
+        yield from self.publish(functools.partial(self.publisher.send, message), deadline,
+                                timeout, functools.partial(self.publisher.asend, message))
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
                      call_timeout: float | None, *, stream: bool = False,
-                     model: str | None = None) -> Message:
+                     reply: str | None = None, model: str | None = None) -> Message:
         """The message of a call (or transaction, or stream) of ``events`` on ``pool``
-        (for ``model``, in a pool with ``max_models``).
+        (for ``model``, in a pool with ``max_models``), its reply published on the
+        channel ``reply`` (see :mod:`..wire.replies`).
 
         Raises:
             UnknownPool: no such pool is configured.
             InvalidArgument: ``model`` is missing, refused or not a model id.
         """
         spec = self.configuration.spec(pool)
-        call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
+        now = time.time()
+        call = CallMessage(pool, [event.to_wire() for event in events], now + timeout,
                            call_timeout, transaction=len(events) > 1, stream=stream,
+                           reply=reply, sent=now,
                            model=pool_model(pool, spec.max_models, model))
         return self.publisher.message(CALL_TASK, task_id, call, spec.queue, spec.max_queued)
 
@@ -349,7 +385,7 @@ class PoolClient:
                 f"could not reach the result store {listener.url} for the reply within "
                 f"{window:g}s: {type(outage).__name__}: {outage}", listener.url, window)
         spec = self.configuration.spec(pool)
-        return _no_reply(pool, timeout, window, spec.size, spec.max_overflow)
+        return no_reply(pool, timeout, window, spec.size, spec.max_overflow)
 
     def cast_steps(self, pool: str, signal: SignalLike, timeout: float | None,
                    call_timeout: float | None,
@@ -364,11 +400,10 @@ class PoolClient:
         deadline = None if timeout is None else time.time() + timeout
         bound = PUBLISH_TIMEOUT if timeout is None else timeout
         task_id = new_id()
-        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout,
+        cast = CallMessage(pool, [event.to_wire()], deadline, call_timeout, sent=time.time(),
                            model=pool_model(pool, spec.max_models, model))
         message = functools.partial(self._cast_message, task_id, cast, spec)
-        yield from self.publish(functools.partial(self.publisher.send, message(0)),
-                                time.monotonic() + bound, bound)
+        yield from self.publishing(message(0), time.monotonic() + bound, bound)
         listener = self.listener()  # this process's: its record of casts comes with it
         if self._sent_casts is not None and self._sent_casts.add(task_id, message):
             assert listener is not None
@@ -408,65 +443,13 @@ class PoolClient:
         if self._listener_pid != pid:  # looked up once per process: it is on every call
             listener = ReplyListener.for_backend(self.app.backend, self.app.conf.broker_url)
             self._sent_casts = None
-            if listener is not None and self._broker_loses_popped_messages:
+            if listener is not None and loses_popped_messages(self.app):
                 # It watches for outages: casts lost in one go again.
                 self._sent_casts = SentCasts(self._send_again)
                 listener.after_outage(self._sent_casts.check)
             self._listener, self._listener_pid = listener, pid
         return self._listener
 
-    @functools.cached_property
-    def _broker_loses_popped_messages(self) -> bool:
-        # A Redis broker can lose a message a worker popped as it shut down (see
-        # celery_warmpool.wire.marks); RabbitMQ keeps it until it is acknowledged.
-        connection = self.app.connection_for_write()
-        try:
-            return bool(connection.transport.driver_type == "redis")
-        finally:
-            connection.release()
-
     def result_key(self, task_id: str) -> bytes:
         """The key (and channel) of the stored result of ``task_id``."""
         return self._backend.get_key_for_task(task_id)  # type: ignore[no-any-return]
-
-    def _call_through_celery(self, pool: str, events: list[Signal], timeout: float,
-                             call_timeout: float | None,
-                             model: str | None = None) -> list[AgentReply]:
-        """A call for result backends without a listener: Celery's own ``get()``."""
-        spec = self.configuration.spec(pool)
-        started = time.monotonic()
-        call = CallMessage(pool, [event.to_wire() for event in events], time.time() + timeout,
-                           call_timeout, transaction=len(events) > 1,
-                           model=pool_model(pool, spec.max_models, model))
-        bound = Bound(pool, spec.queue, spec.max_queued)
-
-        def send() -> Any:
-            # Through a producer of the publisher's, so the pool's bound holds here too.
-            with self.publisher.producer(bound) as producer:
-                return self.handle_task.apply_async(  # type: ignore[call-arg]
-                    call.to_args(), producer=producer, argsrepr=call.argsrepr(),
-                    kwargsrepr="{}", retry=False,
-                    **route(pool_queue(self.app, spec.queue, spec.max_queued)))
-
-        sent = self.delivery.publish(send, started + timeout, timeout)
-        # Read through app.backend, which Celery subscribed in this thread as it sent.
-        result: AsyncResult = AsyncResult(sent.id, app=self.app)  # type: ignore[type-arg]
-        window = timeout + (call_timeout or 0.0) + self.reply_grace
-        no_reply = functools.partial(_no_reply, pool, timeout, window, spec.size,
-                                     spec.max_overflow)
-        try:
-            replies = self.delivery.wait(result, started + window, window, no_reply)
-        except WarmPoolError:
-            raise
-        except Exception as exc:  # the worker's own failure, as Celery raised it here
-            raise WorkerFailed.wrapping(exc, pool) from exc
-        return [AgentReply.model_validate(reply) for reply in replies]
-
-
-def _no_reply(pool: str, timeout: float, window: float, size: int,
-              max_overflow: int) -> CheckoutTimeout:
-    # The message carries its deadline: a worker that takes it now drops it.
-    return CheckoutTimeout(
-        f"pool {pool!r}: no reply within {window:.1f}s. No worker started the call "
-        f"within timeout={timeout}s (it carries that deadline and will not start "
-        "later), or the worker running it was lost", pool, window, size, max_overflow)

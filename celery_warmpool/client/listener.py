@@ -29,6 +29,7 @@ retry and event layers), the connections driven directly a fraction of that.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import selectors
@@ -45,6 +46,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis import exceptions as redis_errors
 
 from ..wire.outages import BACKOFF, MOST, REDIS_OUTAGES
+from ..wire.replies import new_reply_channel, opened
 from .mailbox import Mailbox
 
 __all__ = ["RECONNECTED", "ReplyListener", "Subscription"]
@@ -85,11 +87,14 @@ class Subscription:
     subscriptions sharing one mailbox can be told apart.
     """
 
-    __slots__ = ("catch_up", "channel", "key", "mailbox", "tag")
+    __slots__ = ("catch_up", "channel", "key", "mailbox", "tag", "task_id")
 
     def __init__(self, channel: bytes, key: bytes | None, catch_up: Command | None,
-                 mailbox: Mailbox | None, tag: str | None) -> None:
+                 mailbox: Mailbox | None, tag: str | None,
+                 task_id: bytes | None = None) -> None:
         self.channel = channel
+        #: The call it waits for on the process's reply channel (see ReplyListener.expect).
+        self.task_id = task_id
         self.key = key
         self.catch_up = catch_up
         self.mailbox = mailbox or Mailbox()
@@ -143,6 +148,13 @@ class ReplyListener:
         self._requests: deque[tuple[str, Any]] = deque()
         self._woken = False
         self._wake: socket.socket | None = None
+        #: This process's reply channel (see celery_warmpool.wire.replies): named in its
+        #: calls' messages, subscribed once, whatever the number of calls.
+        self.channel = new_reply_channel().encode()
+        #: The calls waiting for a reply on that channel, by task id. Changed by callers
+        #: (one dictionary operation each), read by the listener's thread.
+        self._expected: dict[bytes, Subscription] = {}
+        self._started = False
         # The listener thread's own, from here on.
         self._subscriptions: dict[bytes, Subscription] = {}
         self._catching_up: list[Subscription] = []
@@ -154,7 +166,6 @@ class ReplyListener:
         self._pubsub: Any = None
         self._reads: Any = None
         self._client: redis.Redis | None = None
-        self._urgent_client: redis.Redis | None = None
         self._selector = selectors.DefaultSelector()
         self._watched: int | None = None  # the pub/sub socket's descriptor, once connected
         #: When the result store stopped answering, and why; ``None`` while it answers.
@@ -179,6 +190,27 @@ class ReplyListener:
         """Stop listening for ``subscription`` (returns at once)."""
         self._request("unsubscribe", subscription)
 
+    def expect(self, task_id: str, key: bytes, *, mailbox: Mailbox | None = None,
+               tag: str | None = None) -> Subscription:
+        """Wait for the reply of call ``task_id`` on this process's reply channel
+        (:attr:`channel`, which the call's message must name); ``key`` is where the reply
+        is stored, read after every (re)subscription of the channel.
+
+        No command goes to Redis and the listener's thread is not woken: the channel is
+        subscribed once for every call. Returns at once.
+        """
+        subscription = Subscription(self.channel, key, None, mailbox, tag, task_id.encode())
+        self._expected[subscription.task_id] = subscription  # type: ignore[index]
+        if not self._started:
+            self._request("start", None)
+        return subscription
+
+    def forget(self, subscription: Subscription) -> None:
+        """Stop waiting for the reply ``subscription`` expected (returns at once)."""
+        task_id = subscription.task_id
+        if task_id is not None and self._expected.get(task_id) is subscription:
+            del self._expected[task_id]
+
     def submit(self, command: Command, *, retry_for: float = 0.0) -> None:
         """Run ``command(client)`` on the listener's thread, without waiting for it.
 
@@ -201,33 +233,24 @@ class ReplyListener:
         """Run a caller's last write (its cancel mark) as it goes away for ``why``.
 
         An interrupted program (``KeyboardInterrupt``, ``SystemExit``) may exit before
-        this thread would run it: it is written now. A cancelled coroutine or a closed
-        stream leaves it to this thread, so that no event loop waits for it.
+        this thread would run it: it is written now, in the calling thread, on a client
+        of its own (a failure is logged). A cancelled coroutine or a closed stream leaves
+        it to this thread, so that no event loop waits for it.
         """
-        if isinstance(why, KeyboardInterrupt | SystemExit):
-            self.run_now(command)
-        else:
+        if not isinstance(why, KeyboardInterrupt | SystemExit):
             self.submit(command)
-
-    def run_now(self, command: Command) -> None:
-        """Run ``command(client)`` in the calling thread, on a client of its own.
-
-        For the last write of a caller that is going away (an interrupted program exits
-        before the listener's thread would run it); a failure is logged.
-        """
+            return
         try:
-            command(self._urgent())
+            command(self._urgent)
         except Exception:
             logger.warning("reply listener: could not write to the result store %s",
                            self.url, exc_info=True)
 
+    @functools.cached_property
     def _urgent(self) -> redis.Redis:
-        with self._lock:
-            if self._urgent_client is None:
-                self._urgent_client = redis.Redis(connection_pool=redis.ConnectionPool(
-                    **{**self._params, "socket_timeout": SOCKET_TIMEOUT / 5,
-                       "socket_connect_timeout": SOCKET_TIMEOUT / 5}))
-            return self._urgent_client
+        return redis.Redis(connection_pool=redis.ConnectionPool(
+            **{**self._params, "socket_timeout": SOCKET_TIMEOUT / 5,
+               "socket_connect_timeout": SOCKET_TIMEOUT / 5}))
 
     def watch_broker(self, broker_url: str | None) -> None:
         """Take an outage of the Redis broker at ``broker_url`` as one of the result store.
@@ -256,12 +279,13 @@ class ReplyListener:
 
     @property
     def subscriptions(self) -> int:
-        """Channels the listener holds (callers still waiting)."""
-        return len(self._subscriptions)
+        """Channels and calls the listener holds for callers still waiting."""
+        return len(self._subscriptions) + len(self._expected)
 
     # -- requests from any thread --------------------------------------------------------
 
     def _request(self, kind: str, item: Any) -> None:
+        self._started = True
         with self._lock:
             self._requests.append((kind, item))
             if self._woken:
@@ -320,6 +344,8 @@ class ReplyListener:
                     del self._subscriptions[channel]
                 if added.pop(channel, None) is None:
                     removed.append(channel)  # sent before: unsubscribe in Redis too
+            elif kind == "start":
+                pass  # the thread runs now: its connection subscribed the reply channel
             elif kind == "after_outage":
                 self._after_outage.append(item)
             elif kind == "outage over":  # the broker's, seen by its watch
@@ -368,6 +394,16 @@ class ReplyListener:
 
     def _dispatch(self, message: list[Any]) -> None:
         kind, channel = message[0], message[1]
+        if channel == self.channel:
+            if kind == b"message":
+                task_id, value = opened(message[2])
+                expected = self._expected.get(task_id)
+                if expected is not None:  # else a caller that is gone
+                    expected.put(value)
+            elif kind == b"subscribe":
+                # Replies stored before the channel was (re)subscribed: read them.
+                self._catching_up.extend(self._expected.values())
+            return
         subscription = self._subscriptions.get(channel)
         if subscription is None:
             return  # a caller that is gone; its unsubscribe is on its way
@@ -386,7 +422,7 @@ class ReplyListener:
     def _read_stored(self) -> None:
         # One MGET for every subscription confirmed in this round: under load, many.
         batch = [subscription for subscription in self._catching_up
-                 if subscription.channel in self._subscriptions]
+                 if self._still_waiting(subscription)]
         if not batch:
             self._catching_up = []
             return
@@ -403,6 +439,11 @@ class ReplyListener:
         for subscription, value in zip(batch, values, strict=True):
             if value is not None:
                 subscription.put(value)
+
+    def _still_waiting(self, subscription: Subscription) -> bool:
+        if subscription.task_id is not None:
+            return self._expected.get(subscription.task_id) is subscription
+        return self._subscriptions.get(subscription.channel) is subscription
 
     def _reconnect(self, error: BaseException | None) -> None:
         """(Re)connect the pub/sub socket and subscribe to every channel held.
@@ -436,7 +477,7 @@ class ReplyListener:
 
     def _outage_over(self) -> None:
         """Tell every call waiting that an outage is over, and run the commands for it."""
-        for subscription in self._subscriptions.values():
+        for subscription in [*self._subscriptions.values(), *self._expected.values()]:
             if subscription.key is not None:
                 subscription.put(RECONNECTED)
         until = time.monotonic() + AFTER_OUTAGE_RETRY
@@ -461,7 +502,7 @@ class ReplyListener:
         pubsub.connect()
         self._watched = pubsub.fileno()
         self._selector.register(self._watched, selectors.EVENT_READ, "pubsub")
-        channels = list(self._subscriptions)
+        channels = [self.channel, *self._subscriptions]
         for start in range(0, len(channels), SUBSCRIBE_BATCH):
             pubsub.send_command("SUBSCRIBE", *channels[start:start + SUBSCRIBE_BATCH])
 

@@ -17,7 +17,7 @@ once and a cancel mark is written for the worker, which then never starts the ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,9 +38,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """Run ``send`` (a blocking publish) and give back what it returns."""
+    """Run ``send`` (a blocking publish) and give back what it returns; on an event loop,
+    await ``asend()`` instead where there is one (else ``send`` runs on a thread)."""
 
     send: Callable[[], Any]
+    asend: Callable[[], Awaitable[Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,8 @@ Steps = Generator[Step, Any, T]
 
 
 def publish_steps(send: Callable[[], T], deadline: float, timeout: float, outages: Outages,
-                  broker_url: str) -> Steps[T]:
+                  broker_url: str, asend: Callable[[], Awaitable[T]] | None = None,
+                  ) -> Steps[T]:
     """Publish with ``send()`` until it works or ``deadline`` (monotonic) passes.
 
     Raises:
@@ -79,7 +82,7 @@ def publish_steps(send: Callable[[], T], deadline: float, timeout: float, outage
     pauses = BACKOFF.pauses(deadline)
     while True:
         try:
-            sent: T = yield Publish(send)
+            sent: T = yield Publish(send, asend)
             return sent
         except Exception as exc:
             if not outages.is_outage(exc):

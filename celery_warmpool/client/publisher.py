@@ -1,13 +1,14 @@
-"""Publishing pool calls: task messages built by Celery, sent from one bounded pool.
+"""Publishing pool calls: task messages built by Celery, sent by the package itself.
 
 A call's message is made by Celery's own ``app.amqp`` (so workers, monitors and Flower see
 an ordinary task) but without ``apply_async``'s per-thread result machinery: the reply
-comes through the process's :class:`~.listener.ReplyListener`. Messages go out through
-the package's own few producers (:class:`~celery_warmpool.wire.scoped.Producers`: with
+comes through the process's :class:`~.listener.ReplyListener`. On a Redis broker it is
+pushed directly, as kombu would write it (:mod:`.pushes`); elsewhere it goes through the
+package's own few producers (:class:`~celery_warmpool.wire.scoped.Producers`: with
 publisher confirms on RabbitMQ), whatever the number of calling threads, to the pool's
-queue as the package declares it (:mod:`celery_warmpool.wire.queues`); coroutines publish
-through a small thread pool of their own, since Kombu has no asyncio producer.
-A call to a pool with ``max_queued`` is held to it as it is published (see
+queue as the package declares it (:mod:`celery_warmpool.wire.queues`). Coroutines put
+their messages in the process's :class:`~.outbox.Outbox`, sent together by one thread. A
+call to a pool with ``max_queued`` is held to it as it is published (see
 :mod:`.admission`).
 """
 
@@ -18,17 +19,21 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.entity import maybe_delivery_mode
 from kombu.pools import ProducerPool
 
+from ..wire.marks import loses_popped_messages as is_redis
 from ..wire.message import CallMessage
 from ..wire.queues import pool_queue, route
 from ..wire.scoped import PUBLISH_CONNECTIONS, scoped
 from .admission import AdmittingProducer, Bound, Refusals, armed
+from .outbox import Outbox
+from .pushes import RedisPushes
 
 __all__ = ["Message", "Publisher"]
 
@@ -68,6 +73,7 @@ class Publisher:
         self._pool: ProducerPool | None = None
         self._pool_pid = 0
         self.refusals = Refusals(app)
+        self.outbox = Outbox(self.send_many)
 
     def message(self, name: str, task_id: str, call: CallMessage, queue: str,
                 max_queued: int | None = None) -> Message:
@@ -85,11 +91,15 @@ class Publisher:
         return bool(self.app.conf.task_send_sent_event)
 
     def send(self, message: Message) -> None:
-        """Publish ``message`` with one of the package's own producers (blocking).
+        """Publish ``message`` (blocking): pushed on a Redis broker, else with one of the
+        package's own producers.
 
         Raises:
             PoolBusy: its pool is at its bound (see :mod:`.admission`); it was not sent.
         """
+        if self._pushes is not None:
+            self._pushes.push(message)
+            return
         options = message.options
         queue = options.get("queue")
         if queue is not None and queue.name in self._declared:
@@ -103,6 +113,35 @@ class Publisher:
                                             retry=False, **options)
         if queue is not None:
             self._declared.add(queue.name)
+
+    def send_many(self, messages: Sequence[Message]) -> list[BaseException | None]:
+        """Publish ``messages``: each one's outcome, ``None`` or the error that refused or
+        failed it (on Redis one pipeline; raising means none is known to be sent)."""
+        if self._pushes is not None:
+            return self._pushes.push_many(messages)
+        outcomes: list[BaseException | None] = []
+        for message in messages:
+            try:
+                self.send(message)
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    async def asend(self, message: Message) -> None:
+        """:meth:`send`, awaited: with the outbox's next round (see :mod:`.outbox`)."""
+        await self.outbox.send(message)
+
+    @functools.cached_property
+    def _pushes(self) -> RedisPushes | None:
+        """The direct pushes to a Redis broker, where they write what kombu would: JSON
+        messages with no compression and no task-sent event (else ``None``: kombu)."""
+        conf = self.app.conf
+        if (conf.task_serializer != "json" or conf.task_compression
+                or self._sent_events or not is_redis(self.app)):
+            return None
+        return RedisPushes(self.app)
 
     @contextlib.contextmanager
     def producer(self, bound: Bound | None) -> Iterator[Any]:
@@ -148,6 +187,9 @@ class Publisher:
         # the bound's arguments on RabbitMQ).
         options = self._routes.get((name, queue))
         if options is None:
-            options = self._routes[(name, queue)] = route(
-                pool_queue(self.app, queue, max_queued))
+            declared = pool_queue(self.app, queue, max_queued)
+            options = self._routes[(name, queue)] = {
+                **route(declared), "delivery_mode": maybe_delivery_mode(
+                    getattr(declared.exchange, "delivery_mode", None)
+                    or self.app.conf.task_default_delivery_mode)}
         return dict(options)

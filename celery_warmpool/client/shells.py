@@ -178,6 +178,8 @@ async def _ado(step: Step, executor: Executor) -> Any:
     if isinstance(step, Receive):
         return await step.mailbox.atake(step.timeout)
     if isinstance(step, Publish):
+        if step.asend is not None:
+            return await step.asend()
         return await asyncio.get_running_loop().run_in_executor(executor, step.send)
     assert isinstance(step, Pause)
     await asyncio.sleep(step.seconds)

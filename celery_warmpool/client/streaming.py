@@ -41,7 +41,7 @@ class Caller(Protocol):
 
     def call_message(self, task_id: str, pool: str, events: list[Signal], timeout: float,
                      call_timeout: float | None, *, stream: bool = False,
-                     model: str | None = None) -> Message:
+                     reply: str | None = None, model: str | None = None) -> Message:
         """The message of a call of ``events`` on ``pool``."""
 
     def send(self, message: Message) -> None:
@@ -50,9 +50,8 @@ class Caller(Protocol):
     def result_key(self, task_id: str) -> bytes:
         """The key (and channel) of the stored result of ``task_id``."""
 
-    def publish(self, send: Callable[[], None], deadline: float,
-                timeout: float) -> Steps[None]:
-        """The steps of publishing with ``send``, retried until ``deadline``."""
+    def publishing(self, message: Message, deadline: float, timeout: float) -> Steps[None]:
+        """The steps of publishing ``message``, retried until ``deadline``."""
 
     def recover(self, listener: ReplyListener, subscription: Subscription, task_id: str,
                 notice: Any, send: Callable[[], None], deadline: float) -> Steps[None]:
@@ -133,20 +132,18 @@ def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Sign
     task_id = new_id()
     window = timeout + (call_timeout or 0.0) + client.reply_grace
     message = client.call_message(task_id, pool, [event], timeout, call_timeout, stream=True,
-                                  model=model)
+                                  reply=listener.channel.decode(), model=model)
     mailbox = Mailbox()
     chunks_key = stream_key(task_id).encode()
-    result_key = client.result_key(task_id)
-    subscriptions = [
-        listener.subscribe(result_key, result_key, mailbox=mailbox, tag=REPLY),
-        listener.subscribe(chunks_key, mailbox=mailbox, tag=CHUNK,
-                           catch_up=functools.partial(_read_back, chunks_key, mailbox)),
-    ]
+    # The reply on the process's reply channel, the chunks on the stream's own: one
+    # connection carries both, in the order Redis saw them.
+    reply = listener.expect(task_id, client.result_key(task_id), mailbox=mailbox, tag=REPLY)
+    chunks = listener.subscribe(chunks_key, mailbox=mailbox, tag=CHUNK,
+                                catch_up=functools.partial(_read_back, chunks_key, mailbox))
     order, position = _InOrder(), _Position(spec.stream_buffer)
     finished = False
-    send = functools.partial(client.send, message)
     try:
-        yield from client.publish(send, started + timeout, timeout)
+        yield from client.publishing(message, started + timeout, timeout)
         outcome: Callable[[], AgentReply] | None = None
         quiet = min(REPORT_INTERVAL, spec.stream_idle_timeout / 4)
         while True:
@@ -167,7 +164,7 @@ def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Sign
             if data is RECONNECTED or isinstance(data, Taken):
                 # The result store was away: the message may be lost with the broker.
                 # A copy sent again was admitted once: not held to the pool's bound.
-                yield from client.recover(listener, subscriptions[0], task_id, data,
+                yield from client.recover(listener, reply, task_id, data,
                                           functools.partial(client.send, message.again()),
                                           started + timeout)
             elif tag == CHUNK:
@@ -190,8 +187,8 @@ def stream_steps(client: Caller, listener: ReplyListener, pool: str, event: Sign
                                                   seconds=window))
         raise
     finally:
-        for subscription in subscriptions:
-            listener.unsubscribe(subscription)
+        listener.forget(reply)
+        listener.unsubscribe(chunks)
         listener.submit(functools.partial(_forget, task_id))
 
 

@@ -149,9 +149,11 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     # their documentation is written per pool by .openapi anyway.
     async def call(request: Request) -> Response:
         pool, signal = await gateway.signal(request)
-        reply = await warm.acall(pool, signal, timeout=_seconds(request, "timeout", 5.0),
-                                 call_timeout=_seconds(request, "call_timeout", 5.0))
-        return JSONBody(reply.model_dump(mode="json"))
+        # The reply as the worker stored it: JSON in, JSON out, no model in between.
+        reply = await warm.client.acall_data(
+            pool, signal, timeout=_seconds(request, "timeout", 5.0),
+            call_timeout=_seconds(request, "call_timeout", 5.0))
+        return JSONBody(reply)
 
     async def cast(request: Request) -> Response:
         pool, signal = await gateway.signal(request)

@@ -53,9 +53,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CAST_KEPT", "CAST_MARGIN", "TAKEN_KEY", "TAKEN_MARGIN", "TakenMark",
-           "cancel_key", "is_cancelled", "mark_cancelled", "read_key", "stream_key",
-           "taken_key", "taken_ttl", "taken_value"]
+from .queues import is_redis
+
+__all__ = ["CAST_KEPT", "CAST_MARGIN", "CLAIM", "TAKEN_KEY", "TAKEN_MARGIN", "TakenMark",
+           "cancel_key", "is_cancelled", "loses_popped_messages", "mark_cancelled",
+           "read_key", "stream_key", "taken_key", "taken_ttl", "taken_value"]
 
 #: The key of a call's mark, formatted with the call's task id.
 TAKEN_KEY = "warmpool:taken:{task_id}"
@@ -89,6 +91,32 @@ class TakenMark:
                        copy=int(data.get("copy", 0)))
         except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a taken mark: {value!r}") from exc
+
+
+#: Marks a call or cast taken and reads its cancel mark, in one round trip.
+#: KEYS: the taken mark, the cancel mark. ARGV: this process's mark, its lifetime (ms).
+#: Returns ``{1}`` when the mark is set here, ``{0}`` when the caller cancelled the call,
+#: ``{2, value}`` when the mark was set before (by another copy, or by a caller that left:
+#: ``value`` says which).
+CLAIM = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+    return {0}
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {1}
+end
+return {2, redis.call('GET', KEYS[1])}
+"""
+#: What :data:`CLAIM` answers first.
+CANCELLED_BY_CALLER, MINE, HELD = 0, 1, 2
+
+
+def loses_popped_messages(app: Any) -> bool:
+    """Whether ``app``'s broker can lose a message a worker popped (Redis, see the module):
+    only then are calls and casts marked taken, and sent again after an outage. RabbitMQ
+    keeps a message until it is acknowledged, and delivers it again if its consumer goes
+    away first; a lost copy cannot happen there, so neither marks nor copies are needed."""
+    return is_redis(app)
 
 
 def taken_key(task_id: str) -> str:

@@ -58,6 +58,9 @@ class CallMessage:
             ``n``-th copy its caller sent again (see :mod:`.marks`).
         model: the model the signals are for, in a pool with ``max_models``; else
             ``None``.
+        reply: the caller's reply channel, where the worker publishes the reply (see
+            :mod:`.replies`); ``None``: Celery's own way.
+        sent: Unix time the caller sent it (``None``: unknown).
     """
 
     pool: str
@@ -68,6 +71,8 @@ class CallMessage:
     stream: bool = False
     copy: int = 0
     model: str | None = None
+    reply: str | None = None
+    sent: float | None = None
 
     def to_args(self) -> tuple[dict[str, Any]]:
         """The task's positional arguments: this message as JSON data."""
@@ -84,6 +89,10 @@ class CallMessage:
             data["copy"] = self.copy
         if self.model is not None:
             data["model"] = self.model
+        if self.reply is not None:
+            data["reply"] = self.reply
+        if self.sent is not None:
+            data["sent"] = self.sent
         return (data,)
 
     @classmethod
@@ -108,11 +117,14 @@ class CallMessage:
         try:
             pool, signals = data["pool"], list(data["signals"])
             deadline = _optional_float(data.get("deadline"))
+            sent = _optional_float(data.get("sent"))
             copy = int(data.get("copy") or 0)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"not a pool call's message ({exc!r}): {args!r}") from exc
-        if not isinstance(pool, str) or not all(isinstance(s, Mapping) for s in signals):
-            raise ValueError(f"not a pool call's message (pool, signals): {args!r}")
+        reply = data.get("reply")
+        if (not isinstance(pool, str) or not all(isinstance(s, Mapping) for s in signals)
+                or not (reply is None or isinstance(reply, str))):
+            raise ValueError(f"not a pool call's message (pool, signals, reply): {args!r}")
         # The same check as the caller's: a message no caller sends is refused here, not
         # by whatever would fail on it later (an agent checked out and never back).
         call_timeout = seconds("call_timeout", data.get("call_timeout"),
@@ -120,8 +132,8 @@ class CallMessage:
         model = data.get("model")
         return cls(pool=pool, signals=signals, deadline=deadline, call_timeout=call_timeout,
                    transaction=bool(data.get("transaction", False)),
-                   stream=bool(data.get("stream", False)), copy=copy,
-                   model=None if model is None else model_id(model))
+                   stream=bool(data.get("stream", False)), copy=copy, reply=reply,
+                   sent=sent, model=None if model is None else model_id(model))
 
     @property
     def label(self) -> str:

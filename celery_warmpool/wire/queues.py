@@ -31,11 +31,12 @@ reserved or running, are counted by the nodes: see :mod:`.backlog`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Final
 
 from kombu import Queue
 
-__all__ = ["OVERFLOW", "bound_arguments", "inequivalent", "is_amqp", "pool_queue",
+__all__ = ["OVERFLOW", "bound_arguments", "inequivalent", "is_amqp", "is_redis", "pool_queue",
            "queue_length", "route"]
 
 #: What RabbitMQ does with a publish past ``x-max-length``: refuse it (a nack).
@@ -82,11 +83,27 @@ def route(queue: Queue) -> dict[str, Any]:
 
 def is_amqp(app: Any) -> bool:
     """Whether ``app``'s broker is RabbitMQ (an AMQP transport), read without connecting."""
-    connection = app.connection_for_write()
-    try:
-        return bool(connection.transport.driver_type == "amqp")
-    finally:
-        connection.release()
+    return _driver_type(app) == "amqp"
+
+
+def is_redis(app: Any) -> bool:
+    """Whether ``app``'s broker is Redis, read without connecting."""
+    return _driver_type(app) == "redis"
+
+
+def _driver_type(app: Any) -> str:
+    """The kind of ``app``'s broker transport (read once per app; nothing connects)."""
+    found = _driver_types.get(app)
+    if found is None:
+        connection = app.connection_for_write()
+        try:
+            found = _driver_types[app] = str(connection.transport.driver_type)
+        finally:
+            connection.release()
+    return found
+
+
+_driver_types: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def bound_arguments(max_queued: int | None) -> dict[str, Any]:

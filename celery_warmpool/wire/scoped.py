@@ -36,6 +36,8 @@ from typing import Any
 from celery import Task
 from kombu.pools import ProducerPool
 
+from .replies import RepliesOnChannel
+
 __all__ = ["BACKEND_RETRY_POLICY", "PUBLISH_CONNECTIONS", "Producers", "ResultStore",
            "Scoped", "StoresOwnResults", "own_connection", "scoped"]
 
@@ -140,11 +142,15 @@ class ResultStore:
     @functools.cached_property
     def _kind(self) -> str:
         """``"app"`` (``app.backend`` as it is), ``"shared"`` (one per process) or
-        ``"thread"`` (one per thread): decided once, when first needed."""
-        if not self.app.conf.get("warmpool_resilient_results", True):
-            return "app"
+        ``"thread"`` (one per thread): decided once, when first needed.
+
+        A Redis store is always the package's own, shared: it publishes replies on their
+        callers' channels (see :mod:`.replies`), with the package's retries or not.
+        """
         backend = self.app.backend
-        if not _tunable(backend):
+        if _replies_on_channels(backend):
+            return "shared"
+        if not self.app.conf.get("warmpool_resilient_results", True) or not _tunable(backend):
             return "app"
         return "shared" if _shareable(backend) else "thread"
 
@@ -171,7 +177,15 @@ class ResultStore:
     def _new(self) -> Any:
         # Made as Celery makes app.backend (its class and URL from the app's settings),
         # then given the package's settings where the app left Celery's defaults.
-        backend = self.app._get_backend()
+        # The class and URL of app.backend, which the process has already: looking them
+        # up again would read every installed package's entry points (as Celery does).
+        backend_class: Any = type(self.app.backend)
+        url = self.app.backend.url
+        if _replies_on_channels(backend_class):
+            backend_class = _replying(backend_class)
+        backend = backend_class(app=self.app, url=url)
+        if not self.app.conf.get("warmpool_resilient_results", True):
+            return backend
         conf = self.app.conf
         backend.always_retry = True
         if conf.result_backend_max_sleep_between_retries_ms == CELERY_MAX_SLEEP_MS:
@@ -179,6 +193,22 @@ class ResultStore:
         if "retry_policy" not in (conf.result_backend_transport_options or {}):
             backend.retry_policy = {**backend.retry_policy, **BACKEND_RETRY_POLICY}
         return backend
+
+
+@functools.cache
+def _replying(backend_class: type[Any]) -> type[Any]:
+    """``backend_class`` (a Redis result backend) that publishes pool calls' replies on
+    their callers' channels."""
+    return type(f"Replying{backend_class.__name__}", (RepliesOnChannel, backend_class), {})
+
+
+def _replies_on_channels(backend: Any) -> bool:
+    """Whether ``backend`` (a backend or its class) is a plain Redis one (not Sentinel),
+    whose callers wait on reply channels (see :mod:`.replies`)."""
+    from celery.backends.redis import RedisBackend, SentinelBackend
+
+    kind = backend if isinstance(backend, type) else type(backend)
+    return issubclass(kind, RedisBackend) and not issubclass(kind, SentinelBackend)
 
 
 class Scoped:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from billiard.exceptions import WorkerLostError
+from celery import states
 from celery.app.task import Context
 from celery.worker import state as worker_state
 
@@ -51,7 +52,7 @@ from ..core.errors import (
 )
 from ..core.signal import Signal
 from ..wire.message import CallMessage, kind_of
-from ..wire.outages import Outages
+from ..wire.outages import Outages, retry
 from ..wire.scoped import scoped
 from .claims import CallClaims
 from .errands import Errands
@@ -231,6 +232,8 @@ class PoolBatches:
             "signal": dict(call.signals[0]),
             "deadline": call.deadline, "call_timeout": call.call_timeout,
             "copy": call.copy if kind == "cast" else None, "model": call.model,
+            # The message as sent (its reply channel says where the caller waits).
+            "args": list(call.to_args()),
             "reply_to": properties.get("reply_to"),
             "correlation_id": properties.get("correlation_id") or message.headers["id"],
             "retries": message.headers.get("retries") or 0}
@@ -329,20 +332,39 @@ class PoolBatches:
 
 def store(runtime: WorkerRuntime, item: dict[str, Any], outcome: Any) -> None:
     """Store one batched caller's reply (or error) under its own task id."""
+    store_all(runtime, [(item, outcome)])
+
+
+def store_all(runtime: WorkerRuntime, outcomes: list[tuple[dict[str, Any], Any]]) -> None:
+    """Store each batched caller's reply (or error) under its own task id, in one round
+    trip where the result store can (Redis), and dead-letter the casts that failed.
+
+    Raises:
+        The result store's connection errors.
+    """
     backend = scoped(runtime.app).results.backend
-    request = Context(id=item["id"], reply_to=item["reply_to"],
+    entries = [_entry(item, outcome) for item, outcome in outcomes]
+    if hasattr(backend, "store_many"):
+        backend.store_many(entries)
+    else:
+        for task_id, result, state, request in entries:
+            backend.store_result(task_id, result, state, request=request)
+    for (item, _), (_, result, state, _) in zip(outcomes, entries, strict=True):
+        if item["kind"] == "cast" and state == states.FAILURE:
+            runtime.dead_letter(item["pool"], item["signal"], result, task_id=item["id"],
+                                attempts=item["retries"] + 1, model=item.get("model"),
+                                may_have_run=isinstance(result, AgentLost | CallTimeout))
+
+
+def _entry(item: dict[str, Any], outcome: Any) -> tuple[str, Any, str, Context]:
+    """``(task_id, result, state, request)`` of one batched caller's outcome."""
+    request = Context(id=item["id"], reply_to=item["reply_to"], args=item.get("args"),
                       correlation_id=item["correlation_id"], retries=item["retries"])
     if isinstance(outcome, BaseException):
         # A batch that failed as a whole may have failed with anything: its callers get
         # a WarmPoolError all the same (the failure itself is logged by run_batch_job).
-        outcome = WorkerFailed.wrapping(outcome, item["pool"])
-        backend.mark_as_failure(item["id"], outcome, request=request)
-        if item["kind"] == "cast":
-            runtime.dead_letter(item["pool"], item["signal"], outcome, task_id=item["id"],
-                                attempts=item["retries"] + 1, model=item.get("model"),
-                                may_have_run=isinstance(outcome, AgentLost | CallTimeout))
-        return
-    backend.mark_as_done(item["id"], [outcome.to_wire()], request=request)
+        return item["id"], WorkerFailed.wrapping(outcome, item["pool"]), states.FAILURE, request
+    return item["id"], [outcome.to_wire()], states.SUCCESS, request
 
 
 def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
@@ -366,13 +388,16 @@ def run_batch_job(app: str, pool: str, items: list[dict[str, Any]]) -> int:
         if not isinstance(exc, WarmPoolError):
             logger.exception("pool %r: a batch failed in the worker itself", pool)
         outcomes = [exc] * len(mine)
-    for item, outcome in zip(mine, outcomes, strict=True):
-        if outcome is _ANSWERED:
-            continue
-        try:
-            store(runtime, item, outcome)
-        except Exception:
-            logger.exception("pool %r: could not store the reply of %s", pool, item["id"])
+    answers = [(item, outcome) for item, outcome in zip(mine, outcomes, strict=True)
+               if outcome is not _ANSWERED]
+    try:
+        # One round trip for every caller's reply; a result store that is away is waited
+        # for as long as the callers wait.
+        retry(functools.partial(store_all, runtime, answers), Outages.of(runtime.app),
+              time.monotonic() + ANSWER_WITHIN)
+    except Exception:
+        logger.exception("pool %r: could not store the replies of %s", pool,
+                         ", ".join(item["id"] for item, _ in answers))
     return len(items)
 
 

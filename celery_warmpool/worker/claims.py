@@ -1,30 +1,38 @@
 """Marking calls and casts taken before they start, so that a copy sent again never runs
-beside the one it stands in for.
+beside the one it stands in for, and dropping calls whose callers left.
 
 See :mod:`celery_warmpool.wire.marks` for the mark, why it exists and what a caller reads
-in it. The process that is about to run a call or a cast sets the mark only if it is
-absent; a process that finds it set by another copy drops its own.
+in it. The process that is about to run a call or a cast (it holds an agent for it)
+sets the mark only if it is absent, and reads the call's cancel mark in the same step; a
+process that finds the mark set by another copy, or the call cancelled, drops its own.
+Only a broker that can lose a popped message (Redis) needs the mark.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import Ignore, Reject
+from redis.exceptions import NoScriptError
 
 from ..core.errors import CheckoutTimeout
 from ..wire.marks import (
     CAST_MARGIN,
+    CLAIM,
+    HELD,
+    MINE,
     TAKEN_MARGIN,
     TakenMark,
+    cancel_key,
+    loses_popped_messages,
     taken_key,
     taken_ttl,
     taken_value,
 )
+from ..wire.message import CALL_TASK, CallMessage
 from ..wire.outages import Outages, retry
 
 if TYPE_CHECKING:
@@ -32,10 +40,12 @@ if TYPE_CHECKING:
 
 __all__ = ["CallClaims", "is_taken"]
 
-T = TypeVar("T")
-
 logger = logging.getLogger(__name__)
 
+#: Seconds since a call was sent (or of waiting for an agent) after which its cancel mark is
+#: read before it starts, where nothing else reads it (a call taken at once has its
+#: caller there).
+WAITED = 0.01
 #: Seconds work without a deadline (a cast sent without ``timeout``) waits for an
 #: unreachable result store before it runs unmarked: at least once, rather than never.
 UNMARKED_AFTER = 10.0
@@ -47,34 +57,40 @@ class CallClaims:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
 
-    def run_once(self, task: Any, pool: str, deadline: float | None,
-                 run: Callable[[], T], copy: int | None = None) -> T:
-        """``run()`` the work ``task`` carries if this process takes it.
+    def admit(self, task: Any, message: CallMessage, *, waited: bool) -> bool:
+        """Whether this process may run the work ``task`` carries (``message``), now that
+        it holds an agent for it; one round trip to the result store at most.
 
-        A call (``copy`` ``None``) runs only if no copy of it was taken already; a cast
-        (``copy``: which copy of it this message is) runs unless another copy was (see
-        :mod:`celery_warmpool.wire.marks`). A copy that is not run is dropped unanswered
-        (:class:`~celery.exceptions.Ignore`: the copy that runs answers). Work handed
-        back to the broker (:class:`~celery.exceptions.Reject`) loses its mark, so that
-        another node may take it.
+        With a broker that can lose a popped message (Redis) the work is marked taken,
+        its cancel mark read in the same step (:meth:`claim`): a call runs only if no copy
+        of it was taken already and its caller has not left; a cast (its ``copy``) unless
+        another copy was. With another broker nothing is marked; a call's cancel mark is
+        read only if it may have waited (``waited`` for an agent here, or sent over
+        :data:`WAITED` seconds ago): one taken at once has its caller there.
         """
         task_id = task.request.id
-        if task_id is None:  # called directly, not sent: nothing to mark
-            return run()
-        if not self.claim(task.backend, pool, str(task_id), deadline, copy):
-            what = "call" if copy is None else f"cast (copy {copy})"
-            logger.info("pool %r: %s %s was taken already; this copy is dropped", pool,
-                        what, task_id)
-            raise Ignore()
-        try:
-            return run()
-        except Reject:
-            self.release(task.backend, str(task_id))
-            raise
+        backend = task.backend
+        client = _redis_client(backend)
+        if task_id is None or client is None:  # called directly; or no store for marks
+            return True
+        call = message.copy == 0 and task.name == CALL_TASK
+        if loses_popped_messages(backend.app):
+            taken = self.claim(backend, message.pool, str(task_id), message.deadline,
+                               None if call else message.copy)
+        elif call and (waited or _sent_before(message, time.time() - WAITED)):
+            taken = not _cancelled(client, str(task_id))
+        else:
+            return True
+        if not taken:
+            what = "call" if call else f"cast (copy {message.copy})"
+            logger.info("pool %r: %s %s was taken already, or its caller left; this copy "
+                        "is dropped", message.pool, what, task_id)
+        return taken
 
     def claim(self, backend: Any, pool: str, task_id: str, deadline: float | None,
               copy: int | None = None) -> bool:
-        """Mark ``task_id`` taken by this process; false if another copy took it.
+        """Mark ``task_id`` taken by this process; false if another copy took it, or its
+        caller cancelled it (both read in the one step, :data:`~..wire.marks.CLAIM`).
 
         ``copy`` is ``None`` for a call, and which copy a cast's message is for a cast
         (a cast's copy runs again where the mark holds its own number). A result store
@@ -90,16 +106,17 @@ class CallClaims:
         if client is None:
             return True
         now = time.time()
-        key = taken_key(task_id)
+        keys = (taken_key(task_id), cancel_key(task_id))
         mine, ttl_ms = self._mark(now, deadline, copy)
 
         def mark() -> bool:
-            if client.set(key, mine, nx=True, px=ttl_ms):
-                return True
-            # The set may have reached the server and its answer been lost to a
-            # reconnection (redis-py then sends it again): the mark is ours if it holds
-            # our own value (a cast's: our copy number).
-            return _holds(client.get(key), mine, copy)
+            answer = _claim(client, keys, mine, ttl_ms)
+            if answer[0] == HELD:
+                # The set may have reached the server and its answer been lost to a
+                # reconnection (the script then runs again): the mark is ours if it holds
+                # our own value (a cast's: our copy number).
+                return _holds(answer[1], mine, copy)
+            return bool(answer[0] == MINE)
 
         # Until the deadline (on the monotonic clock), or UNMARKED_AFTER without one.
         left = UNMARKED_AFTER if deadline is None else deadline - now
@@ -130,7 +147,7 @@ class CallClaims:
         reached lets every item run, unmarked.
         """
         client = _redis_client(backend)
-        if client is None or not work:
+        if client is None or not work or not loses_popped_messages(backend.app):
             return [True] * len(work)
         now = time.time()
         marks = [self._mark(now, deadline, copy) for _, deadline, copy in work]
@@ -171,6 +188,33 @@ class CallClaims:
             # deadline, a cast's copy sent again by its caller runs then.
             logger.warning("could not remove the taken marks of %s", ", ".join(task_ids),
                            exc_info=True)
+
+
+#: The SHA1 Redis knows :data:`CLAIM` by, once it was sent.
+_CLAIM_SHA = hashlib.sha1(CLAIM.encode()).hexdigest()
+
+
+def _claim(client: Any, keys: tuple[str, str], mine: str, ttl_ms: int) -> list[Any]:
+    """Run :data:`CLAIM` (by its SHA1; sent in full the first time a server sees it)."""
+    try:
+        answer: list[Any] = client.evalsha(_CLAIM_SHA, 2, *keys, mine, ttl_ms)
+    except NoScriptError:
+        answer = client.eval(CLAIM, 2, *keys, mine, ttl_ms)
+    return answer
+
+
+def _sent_before(message: CallMessage, when: float) -> bool:
+    """Whether ``message`` was sent before ``when`` (Unix time; unknown: yes)."""
+    return message.sent is None or message.sent < when
+
+
+def _cancelled(client: Any, task_id: str) -> bool:
+    """Whether the caller of ``task_id`` left it; an unreachable store says no."""
+    try:
+        return bool(client.exists(cancel_key(task_id)))
+    except Exception as exc:  # an unreachable result store must not stop the call
+        logger.debug("could not read the cancel mark of %s: %r", task_id, exc)
+        return False
 
 
 def is_taken(backend: Any, task_id: str) -> bool:

@@ -55,7 +55,7 @@ from ..core.signal import Signal
 from ..wire.marks import is_cancelled
 from ..wire.message import CALL_TASK, CAST_TASK, CallMessage
 from ..wire.scoped import StoresOwnResults
-from .claims import CallClaims
+from .claims import WAITED, CallClaims
 from .requests import REQUEST
 from .runtime import WorkerRuntime
 from .streams import StreamSink
@@ -63,11 +63,12 @@ from .watchdog import Watchdog
 
 __all__ = ["CallHandler", "register_tasks"]
 
+#: Characters of a call's replies the worker's log shows (Celery's default is 1,024; the
+#: repr is made for every task, at a cost that grows with its length).
+RESULT_REPR_MOST = 200
+
 logger = logging.getLogger(__name__)
 
-#: Seconds of waiting for an agent after which a call's cancel mark is read before it
-#: starts (a call that got one at once was taken a moment ago: its caller is there).
-WAITED = 0.01
 #: Seconds a stream's chunks are kept when its call has no ``call_timeout``, beyond
 #: ``stream_idle_timeout``.
 STREAM_KEEP = 3600.0
@@ -78,6 +79,7 @@ class CallHandler:
 
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
+        self.claims = CallClaims(runtime)
 
     def handle(self, task: Task, message: CallMessage) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run ``message``'s signals on one agent of its pool; return the replies as JSON
@@ -96,10 +98,15 @@ class CallHandler:
         except HandedBack:
             # The node is draining or stopping: back to the broker, for another node.
             raise Reject(requeue=True) from None
-        if time.monotonic() - asked > WAITED and _cancelled(task):
-            # Its caller left while it waited for an agent (one that left before the
-            # call was taken marked it taken, so it never got here): nobody waits for
-            # it, so nothing is stored.
+        try:
+            admitted = self.claims.admit(task, message,
+                                         waited=time.monotonic() - asked > WAITED)
+        except BaseException:
+            agent_pool.checkin(agent)
+            raise
+        if not admitted:
+            # Another copy took it (that copy answers), or its caller left: nobody waits
+            # for this one, so nothing is stored.
             agent_pool.checkin(agent)
             raise Ignore()
 
@@ -246,7 +253,6 @@ def _pool_of(args: tuple[Any, ...]) -> Any:
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  # type: ignore[type-arg]
     """Register, on ``app``, the tasks that run calls and casts on a pool's agents."""
     handler = CallHandler(runtime)
-    claims = CallClaims(runtime)
 
     def handle(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run a call's signals on one agent of its pool; return the replies as JSON data.
@@ -254,9 +260,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
         Only the first copy of a call to be taken runs (see :mod:`.claims`).
         """
         with _only_warmpool_errors(_pool_of(args)):
-            call = CallMessage.from_args(args, "call")
-            return claims.run_once(task, call.pool, call.deadline,
-                                   lambda: handler.handle(task, call))
+            return handler.handle(task, CallMessage.from_args(args, "call"))
 
     def cast(task: Task, *args: Any) -> list[dict[str, Any]]:  # type: ignore[type-arg]
         """Run a cast's signal on one agent of its pool; dead-letter it if it fails.
@@ -266,9 +270,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
         """
         try:
             with _only_warmpool_errors(_pool_of(args)):
-                cast = CallMessage.from_args(args, "cast")
-                return claims.run_once(task, cast.pool, cast.deadline,
-                                       lambda: handler.handle(task, cast), cast.copy)
+                return handler.handle(task, CallMessage.from_args(args, "cast"))
         except WarmPoolError as exc:
             handler.dead_letter(task.request, exc, may_have_run=isinstance(exc, ActionFailed))
             raise
@@ -277,7 +279,10 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> tuple[Task, Task]:  #
     # never changing how the app's other tasks store theirs (see celery_warmpool.wire.scoped).
     base = type("WarmPoolTask", (StoresOwnResults, app.Task), {})
     options: dict[str, Any] = {"bind": True, "acks_late": True, "throws": (WarmPoolError,),
-                               "shared": False, "Request": REQUEST, "base": base}
+                               "shared": False, "Request": REQUEST, "base": base,
+                               # What the worker's log and events show of the replies:
+                               # Celery writes its repr for every task, whatever the level.
+                               "resultrepr_maxsize": RESULT_REPR_MOST}
     call_task: Task = app.task(  # type: ignore[type-arg]
         **{**options, "name": CALL_TASK, "warmpool_kind": "call"})(handle)
     cast_task: Task = app.task(  # type: ignore[type-arg]

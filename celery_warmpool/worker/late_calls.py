@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from celery.app.task import Context
 from celery.worker import state as worker_state
 
 from ..core.errors import CheckoutTimeout
@@ -146,5 +147,6 @@ class LateCalls:
         error = CheckoutTimeout(
             f"pool {call.pool!r}: no agent came free within the call's timeout; the call "
             "waited in a busy worker and will not run", call.pool, late)
-        backend.mark_as_failure(task_id, error)
+        # The call's own message goes along: its reply channel says where its caller waits.
+        backend.mark_as_failure(task_id, error, request=Context(id=task_id, args=call.to_args()))
         return True
