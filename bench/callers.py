@@ -53,9 +53,9 @@ from bench.measure import (  # noqa: E402
     RABBITMQ,
     Check,
     cpu_seconds,
+    most_connections,
     print_targets,
     rabbitmq_pid,
-    redis_connections,
     redis_server_pid,
     redis_url,
     send_and_wait,
@@ -105,31 +105,6 @@ class Row:
         return self.per_call_us(sum(self.watched.get(name, 0.0) for name in names))
 
 
-class Sampler:
-    """Counts this process's Redis connections now and then while a step runs."""
-
-    def __init__(self) -> None:
-        self.most = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-    def sample(self) -> None:
-        self.most = max(self.most, redis_connections())
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.5):
-            self.sample()
-
-
 def measured(name: str, run: Callable[[Row, float], None], seconds: float,
              watched: dict[str, list[int]]) -> Row:
     """Run one step for ``seconds``; fill its row, with the CPU of the ``watched``
@@ -138,14 +113,15 @@ def measured(name: str, run: Callable[[Row, float], None], seconds: float,
     before = os.times()
     watched_before = {what: cpu_seconds(*pids) for what, pids in watched.items()}
     started = time.perf_counter()
-    with Sampler() as sampler:
+    connections: list[int] = []
+    with most_connections(connections, every=0.5):
         run(row, time.perf_counter() + seconds)
     row.seconds = time.perf_counter() - started
     after = os.times()
     row.watched = {what: cpu_seconds(*pids) - watched_before[what]
                    for what, pids in watched.items()}
     row.cpu = (after.user - before.user) + (after.system - before.system)
-    row.connections = sampler.most
+    row.connections = max(connections)
     row.calls = len(row.latencies) if row.latencies else row.calls
     return row
 

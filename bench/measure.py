@@ -11,7 +11,10 @@ so that runs beside other work on the machine can use servers of their own:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +73,29 @@ def redis_connections(pid: int | None = None) -> int:
     """TCP connections of process ``pid`` (this one by default) to the Redis port."""
     return sum(1 for connection in psutil.Process(pid).net_connections(kind="tcp")
                if connection.raddr and connection.raddr.port == REDIS_PORT)
+
+
+@contextmanager
+def most_connections(found: list[int], pid: int | None = None,
+                     every: float = 0.05) -> Iterator[None]:
+    """Sample the Redis connections of process ``pid`` (this one by default) into
+    ``found`` every ``every`` seconds while the block runs, and once more at its end."""
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            found.append(redis_connections(pid))
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        running.clear()
+        sampler.join()
+        found.append(redis_connections(pid))
 
 
 def send_and_wait(app: Any, send: Callable[[], Any], count: int) -> None:
