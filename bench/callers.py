@@ -209,8 +209,11 @@ def bursts(app: Any, send: Callable[[], Any], size: int) -> Callable[[Row, float
 def start_node(broker: str, backend: str) -> WorkerProcess:
     env = {"PYTHONPATH": str(ROOT), "WARMPOOL_BROKER_URL": broker,
            "WARMPOOL_RESULT_BACKEND": backend}
+    # At Celery's own default log level: INFO would write two lines a task, whose cost
+    # would count as the node's.
     worker = WorkerProcess("bench.callers_app", pool="threads", concurrency=16,
-                           broker=broker, backend=backend, env=env, cwd=ROOT)
+                           broker=broker, backend=backend, env=env, cwd=ROOT,
+                           loglevel="WARNING")
     return worker.start(timeout=60)
 
 
