@@ -391,7 +391,7 @@ def earlier_targets(rows: dict[str, Row]) -> list[Check]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per step")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per step")
     parser.add_argument("--quick", action="store_true", help="1.5 s per step")
     parser.add_argument("--no-rabbitmq", action="store_true", help="skip the RabbitMQ row")
     parser.add_argument("--json", type=Path, help="also write the rows here")

@@ -14,11 +14,11 @@ servers on it, both under uvicorn with one process and no access log:
 Each takes ``wrk`` (Debian's package) with 256 connections for 10 s on
 ``POST /pools/echo/call``: requests per second, non-2xx answers and socket errors, the
 server's own CPU per request (from ``/proc/<pid>/stat``) and the most Redis connections
-it held (psutil, sampled every 0.2 s). The gateway has every route used first (64 calls,
-casts, streams and status reads at once, then the page, the pool list, the health check
-and the OpenAPI document), and its connections are sampled from then until the end. Then,
-through the gateway, one client at a time: the time to the first chunk of an SSE stream
-against a unary call's p50.
+it held (psutil, sampled every 0.2 s). The gateway has every route used first (calls,
+casts, streams, status reads, and the page with what its script reads, the health check
+and the OpenAPI document: one at a time, then 64 at once), and its connections are
+sampled from then until the end. Then, through the gateway, one client at a time: the
+time to the first chunk of an SSE stream against a unary call's p50.
 
 The Redis connections of one process reading 200 streams at once are
 ``bench/streaming.py``'s.
@@ -60,7 +60,8 @@ BROKER, BACKEND = redis_url(12), redis_url(13)
 CONNECTIONS = 256
 SIGNAL = '{"type": "bench.echo", "data": {"text": "hello"}}'
 WORDS = {"type": "bench.words", "data": {"count": 8}}
-#: Requests of each kind at once when every route is used.
+#: The gateway's routes, each used once and then ``AT_ONCE`` times at once.
+ROUTES = ("call", "cast", "stream", "status", "page")
 AT_ONCE = 64
 WRK_SCRIPT = f"""
 wrk.method = "POST"
@@ -140,31 +141,32 @@ def load(name: str, server: ManagedProcess, url: str, seconds: float, wrk: str,
                 sum(int(count) for count in errors.groups()) if errors else 0, used)
 
 
-def every_route(url: str, at_once: int) -> None:
-    """Use each of the gateway's routes as its callers and its page do: ``at_once`` calls,
-    casts, streams and status reads at once, then the page, the pool list, the health
-    check and the OpenAPI document."""
-    async def stream(http: httpx.AsyncClient) -> int:
-        async with http.stream("POST", "/pools/echo/stream", json=WORDS) as response:
-            async for _ in response.aiter_lines():
-                pass
-            return response.status_code
+def use_route(url: str, route: str, at_once: int) -> None:
+    """``at_once`` requests to ``route`` at once: ``call``, ``cast``, ``stream``,
+    ``status``, or ``page`` (the page, then what its script reads: the pool list; and the
+    health check and the OpenAPI document)."""
+    async def one(http: httpx.AsyncClient) -> list[int]:
+        if route in ("call", "cast"):
+            return [(await http.post(f"/pools/echo/{route}", content=SIGNAL)).status_code]
+        if route == "status":
+            return [(await http.get("/pools/echo/status")).status_code]
+        if route == "stream":
+            async with http.stream("POST", "/pools/echo/stream", json=WORDS) as response:
+                async for _ in response.aiter_lines():
+                    pass
+                return [response.status_code]
+        return [(await http.get(path)).status_code
+                for path in ("/", "/pools", "/healthz", "/openapi.json")]
 
     async def main() -> list[int]:
-        limits = httpx.Limits(max_connections=4 * at_once)
+        limits = httpx.Limits(max_connections=at_once)
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
-            answers = await asyncio.gather(
-                *(http.post("/pools/echo/call", content=SIGNAL) for _ in range(at_once)),
-                *(http.post("/pools/echo/cast", content=SIGNAL) for _ in range(at_once)),
-                *(http.get("/pools/echo/status") for _ in range(at_once)))
-            streamed = await asyncio.gather(*(stream(http) for _ in range(at_once)))
-            pages = [await http.get(path) for path in ("/", "/pools", "/healthz",
-                                                       "/openapi.json")]
-        return [answer.status_code for answer in [*answers, *pages]] + streamed
+            answers = await asyncio.gather(*(one(http) for _ in range(at_once)))
+        return [status for statuses in answers for status in statuses]
 
     statuses = asyncio.run(main())
     if any(status >= 300 for status in statuses):
-        sys.exit(f"a route of the gateway failed: statuses {sorted(set(statuses))}")
+        sys.exit(f"the gateway's {route} route failed: statuses {sorted(set(statuses))}")
 
 
 def first_chunks(url: str, rounds: int) -> tuple[list[float], list[float]]:
@@ -215,22 +217,24 @@ def main() -> None:
             [*python, "uvicorn", "bench.gateway_app:handwritten", "--no-access-log",
              "--log-level", "info"], env)
         servers.append(handwritten)
-        held: dict[str, int] = {}  # the most so far, after each phase
+        held: dict[str, int] = {}  # the most so far, after each step
         gateway_held: list[int] = []
+
+        def mark(step: str) -> None:
+            gateway_held.append(redis_connections(gateway.pid))
+            held[step] = max(gateway_held)
+
         with most_connections(gateway_held, gateway.pid, every=0.2):
-            every_route(gateway_url, 1)
-            gateway_held.append(redis_connections(gateway.pid))
-            held["every route once"] = max(gateway_held)
-            every_route(gateway_url, AT_ONCE)
-            gateway_held.append(redis_connections(gateway.pid))
-            held[f"{AT_ONCE} of each at once"] = max(gateway_held)
+            for at_once in (1, AT_ONCE):
+                for route in ROUTES:
+                    use_route(gateway_url, route, at_once)
+                    mark(f"{route} x{at_once}")
             warm_up(wrk, gateway_url, script.name)
             rows = [load("celery warmpool serve", gateway, gateway_url, seconds, wrk,
                          script.name)]
-            gateway_held.append(redis_connections(gateway.pid))
-            held["wrk"] = max(gateway_held)
+            mark(f"wrk -c{CONNECTIONS}")
             unary, first = first_chunks(gateway_url, 20 if options.quick else 100)
-        held["the SSE rounds"] = max(gateway_held)
+            mark("the SSE rounds")
         held["at rest after them"] = redis_connections(gateway.pid)
         handwritten_held: list[int] = []
         with most_connections(handwritten_held, handwritten.pid, every=0.2):
@@ -265,9 +269,13 @@ def report(rows: list[Load], unary: list[float], first: list[float], seconds: fl
     for row in rows:
         print(f"  {row.name:38}{row.per_second:8.0f}{row.non_2xx:9d}{row.socket_errors:10d}"
               f"{row.cpu_per_request_us:12.0f}{row.redis_connections:13d}")
-    print("\n  the gateway's Redis connections, the most so far after (every route: call, "
-          "cast, stream, status, the page, /pools, /healthz, /openapi.json):")
-    print("  " + ", ".join(f"{phase} {count}" for phase, count in held.items()))
+    print("\n  the gateway's Redis connections, the most held so far after each step (page: "
+          "/, /pools, /healthz, /openapi.json)")
+    for at_once, label in ((1, "one request at a time"), (AT_ONCE, f"{AT_ONCE} at once")):
+        print(f"    {label + ':':23}" + ", ".join(f"{route} {held[f'{route} x{at_once}']}"
+                                                  for route in ROUTES))
+    print("    then " + ", ".join(f"{step} {count}" for step, count in held.items()
+                                  if " x" not in step))
     unary_p50 = statistics.median(unary) * 1000
     first_p50 = statistics.median(first) * 1000
     print(f"\n  one client through the gateway: unary call p50 {unary_p50:.2f} ms, "

@@ -165,10 +165,12 @@ def passes_to(profiles: tuple[Profile, ...], share: float = 0.95) -> dict[str, s
     for profile in profiles:
         callees: dict[str, Counter[str | None]] = {}
         for frames, count in profile.stacks.items():
-            for level, frame in enumerate(frames):
-                if frame not in frames[:level]:  # its outermost call only
-                    callee = frames[level + 1] if level + 1 < len(frames) else None
-                    callees.setdefault(frame, Counter())[callee] += count
+            # A function's innermost call only: in a recursion (Celery's bootsteps start
+            # one another), the one that leads to the work.
+            innermost = {frame: level for level, frame in enumerate(frames)}
+            for frame, level in innermost.items():
+                callee = frames[level + 1] if level + 1 < len(frames) else None
+                callees.setdefault(frame, Counter())[callee] += count
         calls.append(callees)
     into = {}
     for frame in set().union(*calls):
