@@ -16,7 +16,7 @@ children, one step after another, each for ``--seconds``:
 - ``warm.acall`` with 1, 32, 256 and 1,024 calls in flight from one event loop;
 - ``warm.map(concurrency=256)`` from one thread;
 - bursts of 500 bare ``.delay()`` against bursts of 500 ``warm.cast`` (each burst sent,
-  then all its results waited for);
+  then all its results waited for), one of each in turn in one process;
 - and ``warm.acall`` with 1,024 in flight on RabbitMQ (a node of its own) with the Redis
   result store.
 
@@ -39,7 +39,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,22 +106,32 @@ class Row:
         return self.per_call_us(sum(self.watched.get(name, 0.0) for name in names))
 
 
+@contextmanager
+def accounted(row: Row, watched: dict[str, list[int]]) -> Iterator[None]:
+    """Add to ``row`` the time the block took, this process's CPU in it and that of the
+    ``watched`` processes (by name)."""
+    before = os.times()
+    watched_before = {what: cpu_seconds(*pids) for what, pids in watched.items()}
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        row.seconds += time.perf_counter() - started
+        after = os.times()
+        row.cpu += (after.user - before.user) + (after.system - before.system)
+        for what, pids in watched.items():
+            row.watched[what] = (row.watched.get(what, 0.0) + cpu_seconds(*pids)
+                                 - watched_before[what])
+
+
 def measured(name: str, run: Callable[[Row, float], None], seconds: float,
              watched: dict[str, list[int]]) -> Row:
     """Run one step for ``seconds``; fill its row, with the CPU of the ``watched``
     processes (by name) over the same window."""
     row = Row(name)
-    before = os.times()
-    watched_before = {what: cpu_seconds(*pids) for what, pids in watched.items()}
-    started = time.perf_counter()
     connections: list[int] = []
-    with most_connections(connections, every=0.5):
+    with most_connections(connections, every=0.5), accounted(row, watched):
         run(row, time.perf_counter() + seconds)
-    row.seconds = time.perf_counter() - started
-    after = os.times()
-    row.watched = {what: cpu_seconds(*pids) - watched_before[what]
-                   for what, pids in watched.items()}
-    row.cpu = (after.user - before.user) + (after.system - before.system)
     row.connections = max(connections)
     row.calls = len(row.latencies) if row.latencies else row.calls
     return row
@@ -192,18 +203,28 @@ def mapped(warm: Any, concurrency: int) -> Callable[[Row, float], None]:
     return run
 
 
-def bursts(app: Any, send: Callable[[], Any], size: int) -> Callable[[Row, float], None]:
-    """Bursts of ``size`` sends, each waited for whole, until the step's time is up."""
-    def run(row: Row, until: float) -> None:
+def alternated_bursts(app: Any, sends: dict[str, Callable[[], Any]], seconds: float,
+                      watched: dict[str, list[int]]) -> list[Row]:
+    """Bursts of ``BURST`` sends, each waited for whole, with each of ``sends`` (by row)
+    in turn, which goes first alternating, for ``seconds`` each: a drift in the
+    machine's load hits them alike. Each row counts its own bursts' time and CPU."""
+    rows = {name: Row(name) for name in sends}
+    names = list(sends)
+    connections: list[int] = []
+    until = time.perf_counter() + seconds * len(sends)
+    with most_connections(connections, every=0.5):
         while time.perf_counter() < until:
-            try:
-                send_and_wait(app, send, size)
-            except Exception:
-                row.errors += 1
-                continue
-            row.calls += size
-
-    return run
+            for name in names:
+                with accounted(rows[name], watched):
+                    try:
+                        send_and_wait(app, sends[name], BURST)
+                        rows[name].calls += BURST
+                    except Exception:
+                        rows[name].errors += 1
+            names.reverse()
+    for row in rows.values():
+        row.connections = max(connections)
+    return list(rows.values())
 
 
 def start_node(broker: str, backend: str) -> WorkerProcess:
@@ -225,7 +246,10 @@ STEPS: dict[str, tuple[str, int]] = {
     f"bare .delay(), bursts of {BURST}": ("delay", BURST),
     f"warm.cast, bursts of {BURST}": ("cast", BURST),
 }
-REDIS_STEPS = list(STEPS)
+#: The bursts run as one step, alternated.
+BURSTS_STEP = f"bursts of {BURST}, alternated"
+REDIS_STEPS = [*(name for name, (kind, _) in STEPS.items() if kind not in ("delay", "cast")),
+               BURSTS_STEP]
 STEPS[RABBITMQ_STEP] = ("acall", 1024)
 BARE = {count: name for name, (kind, count) in STEPS.items() if kind == "bare"}
 
@@ -239,38 +263,44 @@ def baseline(name: str) -> str:
     return BARE[max(threads for threads in BARE if threads <= count)]
 
 
-def step(name: str, seconds: float, watched: dict[str, list[int]]) -> Row:
-    """Run the step ``name`` in this process (a fresh one: its connections are its own)."""
+def step(name: str, seconds: float, watched: dict[str, list[int]]) -> list[Row]:
+    """Run the step ``name`` in this process (a fresh one: its connections are its own);
+    its rows (the bursts' step has two)."""
     from bench.callers_app import app, bare_echo, warm
 
-    kind, count = STEPS[name]
+    # One call first, outside the measure: the first connections are made then (only
+    # the ones the step uses: the rows count them).
+    kind = "bursts" if name == BURSTS_STEP else STEPS[name][0]
+    if kind in ("bare", "bursts"):
+        bare_echo.apply_async((1,)).get(timeout=10)
+    if kind != "bare":
+        warm.call("echo", SIGNAL, timeout=10)
+    if kind == "bursts":
+        return alternated_bursts(app, {
+            f"bare .delay(), bursts of {BURST}": lambda: bare_echo.delay(1),
+            f"warm.cast, bursts of {BURST}": lambda: warm.cast("echo", SIGNAL)},
+            seconds, watched)
+    count = STEPS[name][1]
     runs: dict[str, Callable[[], Callable[[Row, float], None]]] = {
         "bare": lambda: from_threads(count, lambda: bare_echo.apply_async((1,)).get(
             timeout=30)),
         "call": lambda: from_threads(count, lambda: warm.call("echo", SIGNAL, timeout=30)),
         "acall": lambda: in_flight(warm, count),
         "map": lambda: mapped(warm, count),
-        "delay": lambda: bursts(app, lambda: bare_echo.delay(1), count),
-        "cast": lambda: bursts(app, lambda: warm.cast("echo", SIGNAL), count),
     }
-    # One call first, outside the measure: the first connections are made then.
-    if kind in ("bare", "delay"):
-        bare_echo.apply_async((1,)).get(timeout=10)
-    else:
-        warm.call("echo", SIGNAL, timeout=10)
-    return measured(name, runs[kind](), seconds, watched)
+    return [measured(name, runs[kind](), seconds, watched)]
 
 
 def in_a_fresh_process(name: str, seconds: float, broker: str,
-                       watched: dict[str, int]) -> Row:
+                       watched: dict[str, int]) -> list[Row]:
+    """Run the step ``name`` in a process of its own; its rows."""
     env = {**os.environ, "WARMPOOL_BROKER_URL": broker, "WARMPOOL_RESULT_BACKEND": BACKEND}
     done = subprocess.run([sys.executable, __file__, "--step", name, "--seconds", str(seconds),
                            "--watch", json.dumps(watched)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         sys.exit(f"step {name!r} failed:\n{done.stderr[-5000:]}")
-    data = json.loads(done.stdout.strip().splitlines()[-1])
-    return Row(**data)
+    return [Row(**data) for data in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def run_steps(seconds: float, rabbitmq: bool) -> dict[str, Row]:
@@ -286,8 +316,9 @@ def run_steps(seconds: float, rabbitmq: bool) -> dict[str, Row]:
             watched["RabbitMQ"] = beam
         try:
             for name in names:
-                rows[name] = in_a_fresh_process(name, seconds, broker, watched)
-                print(f"  {name}: {rows[name].rate:,.0f} calls/s", file=sys.stderr)
+                for row in in_a_fresh_process(name, seconds, broker, watched):
+                    rows[row.name] = row
+                    print(f"  {row.name}: {row.rate:,.0f} calls/s", file=sys.stderr)
         finally:
             node.stop()
             node.remove_log()
@@ -402,7 +433,7 @@ def main() -> None:
     if options.step:
         watched = {what: with_children(pid) if what == "node" else [pid]
                    for what, pid in json.loads(options.watch).items()}
-        print(json.dumps(vars(step(options.step, seconds, watched))))
+        print(json.dumps([vars(row) for row in step(options.step, seconds, watched)]))
         return
     rows = run_steps(seconds, not options.no_rabbitmq)
     print(f"\none threads node (-c 16, a pool of 8 agents), each row's callers in a process "

@@ -1,7 +1,7 @@
 """The HTTP gateway under load, against the hand-written one, in one run.
 
     python bench/gateway.py            # about a minute
-    python bench/gateway.py --quick    # 3 s per load step
+    python bench/gateway.py --quick    # 4 s of wrk per server
 
 Starts one threads node (``-c 16``, an echo pool of 8 agents) on the local Redis
 (databases 12 and 13; ``WARMPOOL_BENCH_REDIS`` names another server), then two HTTP
@@ -12,13 +12,15 @@ servers on it, both under uvicorn with one process and no access log:
   calling the blocking ``warm.call`` in FastAPI's thread pool, as users write it today.
 
 Each takes ``wrk`` (Debian's package) with 256 connections for 10 s on
-``POST /pools/echo/call``: requests per second, non-2xx answers and socket errors, the
-server's own CPU per request (from ``/proc/<pid>/stat``) and the most Redis connections
-it held (psutil, sampled every 0.2 s). The gateway has every route used first (calls,
-casts, streams, status reads, and the page with what its script reads, the health check
-and the OpenAPI document: one at a time, then 64 at once), and its connections are
-sampled from then until the end. Then, through the gateway, one client at a time: the
-time to the first chunk of an SSE stream against a unary call's p50.
+``POST /pools/echo/call``, in two runs of 5 s taken in turn (which goes first
+alternating, so that a drift in the machine's load hits both alike): requests per
+second, non-2xx answers and socket errors, the server's own CPU per request (from
+``/proc/<pid>/stat``) and the most Redis connections it held (psutil, sampled every
+0.2 s). The gateway has every route used first (calls, casts, streams, status reads,
+and the page with what its script reads, the health check and the OpenAPI document: one
+at a time, then 64 at once), and its connections are sampled from then until the end.
+Then, through the gateway, one client at a time: the time to the first chunk of an SSE
+stream against a unary call's p50.
 
 The Redis connections of one process reading 200 streams at once are
 ``bench/streaming.py``'s.
@@ -87,6 +89,12 @@ class Load:
     cpu_seconds: float
     #: The most Redis connections the server held (the gateway: from its first route used).
     redis_connections: int = 0
+
+    def __add__(self, other: Load) -> Load:
+        """Two runs of one server's as one."""
+        return Load(self.name, self.requests + other.requests, self.seconds + other.seconds,
+                    self.non_2xx + other.non_2xx, self.socket_errors + other.socket_errors,
+                    self.cpu_seconds + other.cpu_seconds)
 
     @property
     def per_second(self) -> float:
@@ -191,11 +199,39 @@ def first_chunks(url: str, rounds: int) -> tuple[list[float], list[float]]:
     return unary, first
 
 
+class Held:
+    """The Redis connections a server held: every sample, and the most so far after each
+    step."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[int] = []
+        self.after: dict[str, int] = {}
+
+    def mark(self, step: str) -> None:
+        self.samples.append(redis_connections(self.pid))
+        self.after[step] = max(self.samples)
+
+
+def alternated_loads(servers: list[tuple[str, ManagedProcess, str]], seconds: float,
+                     wrk: str, script: str, rounds: int = 2) -> list[Load]:
+    """wrk on each server in turn, ``rounds`` times for ``seconds / rounds``, which goes
+    first alternating: a drift in the machine's load hits them alike."""
+    loads: dict[str, Load] = {}
+    order = list(servers)
+    for _ in range(rounds):
+        for name, server, url in order:
+            part = load(name, server, url, seconds / rounds, wrk, script)
+            loads[name] = loads[name] + part if name in loads else part
+        order.reverse()
+    return [loads[name] for name, _, _ in servers]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 s per load step")
+    parser.add_argument("--quick", action="store_true", help="4 s of wrk per server")
     options = parser.parse_args()
-    seconds = 3.0 if options.quick else 10.0
+    seconds = 4.0 if options.quick else 10.0
     wrk = wrk_binary()
     for url in (BROKER, BACKEND):
         redis.Redis.from_url(url).flushdb()
@@ -217,32 +253,25 @@ def main() -> None:
             [*python, "uvicorn", "bench.gateway_app:handwritten", "--no-access-log",
              "--log-level", "info"], env)
         servers.append(handwritten)
-        held: dict[str, int] = {}  # the most so far, after each step
-        gateway_held: list[int] = []
-
-        def mark(step: str) -> None:
-            gateway_held.append(redis_connections(gateway.pid))
-            held[step] = max(gateway_held)
-
-        with most_connections(gateway_held, gateway.pid, every=0.2):
+        held = [Held(gateway.pid), Held(handwritten.pid)]
+        with most_connections(held[0].samples, gateway.pid, every=0.2), \
+                most_connections(held[1].samples, handwritten.pid, every=0.2):
             for at_once in (1, AT_ONCE):
                 for route in ROUTES:
                     use_route(gateway_url, route, at_once)
-                    mark(f"{route} x{at_once}")
-            warm_up(wrk, gateway_url, script.name)
-            rows = [load("celery warmpool serve", gateway, gateway_url, seconds, wrk,
-                         script.name)]
-            mark(f"wrk -c{CONNECTIONS}")
+                    held[0].mark(f"{route} x{at_once}")
+            for url in (gateway_url, handwritten_url):
+                warm_up(wrk, url, script.name)
+            rows = alternated_loads(
+                [("celery warmpool serve", gateway, gateway_url),
+                 ("hand-written (warm.call in threads)", handwritten, handwritten_url)],
+                seconds, wrk, script.name)
+            held[0].mark(f"wrk -c{CONNECTIONS}")
             unary, first = first_chunks(gateway_url, 20 if options.quick else 100)
-            mark("the SSE rounds")
-        held["at rest after them"] = redis_connections(gateway.pid)
-        handwritten_held: list[int] = []
-        with most_connections(handwritten_held, handwritten.pid, every=0.2):
-            warm_up(wrk, handwritten_url, script.name)
-            rows.append(load("hand-written (warm.call in threads)", handwritten,
-                             handwritten_url, seconds, wrk, script.name))
-        for row, found in zip(rows, (gateway_held, handwritten_held), strict=True):
-            row.redis_connections = max(found)
+            held[0].mark("the SSE rounds")
+        held[0].after["at rest after them"] = redis_connections(gateway.pid)
+        for row, found in zip(rows, held, strict=True):
+            row.redis_connections = max(found.samples)
     finally:
         for server in servers:
             server.stop(15)
@@ -250,7 +279,7 @@ def main() -> None:
         worker.stop()
         worker.remove_log()
         os.unlink(script.name)
-    report(rows, unary, first, seconds, held)
+    report(rows, unary, first, seconds, held[0].after)
 
 
 def warm_up(wrk: str, url: str, script: str) -> None:
@@ -262,8 +291,8 @@ def warm_up(wrk: str, url: str, script: str) -> None:
 def report(rows: list[Load], unary: list[float], first: list[float], seconds: float,
            held: dict[str, int]) -> None:
     gateway, handwritten = rows
-    print(f"\nwrk -c{CONNECTIONS} -d{seconds:g}s on POST /pools/echo/call, a threads node "
-          "(-c 16, 8 agents) on local Redis\n")
+    print(f"\nwrk -c{CONNECTIONS} for {seconds:g} s (two runs each, in turn) on POST "
+          "/pools/echo/call, a threads node (-c 16, 8 agents) on Redis\n")
     print(f"  {'server':38}{'req/s':>8}{'non-2xx':>9}{'sock err':>10}{'CPU us/req':>12}"
           f"{'redis conns':>13}")
     for row in rows:

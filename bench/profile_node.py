@@ -209,7 +209,7 @@ def profiled(step: str, seconds: float, node_pid: int, watched: dict[str, int],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(0.5)  # py-spy attaches
-        row = in_a_fresh_process(step, seconds, BROKER, watched)
+        [row] = in_a_fresh_process(step, seconds, BROKER, watched)
     finally:
         spy.send_signal(signal.SIGINT)
         said = spy.communicate(timeout=60)[0]
@@ -228,7 +228,7 @@ def profile_runs(seconds: float, folder: Path) -> list[Run]:
     try:
         for name, step in RUNS.items():
             print(f"  {name}: {step}", file=sys.stderr, flush=True)
-            plain = in_a_fresh_process(step, seconds, BROKER, watched)
+            [plain] = in_a_fresh_process(step, seconds, BROKER, watched)
             output = folder / f"{name}.txt"
             row, errors = profiled(step, seconds, node.pid, watched, output)
             runs.append(Run(name, plain, row, Profile.read(output), errors))
