@@ -370,7 +370,8 @@ def issue_targets(rows: dict[str, Row]) -> list[Check]:
     """The targets of a pool call costing no more than a bare task."""
     bare1 = rows["bare apply_async().get(), 1 thread"]
     best_bare = max(row.rate for name, row in rows.items() if STEPS[name][0] == "bare")
-    pool_rows = [name for name in REDIS_STEPS if STEPS[name][0] in ("call", "acall", "map")]
+    pool_rows = [name for name in rows
+                 if STEPS[name][0] in ("call", "acall", "map") and name != RABBITMQ_STEP]
     worst = max(pool_rows, key=lambda name: ratio(rows[name], rows[baseline(name)], "node",
                                                   "Redis"))
     checks: list[tuple[str, float, str, float]] = [
