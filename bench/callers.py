@@ -24,9 +24,10 @@ Each row's callers run in a process of their own (so that its connections and CP
 its own). Each row: calls per second, p50 and p99 latency, and per call the CPU of the
 node (its main process and any children), of the redis-server (found by asking it its
 pid: on a shared server, others' commands count too) and of the calling process, all from
-``/proc`` over the row's window; and the most Redis connections the caller held. On the
-RabbitMQ row, RabbitMQ's own CPU (its ``beam.smp``, shared by every vhost) too. The
-targets are ratios to the bare rows of the same run.
+``/proc`` over the row's window; the commands Redis ran per call, by name (``INFO
+commandstats``); and the most Redis connections the caller held. On the RabbitMQ row,
+RabbitMQ's own CPU (its ``beam.smp``, shared by every vhost) too. The targets are ratios
+to the bare rows of the same run.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from bench.measure import (  # noqa: E402
     most_connections,
     print_targets,
     rabbitmq_pid,
+    redis_commands,
     redis_server_pid,
     redis_url,
     send_and_wait,
@@ -82,6 +84,8 @@ class Row:
     errors: int = 0
     #: CPU seconds over the row's window of the watched processes, by name.
     watched: dict[str, float] = field(default_factory=dict)
+    #: The commands Redis ran over the row's window, by name (every client's).
+    commands: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -101,6 +105,12 @@ class Row:
         """The calling process's CPU per call."""
         return self.per_call_us(self.cpu)
 
+    def commands_per_call(self, *names: str) -> float:
+        """The Redis commands ``names`` (all by default) per call."""
+        counted = sum(count for name, count in self.commands.items()
+                      if not names or name in names)
+        return counted / self.calls if self.calls else 0.0
+
     def watched_per_call_us(self, *names: str) -> float:
         """The CPU per call of the watched processes ``names``, together."""
         return self.per_call_us(sum(self.watched.get(name, 0.0) for name in names))
@@ -108,8 +118,9 @@ class Row:
 
 @contextmanager
 def accounted(row: Row, watched: dict[str, list[int]]) -> Iterator[None]:
-    """Add to ``row`` the time the block took, this process's CPU in it and that of the
-    ``watched`` processes (by name)."""
+    """Add to ``row`` the time the block took, this process's CPU in it, that of the
+    ``watched`` processes (by name) and the commands Redis ran."""
+    commands = redis_commands(BACKEND)
     before = os.times()
     watched_before = {what: cpu_seconds(*pids) for what, pids in watched.items()}
     started = time.perf_counter()
@@ -122,6 +133,9 @@ def accounted(row: Row, watched: dict[str, list[int]]) -> Iterator[None]:
         for what, pids in watched.items():
             row.watched[what] = (row.watched.get(what, 0.0) + cpu_seconds(*pids)
                                  - watched_before[what])
+        for name, count in redis_commands(BACKEND).items():
+            if count > commands.get(name, 0) and name != "info":  # not the bench's own
+                row.commands[name] = row.commands.get(name, 0) + count - commands.get(name, 0)
 
 
 def measured(name: str, run: Callable[[Row, float], None], seconds: float,
@@ -356,6 +370,15 @@ def print_ratios(rows: dict[str, Row]) -> None:
     print("(CPU per call; the RabbitMQ row's Redis is its result store only)")
 
 
+def print_commands(rows: dict[str, Row]) -> None:
+    print("\nRedis commands per call (every client's, over the row's window), the most "
+          "frequent")
+    for name, row in rows.items():
+        ranked = sorted(row.commands, key=lambda command: -row.commands[command])
+        print(f"{name:<40} {row.commands_per_call():>5.1f}  " + ", ".join(
+            f"{command} {row.commands_per_call(command):.2f}" for command in ranked[:12]))
+
+
 def short(name: str) -> str:
     return name.replace("apply_async().get()", "get()").replace(f", bursts of {BURST}",
                                                                  " bursts")
@@ -441,6 +464,7 @@ def main() -> None:
           f"of their own, {seconds:g} s per step; Redis unless said\n")
     print_table(list(rows.values()))
     print_ratios(rows)
+    print_commands(rows)
     print("\ntargets: a pool call costs no more than a bare task")
     print_targets(issue_targets(rows), width=58)
     print("\nearlier targets: the callers scale, their connections stay few")
@@ -451,6 +475,8 @@ def main() -> None:
             "cpu_per_call_us": row.cpu_per_call_us,
             **{f"{what.lower()}_cpu_per_call_us": row.watched_per_call_us(what)
                for what in row.watched},
+            "redis_commands_per_call": {command: row.commands_per_call(command)
+                                        for command in row.commands},
             "connections": row.connections, "errors": row.errors}
             for name, row in rows.items()}, indent=2))
 

@@ -61,6 +61,20 @@ def redis_server_pid(url: str) -> int:
         client.close()
 
 
+def redis_commands(url: str) -> dict[str, int]:
+    """The commands the Redis server at ``url`` has run so far, by name (``INFO
+    commandstats``), read on a connection closed at once (so that no process's count of
+    connections shows it)."""
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+        client.connection_pool.disconnect()
+    return {name.removeprefix("cmdstat_"): int(counts["calls"])
+            for name, counts in stats.items()}
+
+
 def rabbitmq_pid() -> int | None:
     """The pid of the local RabbitMQ's Erlang VM (``beam.smp``), if there is one."""
     for process in psutil.process_iter(["name"]):

@@ -13,8 +13,9 @@ local Redis (databases 10 and 11; ``WARMPOOL_BENCH_REDIS`` names another server,
 - ``warm.call`` from 32 threads;
 - ``warm.acall`` with 256 calls in flight on one event loop.
 
-Each runs twice: once as it is, for the node's calls per second and CPU per call (its main
-process and any children, from ``/proc`` over the caller's window); once under ``py-spy
+Each runs twice: once as it is, for the node's calls per second, its CPU per call (its
+main process and any children, from ``/proc`` over the caller's window) and the Redis
+commands run per call (``INFO commandstats``); once under ``py-spy
 record --nonblocking`` at 200 samples a second (the node is not paused to be sampled).
 The profile keeps the node's busy samples: py-spy leaves out threads the system reports
 asleep, and this leaves out the samples it caught on its way into a wait (a stack ending
@@ -245,6 +246,9 @@ def print_run(run: Run) -> None:
     print(f"  as it is: {run.plain.rate:,.0f} calls/s, the node's CPU "
           f"{run.plain.watched_per_call_us('node'):,.0f} us per call; under py-spy: "
           f"{run.profiled.rate:,.0f} calls/s, {run.node_us:,.0f} us per call")
+    ranked = sorted(run.plain.commands, key=lambda command: -run.plain.commands[command])
+    print(f"  Redis commands per call {run.plain.commands_per_call():.1f}: " + ", ".join(
+        f"{command} {run.plain.commands_per_call(command):.2f}" for command in ranked[:8]))
     print(f"  {profile.busy:,} busy samples (py-spy: {run.errors}); "
           f"{idle:,} caught entering a wait left out, most under "
           + ", ".join(f"{short(frame)} {count}" for frame, count in profile.idle.most_common(3)))
@@ -295,6 +299,8 @@ def main() -> None:
     (folder / "runs.json").write_text(json.dumps({run.name: {
         "step": RUNS[run.name], "calls_per_second": run.plain.rate,
         "node_cpu_per_call_us": run.plain.watched_per_call_us("node"),
+        "redis_commands_per_call": {command: run.plain.commands_per_call(command)
+                                    for command in run.plain.commands},
         "profiled_calls_per_second": run.profiled.rate,
         "profiled_node_cpu_per_call_us": run.node_us, "busy_samples": run.profile.busy,
         "idle_samples_left_out": sum(run.profile.idle.values())} for run in runs}, indent=2))
