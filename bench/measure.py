@@ -45,6 +45,18 @@ def cpu_seconds(*pids: int) -> float:
     return ticks / CLOCK_TICKS
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """User and system CPU time so far of each thread of process ``pid``, by thread id."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        found[int(task.name)] = (int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+    return found
+
+
 def with_children(pid: int) -> list[int]:
     """Process ``pid`` and its live children (a node's main process and its pool's)."""
     from celery_warmpool.ops.processes import child_pids

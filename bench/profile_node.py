@@ -14,17 +14,20 @@ local Redis (databases 10 and 11; ``WARMPOOL_BENCH_REDIS`` names another server,
 - ``warm.acall`` with 256 calls in flight on one event loop.
 
 Each runs twice: once as it is, for the node's calls per second, its CPU per call (its
-main process and any children, from ``/proc`` over the caller's window) and the Redis
-commands run per call (``INFO commandstats``); once under ``py-spy
-record --nonblocking`` at 200 samples a second (the node is not paused to be sampled).
-The profile keeps the node's busy samples: py-spy leaves out threads the system reports
-asleep, and this leaves out the samples it caught on its way into a wait (a stack ending
-in a lock's or a condition's wait, an epoll or select, a thread pool's idle loop), which
-it counts apart. Printed per run: the top entries (functions) by inclusive share of the
-busy samples, each also in microseconds per call (the share of the CPU per call measured
-under py-spy); then the entries whose microseconds per call differ most between the bare
-run and each warm one. The raw profiles (py-spy's collapsed stacks, one file a run) are
-kept in the folder printed at the end.
+main thread's and its other threads', user and system time, from ``/proc``) and the Redis
+commands run per call (``INFO commandstats``); once under ``py-spy record --gil
+--nonblocking`` at 200 samples a second. ``--gil`` keeps the samples of the thread
+holding the GIL: the Python the node runs, which is its user time (checked against
+``/proc``: without it, py-spy counts threads waiting on a Redis reply as busy, and puts
+two thirds of the node's time in socket reads); ``--nonblocking`` reads the node without
+pausing it (pausing it 200 times a second cut its calls a second by a quarter and moved
+the shares between its threads away from what ``/proc`` says). Samples caught on their
+way into a wait (a stack ending in a lock's or a condition's wait, an epoll or select, a
+thread pool's idle loop) are left out and counted apart. Printed per run: the top entries
+(functions) by inclusive share of the samples, each also in microseconds per call (the
+share of the node's user CPU per call under py-spy); then the entries whose microseconds
+per call differ most between the bare run and each warm one. The raw profiles (py-spy's
+collapsed stacks, one file a run) are kept in the folder printed at the end.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.callers import BACKEND, BROKER, Row, in_a_fresh_process, start_node  # noqa: E402
-from bench.measure import redis_server_pid  # noqa: E402
+from bench.measure import redis_server_pid, thread_cpu  # noqa: E402
 
 #: The runs: a short name, the bench/callers.py step that calls the node.
 RUNS = {
@@ -81,7 +84,7 @@ IDLE_LEAVES = {
 
 @dataclass
 class Profile:
-    """One run's busy samples: each distinct stack (root first) and how often it came."""
+    """One run's samples: each distinct stack (root first) and how often it came."""
 
     stacks: Counter[tuple[str, ...]] = field(default_factory=Counter)
     idle: Counter[str] = field(default_factory=Counter)  # left-out samples, by the caller
@@ -110,7 +113,7 @@ class Profile:
         return sum(self.stacks.values())
 
     def own(self) -> dict[str, float]:
-        """Each function's share of the busy samples it was running itself."""
+        """Each function's share of the samples it was running itself."""
         found: Counter[str] = Counter()
         for frames, count in self.stacks.items():
             found[frames[-1]] += count
@@ -118,21 +121,60 @@ class Profile:
 
 
 @dataclass
+class Split:
+    """A node's CPU per call over a run, in microseconds: its main thread's (Celery's
+    consumer: the event loop, the messages in and their acks) and its other threads'
+    (the execution pool's, the watchdog's, ...), each user and system time."""
+
+    main_user: float
+    main_system: float
+    other_user: float
+    other_system: float
+
+    @classmethod
+    def between(cls, before: dict[int, tuple[float, float]],
+                after: dict[int, tuple[float, float]], pid: int, row: Row) -> Split:
+        """From two readings of :func:`thread_cpu` of process ``pid`` around the whole
+        caller's process, scaled to the node's CPU over the caller's own window (what
+        ``row`` measured: the caller's start and warm-up call left out)."""
+        spent = {thread: [now - then for now, then in zip(
+                     times, before.get(thread, (0.0, 0.0)), strict=True)]
+                 for thread, times in after.items()}
+        others = [times for thread, times in spent.items() if thread != pid]
+        parts = [spent[pid][0], spent[pid][1], sum(user for user, _ in others),
+                 sum(system for _, system in others)]
+        scale = row.watched_per_call_us("node") / (sum(parts) or 1)
+        return cls(*(part * scale for part in parts))
+
+    @property
+    def user(self) -> float:
+        return self.main_user + self.other_user
+
+    @property
+    def total(self) -> float:
+        return self.user + self.main_system + self.other_system
+
+
+@dataclass
 class Run:
     name: str
     plain: Row
+    plain_split: Split
     profiled: Row
+    profiled_split: Split
     profile: Profile
     errors: str
 
     @property
     def node_us(self) -> float:
-        """The node's CPU per call under py-spy: what the shares divide."""
-        return self.profiled.watched_per_call_us("node")
+        """The node's user CPU per call under py-spy: what the shares divide (a thread
+        holds the GIL while it runs Python; system time, spent in the kernel with the GIL
+        let go, is not sampled)."""
+        return self.profiled_split.user
 
 
 def inclusive(*profiles: Profile) -> dict[str, list[float]]:
-    """Each entry's share of each profile's busy samples that have it anywhere on the stack.
+    """Each entry's share of each profile's samples that have it anywhere on the stack.
 
     An entry is a function, with the callers that pass (almost) all their time to it
     folded in (a thread's start, Celery's command line): named ``function (file) [+N
@@ -200,24 +242,33 @@ def py_spy() -> str:
     return found
 
 
+def called(step: str, seconds: float, node_pid: int,
+           watched: dict[str, int]) -> tuple[Row, Split]:
+    """Run ``step`` in a process of its own; its row and the node's CPU over it."""
+    before = thread_cpu(node_pid)
+    [row] = in_a_fresh_process(step, seconds, BROKER, watched)
+    return row, Split.between(before, thread_cpu(node_pid), node_pid, row)
+
+
 def profiled(step: str, seconds: float, node_pid: int, watched: dict[str, int],
-             output: Path) -> tuple[Row, str]:
+             output: Path) -> tuple[Row, Split, str]:
     """Run ``step`` with py-spy recording the node (and its children) the while; py-spy
     stops when the caller is done (its warm-up call and start are idle time, left out)."""
     spy = subprocess.Popen(
         [py_spy(), "record", "-p", str(node_pid), "--subprocesses", "-f", "raw", "-r",
-         str(RATE), "--nonblocking", "--nolineno", "-o", str(output)],
+         str(RATE), "--gil", "--nonblocking", "--nolineno", "-o", str(output)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(0.5)  # py-spy attaches
-        [row] = in_a_fresh_process(step, seconds, BROKER, watched)
+        row, split = called(step, seconds, node_pid, watched)
     finally:
         spy.send_signal(signal.SIGINT)
         said = spy.communicate(timeout=60)[0]
     if not output.exists():
         sys.exit(f"py-spy wrote no profile:\n{said}")
     counts = re.search(r"Samples: (\d+) Errors: (\d+)", said)
-    return row, f"{counts[1]} samples, {counts[2]} unreadable" if counts else "no count"
+    return row, split, (f"{counts[1]} samples, {counts[2]} unreadable" if counts
+                        else "no count")
 
 
 def profile_runs(seconds: float, folder: Path) -> list[Run]:
@@ -229,10 +280,11 @@ def profile_runs(seconds: float, folder: Path) -> list[Run]:
     try:
         for name, step in RUNS.items():
             print(f"  {name}: {step}", file=sys.stderr, flush=True)
-            [plain] = in_a_fresh_process(step, seconds, BROKER, watched)
+            plain, plain_split = called(step, seconds, node.pid, watched)
             output = folder / f"{name}.txt"
-            row, errors = profiled(step, seconds, node.pid, watched, output)
-            runs.append(Run(name, plain, row, Profile.read(output), errors))
+            row, split, errors = profiled(step, seconds, node.pid, watched, output)
+            runs.append(Run(name, plain, plain_split, row, split, Profile.read(output),
+                            errors))
     finally:
         node.stop()
         node.remove_log()
@@ -242,14 +294,19 @@ def profile_runs(seconds: float, folder: Path) -> list[Run]:
 def print_run(run: Run) -> None:
     profile = run.profile
     idle = sum(profile.idle.values())
+    split = run.plain_split
     print(f"\n{run.name}: {RUNS[run.name]}")
-    print(f"  as it is: {run.plain.rate:,.0f} calls/s, the node's CPU "
-          f"{run.plain.watched_per_call_us('node'):,.0f} us per call; under py-spy: "
-          f"{run.profiled.rate:,.0f} calls/s, {run.node_us:,.0f} us per call")
+    print(f"  as it is: {run.plain.rate:,.0f} calls/s; the node's CPU per call "
+          f"{split.total:,.0f} us: main thread {split.main_user:,.0f} user + "
+          f"{split.main_system:,.0f} system, other threads {split.other_user:,.0f} + "
+          f"{split.other_system:,.0f}")
+    print(f"  under py-spy: {run.profiled.rate:,.0f} calls/s, "
+          f"{run.profiled_split.total:,.0f} us per call, {run.node_us:,.0f} of it user time "
+          "(what the samples share out)")
     ranked = sorted(run.plain.commands, key=lambda command: -run.plain.commands[command])
     print(f"  Redis commands per call {run.plain.commands_per_call():.1f}: " + ", ".join(
         f"{command} {run.plain.commands_per_call(command):.2f}" for command in ranked[:8]))
-    print(f"  {profile.busy:,} busy samples (py-spy: {run.errors}); "
+    print(f"  {profile.busy:,} samples holding the GIL (py-spy: {run.errors}); "
           f"{idle:,} caught entering a wait left out, most under "
           + ", ".join(f"{short(frame)} {count}" for frame, count in profile.idle.most_common(3)))
     shares, own = inclusive(profile), profile.own()
@@ -264,8 +321,9 @@ def print_differences(bare: Run, warm: Run) -> None:
     costs = {entry: (shares[0] * bare.node_us, shares[1] * warm.node_us)
              for entry, shares in inclusive(bare.profile, warm.profile).items()}
     moved = sorted(costs, key=lambda entry: -abs(costs[entry][1] - costs[entry][0]))
-    print(f"\n{warm.name} against bare: the node's CPU per call {warm.node_us:,.0f} against "
-          f"{bare.node_us:,.0f} us; the functions that differ most, inclusive us per call")
+    print(f"\n{warm.name} against bare: the node's user CPU per call {warm.node_us:,.0f} "
+          f"against {bare.node_us:,.0f} us; the functions that differ most, inclusive us per "
+          "call")
     print(f"  {'function (file)':<86}{'bare':>7}{warm.name:>7}{'diff':>7}")
     for entry in moved[:DIFFERENCES]:
         before, after = costs[entry]
@@ -289,7 +347,7 @@ def main() -> None:
     py_spy()
     runs = profile_runs(seconds, folder)
     print(f"\none threads node (-c 16, a pool of 8 agents), called from one process, "
-          f"{seconds:g} s per run; py-spy at {RATE} samples/s, --nonblocking; load average "
+          f"{seconds:g} s per run; py-spy at {RATE} samples/s, --gil --nonblocking; load average "
           + " ".join(f"{load:.2f}" for load in os.getloadavg()))
     for run in runs:
         print_run(run)
@@ -298,11 +356,12 @@ def main() -> None:
         print_differences(bare, warm)
     (folder / "runs.json").write_text(json.dumps({run.name: {
         "step": RUNS[run.name], "calls_per_second": run.plain.rate,
-        "node_cpu_per_call_us": run.plain.watched_per_call_us("node"),
+        "node_cpu_per_call_us": vars(run.plain_split),
         "redis_commands_per_call": {command: run.plain.commands_per_call(command)
                                     for command in run.plain.commands},
         "profiled_calls_per_second": run.profiled.rate,
-        "profiled_node_cpu_per_call_us": run.node_us, "busy_samples": run.profile.busy,
+        "profiled_node_cpu_per_call_us": vars(run.profiled_split),
+        "samples": run.profile.busy,
         "idle_samples_left_out": sum(run.profile.idle.values())} for run in runs}, indent=2))
     print(f"\nraw profiles (py-spy's collapsed stacks) and the figures: {folder}")
 
