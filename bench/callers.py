@@ -1,7 +1,7 @@
 """The caller's side under load: bare Celery against warm.call, acall, map and cast, in one
 run, with what each call costs the caller, the node and Redis.
 
-    python bench/callers.py            # about 3 minutes
+    python bench/callers.py            # about two and a half minutes
     python bench/callers.py --quick    # 1.5 s per step, about a minute
     python bench/callers.py --seconds 2 --no-rabbitmq
 

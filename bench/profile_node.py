@@ -1,7 +1,7 @@
 """Where a node's time goes: py-spy on a threads node serving bare tasks, warm.call and
 warm.acall, in one run.
 
-    python bench/profile_node.py            # about 2 minutes
+    python bench/profile_node.py            # about a minute and a quarter
     python bench/profile_node.py --quick    # 3 s per run
     python bench/profile_node.py --out profiles/before
 
