@@ -18,6 +18,7 @@ Results are ratios to bare Celery; the shared machine makes absolute numbers noi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -25,16 +26,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from celery.result import AsyncResult, ResultSet
+from celery.result import AsyncResult
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import redis_url, send_and_wait  # noqa: E402
+
+BROKER, BACKEND = redis_url(10), redis_url(11)
+# The app reads its URLs when imported.
+os.environ.update({"WARMPOOL_BROKER_URL": BROKER, "WARMPOOL_RESULT_BACKEND": BACKEND})
+
 from bench.e2e_app import TOUCH, app, bare, echo, pooled, spawn, warm  # noqa: E402
 from celery_warmpool.ops.processes import WorkerProcess  # noqa: E402
 
-BROKER = "redis://127.0.0.1:6379/10"
-BACKEND = "redis://127.0.0.1:6379/11"
 #: Targets: warm.call p50 within 5% of bare Celery; cast throughput within 5% of .delay().
 CALL_P50_TARGET = 1.05
 CAST_THROUGHPUT_TARGET = 0.95
@@ -75,8 +80,7 @@ def latencies(rounds: int, spawn_every: int) -> dict[str, list[float]]:
 def burst(send: Callable[[], AsyncResult], count: int) -> float:
     """Messages per second for ``count`` sends and all their results."""
     started = time.perf_counter()
-    results = ResultSet([send() for _ in range(count)], app=app)
-    results.join_native(timeout=60, propagate=True)
+    send_and_wait(app, send, count)
     return count / (time.perf_counter() - started)
 
 

@@ -4,8 +4,8 @@
     python bench/streaming.py --quick    # fewer rounds, smaller streams
 
 Starts ``bench/streaming_app.py`` on a threads node (``-c 8``, 8 agents), then on a
-prefork node (``-c 2``, one agent per child), on the local Redis (databases 10 and 11),
-and on each measures, from this process:
+prefork node (``-c 2``, one agent per child), on the local Redis (databases 10 and 11;
+``WARMPOOL_BENCH_REDIS`` names another server), and on each measures, from this process:
 
 - the time to the first chunk of ``warm.stream`` against the p50 of a unary
   ``warm.call`` of the same action and signal (interleaved, one at a time);
@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,11 +46,16 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import Check, cpu_seconds, print_targets, redis_connections  # noqa: E402
+from bench.measure import (  # noqa: E402
+    Check,
+    cpu_seconds,
+    most_connections,
+    print_targets,
+    redis_url,
+)
 from celery_warmpool.ops.processes import WorkerProcess, child_pids  # noqa: E402
 
-BROKER = "redis://127.0.0.1:6379/10"
-BACKEND = "redis://127.0.0.1:6379/11"
+BROKER, BACKEND = redis_url(10), redis_url(11)
 #: Targets of the streaming issue.
 FIRST_CHUNK_TARGET = 1.2
 CPU_RATIO_TARGET = 0.1
@@ -89,26 +93,6 @@ def words(count: int, pause: float = 0.0, report: str | None = None) -> dict[str
     if report:
         data["report"] = report
     return {"type": "bench.words", "data": data}
-
-
-@contextmanager
-def most_connections(found: list[int]) -> Iterator[None]:
-    """Sample this process's Redis connections every 50 ms while the block runs."""
-    running = threading.Event()
-    running.set()
-
-    def sample() -> None:
-        while running.is_set():
-            found.append(redis_connections())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield
-    finally:
-        running.clear()
-        sampler.join()
 
 
 def first_chunks(warm: Any, node: Node, rounds: int) -> None:
@@ -274,7 +258,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller streams")
     options = parser.parse_args()
     os.environ.update({"WARMPOOL_BROKER_URL": BROKER, "WARMPOOL_RESULT_BACKEND": BACKEND})
-    print("running (local Redis, databases 10 and 11):", flush=True)
+    print(f"running (Redis: {BROKER} and {BACKEND}):", flush=True)
     nodes = [run_node("threads -c 8", "threads", 8, options.quick),
              run_node("prefork -c 2", "prefork", 2, options.quick)]
     for node in nodes:
