@@ -21,7 +21,7 @@ from ..core.errors import UnknownPool
 from ..core.status import PoolStatus
 from ..wire.membership import Membership, NodeRecord
 from ..wire.queues import queue_length
-from ..wire.scoped import own_connection
+from ..wire.scoped import scoped
 from .delivery import Delivery
 
 __all__ = ["StatusReader", "StatusReport"]
@@ -82,7 +82,7 @@ class StatusReader:
         """
         spec = self.configuration.spec(pool)
         try:
-            with own_connection(self.app) as connection:
+            with self._connection() as connection:
                 return queue_length(connection, spec.queue)
         except Exception as exc:  # the status stands without it
             logger.warning("could not read the length of queue %s: %r", spec.queue, exc)
@@ -167,7 +167,7 @@ class StatusReader:
         """
         timeout = seconds("timeout", timeout)
         def broadcast() -> list[dict[str, Any]]:
-            with own_connection(self.app) as connection:
+            with self._connection() as connection:
                 return self.app.control.broadcast(
                     name, arguments=arguments, reply=True, timeout=timeout,
                     destination=nodes, limit=len(nodes) if nodes else None,
@@ -176,6 +176,11 @@ class StatusReader:
         replies: list[dict[str, Any]] = self.delivery.publish(
             broadcast, time.monotonic() + timeout, timeout)
         return replies
+
+    def _connection(self) -> Any:
+        """A broker connection of the package's own pool, for a ``with`` block: status
+        reads from many threads at once share a few connections, opened once."""
+        return scoped(self.app).producers.connections().acquire(block=True)
 
     def _answering(self, pool: str | None, timeout: float) -> dict[str, set[str]]:
         pools: dict[str, set[str]] = {}

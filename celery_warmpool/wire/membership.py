@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .scoped import scoped
+
 __all__ = ["HEARTBEAT", "Membership", "NodeRecord"]
 
 logger = logging.getLogger(__name__)
@@ -77,8 +79,9 @@ class Membership:
         return str(name)
 
     def store(self) -> Any:
-        """The Redis client of the result backend, or ``None`` without one."""
-        client = getattr(self.app.backend, "client", None)
+        """The Redis client of the result backend, or ``None`` without one (the package's
+        own backend's: one per process, whatever the number of threads reading)."""
+        client = getattr(scoped(self.app).results.backend, "client", None)
         if client is None or not hasattr(client, "zadd"):
             if not self._warned:
                 self._warned = True
